@@ -1,0 +1,154 @@
+//! PID 1 duties: the guest's base mounts, logging, the shared filesystem, serving, power-off.
+//!
+//! Kernel command line parameters read by the agent:
+//! - `pangolin.share=<tag>`: virtio-fs tag mounted at `GUEST_SHARED_DIR` (the host's shared dir).
+//! - `pangolin.log=<level>`: agent log level (error|warn|info|debug|trace), default info.
+
+use std::fs;
+use std::sync::Arc;
+
+use anyhow::Context;
+use nix::mount::{mount, MsFlags};
+use pangolin_protocols::agent::GuestDetails;
+use pangolin_protocols::{AGENT_VSOCK_PORT, API_VERSION, GUEST_SHARED_DIR, LOG_PARAM, SHARE_PARAM};
+
+use crate::oom::OomWatcher;
+use crate::reaper::Reaper;
+use crate::sandbox::{Sandbox, BUNDLES};
+use crate::service::Service;
+
+/// Value of `<key>=` on the kernel command line.
+fn cmdline_param(cmdline: &str, key: &str) -> Option<String> {
+    let prefix = format!("{key}=");
+    cmdline.split_whitespace().find_map(|w| w.strip_prefix(&prefix)).map(str::to_string)
+}
+
+fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> anyhow::Result<()> {
+    fs::create_dir_all(target).with_context(|| format!("mkdir {target}"))?;
+    match mount(Some(source), target, Some(fstype), flags, data) {
+        Ok(()) | Err(nix::errno::Errno::EBUSY) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("mount {fstype} on {target}")),
+    }
+}
+
+fn base_mounts() -> anyhow::Result<()> {
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs("proc", "/proc", "proc", nodev, None)?;
+    mount_fs("sysfs", "/sys", "sysfs", nodev, None)?;
+    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    mount_fs("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620"))?;
+    mount_fs("shm", "/dev/shm", "tmpfs", nodev, Some("mode=1777"))?;
+    mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nodev, None)?;
+    mount_fs("run", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    mount_fs("tmp", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    fs::create_dir_all(BUNDLES).context("mkdir bundles")?;
+    fs::create_dir_all(crate::helper::CONTAINER_ROOT).context("mkdir container root")?;
+    Ok(())
+}
+
+fn init_logging(cmdline: &str) {
+    let level = cmdline_param(cmdline, LOG_PARAM).unwrap_or_else(|| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_target(false)
+        .with_timer(tracing_subscriber::fmt::time::uptime())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Sets the guest up and serves the agent API until power-off.
+pub fn run() -> anyhow::Result<()> {
+    base_mounts()?;
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    init_logging(&cmdline);
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "pangolin-agent starting");
+    if let Err(err) = crate::cgroup::setup_root() {
+        tracing::warn!(%err, "cgroup setup failed; container limits will not apply");
+    }
+    if let Some(tag) = cmdline_param(&cmdline, SHARE_PARAM) {
+        mount_fs(&tag, GUEST_SHARED_DIR, "virtiofs", MsFlags::empty(), None)
+            .with_context(|| format!("mount virtio-fs tag {tag}"))?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    runtime.block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
+    let reaper = Reaper::spawn().context("SIGCHLD handler")?;
+    let oom = OomWatcher::spawn().context("OOM watcher")?;
+    let sandbox = Arc::new(Sandbox::new(reaper, oom));
+    let ready = crate::clock::boottime_ns();
+    let service: Arc<dyn pangolin_protocols::agent_ttrpc::AgentService + Send + Sync> =
+        Arc::new(Service::new(sandbox, ready));
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(&format!("vsock://-1:{AGENT_VSOCK_PORT}"))
+        .context("listen on vsock")?
+        .register_service(pangolin_protocols::agent_ttrpc::create_agent_service(service));
+    server.start().await.context("start ttrpc server")?;
+    tracing::info!(port = AGENT_VSOCK_PORT, boottime_ms = ready / 1_000_000, "agent ready");
+    // Serve until power-off; the server runs on its own tasks.
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// Guest facts for GetGuestDetails.
+pub fn details(ready_boottime_ns: u64) -> GuestDetails {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mem_kib = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    GuestDetails {
+        api_version: API_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        kernel_release: release,
+        online_cpus: u32::try_from(cpus).unwrap_or(u32::MAX),
+        mem_total_bytes: mem_kib.saturating_mul(1024),
+        agent_ready_boottime_ns: ready_boottime_ns,
+        ..Default::default()
+    }
+}
+
+/// Flushes filesystems and ends the VM (a reboot: the VMM is told to exit on it).
+pub fn power_off() -> ! {
+    if !is_pid1() {
+        // Never reboot a machine the agent was started on by mistake.
+        std::process::exit(1);
+    }
+    nix::unistd::sync();
+    // With `reboot=t` this triple-faults, which every VMM sees as a shutdown.
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    std::process::exit(1)
+}
+
+/// True when running as the guest's init.
+pub fn is_pid1() -> bool {
+    std::process::id() == 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_params_are_found_by_key() {
+        let c = "console=ttyS0 pangolin.share=pangolin pangolin.log=debug quiet";
+        assert_eq!(cmdline_param(c, SHARE_PARAM).as_deref(), Some("pangolin"));
+        assert_eq!(cmdline_param(c, LOG_PARAM).as_deref(), Some("debug"));
+        assert_eq!(cmdline_param(c, "pangolin.port"), None);
+    }
+}

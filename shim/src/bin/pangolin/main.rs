@@ -1,0 +1,60 @@
+//! `pangolin`: run a command as a container in a fresh microVM, or check what this host offers.
+
+mod check;
+mod run;
+mod term;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status for failures of pangolin itself (as `docker run` uses 125).
+const EXIT_RUNTIME_ERROR: u8 = 125;
+
+#[derive(Parser)]
+#[command(name = "pangolin", version, about = "Containers in microVMs")]
+struct Cli {
+    /// Configuration file (default: $PANGOLIN_CONFIG, /etc/pangolin/configuration.toml, built-in).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Report what this host offers and which backend `auto` picks; exit 0 if Pangolin can run.
+    Check,
+    /// Boot a microVM, run CMD as a container on --rootfs, and exit with its status.
+    Run(run::RunArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("pangolin: cannot start the async runtime: {err}");
+            return ExitCode::from(EXIT_RUNTIME_ERROR);
+        }
+    };
+    let result = match cli.command {
+        Command::Check => runtime.block_on(check::check(cli.config.as_deref())),
+        Command::Run(args) => runtime.block_on(run::run(cli.config.as_deref(), args)),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("pangolin: {err:#}");
+            ExitCode::from(EXIT_RUNTIME_ERROR)
+        }
+    }
+}

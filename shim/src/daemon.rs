@@ -1,0 +1,211 @@
+//! Helper processes owned by a sandbox (QEMU, virtiofsd, vhost-device-vsock).
+//!
+//! Every daemon is started with PR_SET_PDEATHSIG=SIGKILL and kill-on-drop, so it cannot outlive
+//! its owner, whether the owner returns, panics or is killed. Readiness is a socket file that
+//! appears; a daemon that exits before that is reported with the tail of its log.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+/// A daemon that could not be started or did not become ready.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The binary could not be executed.
+    #[error("cannot run {program}")]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It exited before it was ready.
+    #[error("{name} exited ({status}) before it was ready; its log ({log}) ends with: {tail}")]
+    Died {
+        /// Daemon name.
+        name: &'static str,
+        /// Exit status.
+        status: std::process::ExitStatus,
+        /// Log file path.
+        log: PathBuf,
+        /// Last lines of the log.
+        tail: String,
+    },
+    /// It did not create its socket in time.
+    #[error("{name} did not create {socket} within {timeout:?}")]
+    NotReady {
+        /// Daemon name.
+        name: &'static str,
+        /// The awaited socket.
+        socket: PathBuf,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// Opening its log file failed.
+    #[error("cannot create log file {0}")]
+    Log(PathBuf, #[source] std::io::Error),
+}
+
+/// A running helper process, killed when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    /// Short name for messages ("qemu", "virtiofsd").
+    pub name: &'static str,
+    /// Where its stdout/stderr go.
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Daemon {
+    /// Starts `program args...` with output to `log`.
+    pub fn spawn(
+        name: &'static str,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+    ) -> Result<Daemon, DaemonError> {
+        let out = std::fs::File::create(log).map_err(|e| DaemonError::Log(log.into(), e))?;
+        let err = out.try_clone().map_err(|e| DaemonError::Log(log.into(), e))?;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .kill_on_drop(true);
+        // SAFETY: the closure only calls prctl(2), which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|source| DaemonError::Spawn { program: program.into(), source })?;
+        tracing::debug!(name, pid = child.id(), program = %program.display(), "daemon started");
+        Ok(Daemon { name, log: log.into(), child })
+    }
+
+    /// Process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Exit status if it has exited (non-blocking).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits for it to exit.
+    pub async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// Waits until `socket` exists, failing early if the daemon dies.
+    pub async fn wait_for_socket(&mut self, socket: &Path, timeout: Duration) -> Result<(), DaemonError> {
+        let start = Instant::now();
+        loop {
+            if socket.exists() {
+                return Ok(());
+            }
+            if let Some(status) = self.exited() {
+                return Err(self.died(status));
+            }
+            if start.elapsed() > timeout {
+                return Err(DaemonError::NotReady { name: self.name, socket: socket.into(), timeout });
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// The error for an early exit, with the log's tail.
+    pub fn died(&self, status: std::process::ExitStatus) -> DaemonError {
+        DaemonError::Died { name: self.name, status, log: self.log.clone(), tail: log_tail(&self.log, 5) }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; always reaps.
+    pub async fn stop(&mut self, grace: Duration) {
+        if self.exited().is_some() {
+            return;
+        }
+        if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+    }
+}
+
+/// The last `lines` lines of a log file, joined with " | ".
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = &all[all.len().saturating_sub(lines)..];
+    if tail.is_empty() {
+        "(empty)".into()
+    } else {
+        tail.join(" | ")
+    }
+}
+
+/// Finds `program` on PATH (or `~/.cargo/bin`) when it is a bare name.
+pub fn resolve_program(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 {
+        return program.exists().then(|| program.to_path_buf());
+    }
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(program)).find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_daemon_that_dies_early_is_reported_with_its_log() {
+        let dir = std::env::temp_dir().join(format!("pangolin-daemon-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let log = dir.join("sh.log");
+        let args = vec!["-c".to_string(), "echo boom >&2; exit 3".to_string()];
+        let mut d = Daemon::spawn("sh", Path::new("/bin/sh"), &args, &log).expect("spawn");
+        let err = d
+            .wait_for_socket(&dir.join("never.sock"), Duration::from_secs(5))
+            .await
+            .expect_err("must fail");
+        let text = err.to_string();
+        assert!(text.contains("boom") && text.contains("sh exited"), "{text}");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[tokio::test]
+    async fn stop_kills_a_daemon_that_ignores_sigterm() {
+        let log = std::env::temp_dir().join(format!("pangolin-daemon-stop-{}.log", std::process::id()));
+        let args = vec!["-c".to_string(), "trap '' TERM; sleep 30".to_string()];
+        let mut d = Daemon::spawn("sh", Path::new("/bin/sh"), &args, &log).expect("spawn");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        d.stop(Duration::from_millis(100)).await;
+        assert!(d.exited().is_some());
+        let _ = std::fs::remove_file(&log);
+    }
+
+    #[test]
+    fn bare_names_are_looked_up_on_path() {
+        assert!(resolve_program(Path::new("sh")).is_some());
+        assert!(resolve_program(Path::new("/nonexistent/prog")).is_none());
+        assert!(resolve_program(Path::new("no-such-program-xyz")).is_none());
+    }
+}

@@ -1,0 +1,158 @@
+//! The VMM behind a sandbox, behind one small trait with a QEMU and (later) a built-in backend.
+//!
+//! A backend boots a [`VmSpec`] and exposes the guest's vsock as a hybrid vsock Unix socket; the
+//! sandbox layer does everything else (virtio-fs daemon, agent connection, containers). Choice:
+//! `auto` will pick `builtin` on hosts with hardware virtualisation once that backend exists;
+//! until then it is `qemu` everywhere, with KVM where the host has hardware virtualisation.
+
+pub mod qemu;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pangolin_runtime_config::{Accel, HypervisorKind};
+
+use crate::daemon::DaemonError;
+use crate::host::HostInfo;
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Guest kernel (ELF vmlinux).
+    pub kernel: PathBuf,
+    /// Initramfs holding the agent as /init.
+    pub initramfs: PathBuf,
+    /// Full kernel command line.
+    pub cmdline: String,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// Private directory for sockets and logs, removed by the sandbox.
+    pub workdir: PathBuf,
+    /// Serial console output file.
+    pub console_log: PathBuf,
+    /// vhost-user socket of the virtio-fs daemon, with its tag.
+    pub fs: Option<(PathBuf, String)>,
+    /// Guest vsock context id.
+    pub guest_cid: u32,
+}
+
+/// A backend failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    /// A helper process failed.
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    /// A binary the backend needs is missing.
+    #[error("{what} not found at {path} (set {key} in configuration.toml)")]
+    Missing {
+        /// What is missing.
+        what: &'static str,
+        /// Where it was looked for.
+        path: PathBuf,
+        /// The config key that sets it.
+        key: &'static str,
+    },
+    /// The requested backend cannot run on this host.
+    #[error("hypervisor {kind} cannot run here: {reason}")]
+    Unsupported {
+        /// The backend.
+        kind: HypervisorKind,
+        /// Why.
+        reason: String,
+    },
+    /// The VMM exited.
+    #[error("the VMM exited ({status}); console log {console}: {tail}")]
+    Exited {
+        /// Exit status.
+        status: std::process::ExitStatus,
+        /// Console log path.
+        console: PathBuf,
+        /// The log's last lines.
+        tail: String,
+    },
+}
+
+/// One running VM.
+#[async_trait]
+pub trait Vm: Send {
+    /// The hybrid vsock Unix socket (`CONNECT <port>` protocol).
+    fn vsock_uds(&self) -> PathBuf;
+    /// VMM process id, while it runs.
+    fn pid(&self) -> Option<u32>;
+    /// Ok while the VMM runs; the exit as an error once it stopped.
+    fn check_alive(&mut self) -> Result<(), HypervisorError>;
+    /// Waits for the VMM to exit on its own (guest power-off) up to `grace`, then kills it;
+    /// stops the backend's helper daemons too.
+    async fn shutdown(&mut self, grace: Duration);
+}
+
+/// Boots VMs.
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// Which backend this is.
+    fn kind(&self) -> HypervisorKind;
+    /// Starts the VMM; returns once it runs (not once the guest booted).
+    async fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, HypervisorError>;
+}
+
+/// Picks the backend for a configured kind on this host.
+pub fn resolve(kind: HypervisorKind, _host: &HostInfo) -> Result<HypervisorKind, HypervisorError> {
+    match kind {
+        HypervisorKind::Auto => Ok(HypervisorKind::Qemu),
+        HypervisorKind::Builtin => Err(HypervisorError::Unsupported {
+            kind,
+            reason: "the built-in VMM is not part of this build yet".into(),
+        }),
+        HypervisorKind::Qemu => Ok(HypervisorKind::Qemu),
+    }
+}
+
+/// The accelerator QEMU should use on this host for a configured choice.
+pub fn qemu_accel(accel: Accel, host: &HostInfo) -> Result<Accel, HypervisorError> {
+    match accel {
+        Accel::Auto if host.kvm.hardware_virt() => Ok(Accel::Kvm),
+        Accel::Auto => Ok(Accel::Tcg),
+        Accel::Kvm if !host.kvm.usable() => Err(HypervisorError::Unsupported {
+            kind: HypervisorKind::Qemu,
+            reason: "accel = \"kvm\" but /dev/kvm cannot be opened".into(),
+        }),
+        other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::Kvm;
+
+    fn host(kvm: Kvm) -> HostInfo {
+        HostInfo { kvm, ..HostInfo::default() }
+    }
+
+    #[test]
+    fn auto_picks_tcg_qemu_without_hardware_virt() {
+        let pvm = host(Kvm::Pvm);
+        assert_eq!(qemu_accel(Accel::Auto, &pvm).expect("accel"), Accel::Tcg);
+        assert_eq!(resolve(HypervisorKind::Auto, &pvm).expect("kind"), HypervisorKind::Qemu);
+        assert_eq!(qemu_accel(Accel::Auto, &host(Kvm::Absent)).expect("accel"), Accel::Tcg);
+    }
+
+    #[test]
+    fn auto_picks_kvm_with_hardware_virt() {
+        let hw = host(Kvm::HardwareVirt);
+        assert_eq!(qemu_accel(Accel::Auto, &hw).expect("accel"), Accel::Kvm);
+        assert_eq!(resolve(HypervisorKind::Auto, &hw).expect("kind"), HypervisorKind::Qemu);
+        assert!(resolve(HypervisorKind::Builtin, &hw).is_err(), "not built yet: a clear error");
+    }
+
+    #[test]
+    fn forcing_kvm_without_kvm_is_a_clear_error() {
+        let err = qemu_accel(Accel::Kvm, &host(Kvm::Absent)).expect_err("no kvm");
+        assert!(err.to_string().contains("/dev/kvm"), "{err}");
+        // PVM opens: forcing it is allowed (slow, but the user asked).
+        assert_eq!(qemu_accel(Accel::Kvm, &host(Kvm::Pvm)).expect("pvm"), Accel::Kvm);
+    }
+}

@@ -1,0 +1,321 @@
+//! A sandbox: one microVM, its helper daemons, its private directory, and its agent connection.
+//!
+//! Ownership is the leak guarantee: everything a sandbox starts (VMM, virtiofsd, vsock daemon)
+//! is a [`crate::daemon::Daemon`] owned here and dies with it, and everything it creates on disk
+//! lives under one directory, `<state_dir>/<id>`, removed on shutdown and on drop. A boot that
+//! fails half-way tears down what it had started before returning the error.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use pangolin_protocols::agent::GuestDetails;
+use pangolin_protocols::{AGENT_VSOCK_PORT, LOG_PARAM, SHARE_PARAM};
+use pangolin_runtime_config::{Config, HypervisorKind, VirtiofsCache};
+
+use crate::agent::{AgentClient, AgentError};
+use crate::daemon::{resolve_program, Daemon, DaemonError};
+use crate::host::HostInfo;
+use crate::hypervisor::{self, qemu::Qemu, Hypervisor, HypervisorError, Vm, VmSpec};
+
+/// virtio-fs tag of the sandbox share.
+pub const SHARE_TAG: &str = "pangolin";
+
+/// How long the guest may take to power off after DestroySandbox.
+const POWER_OFF_GRACE: Duration = Duration::from_secs(3);
+
+/// Starting or running a sandbox failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A guest artifact is missing.
+    #[error("{what} not found at {path} (build it with `cargo xtask guest`, or set {key})")]
+    Artifact {
+        /// Kernel or initramfs.
+        what: &'static str,
+        /// The path tried.
+        path: PathBuf,
+        /// Config key.
+        key: &'static str,
+    },
+    /// The sandbox's directory could not be prepared.
+    #[error("sandbox directory {0}")]
+    Workdir(PathBuf, #[source] std::io::Error),
+    /// The id is taken by a live or leaked sandbox.
+    #[error("sandbox {0} already exists ({1} is present)")]
+    Exists(String, PathBuf),
+    /// A daemon failed.
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    /// The hypervisor failed.
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    /// The agent failed.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+/// Milestones of a boot, for benchmarks and logs.
+#[derive(Debug, Clone, Copy)]
+pub struct BootTimings {
+    /// Sandbox start requested.
+    pub start: Instant,
+    /// VMM process running.
+    pub vmm_started: Instant,
+    /// Agent answered.
+    pub agent_ready: Instant,
+}
+
+/// A running microVM with its agent.
+pub struct Sandbox {
+    /// Sandbox id.
+    pub id: String,
+    /// Private directory (sockets, logs).
+    pub workdir: PathBuf,
+    /// The backend that runs it.
+    pub hypervisor: HypervisorKind,
+    /// Guest facts reported at boot.
+    pub details: GuestDetails,
+    /// Boot milestones.
+    pub timings: BootTimings,
+    agent: AgentClient,
+    parts: Parts,
+}
+
+/// What has been started so far; torn down in reverse.
+struct Parts {
+    workdir: PathBuf,
+    virtiofsd: Option<Daemon>,
+    vm: Option<Box<dyn Vm>>,
+    done: bool,
+}
+
+impl Parts {
+    async fn teardown(&mut self, grace: Duration) {
+        if let Some(mut vm) = self.vm.take() {
+            vm.shutdown(grace).await;
+        }
+        if let Some(mut fsd) = self.virtiofsd.take() {
+            fsd.stop(Duration::from_millis(500)).await;
+        }
+        remove_workdir(&self.workdir);
+        self.done = true;
+    }
+}
+
+impl Drop for Parts {
+    fn drop(&mut self) {
+        // Daemons are killed by their own Drop (kill-on-drop); only the directory is left.
+        if !self.done {
+            remove_workdir(&self.workdir);
+        }
+    }
+}
+
+fn remove_workdir(dir: &Path) {
+    if let Err(err) = std::fs::remove_dir_all(dir) {
+        if err.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %dir.display(), %err, "cannot remove sandbox directory");
+        }
+    }
+}
+
+/// The kernel command line for a sandbox.
+pub fn kernel_cmdline(config: &Config, share: bool) -> String {
+    // reboot=t: power-off is a triple fault, an exit for every VMM; panic=-1: a dead agent ends the VM.
+    let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1 quiet");
+    if share {
+        cmdline.push_str(&format!(" {SHARE_PARAM}={SHARE_TAG}"));
+    }
+    cmdline.push_str(&format!(" {LOG_PARAM}={}", config.runtime.log_level));
+    if !config.hypervisor.kernel_params.trim().is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(config.hypervisor.kernel_params.trim());
+    }
+    cmdline
+}
+
+fn virtiofsd_args(socket: &Path, source: &Path, cache: VirtiofsCache) -> Vec<String> {
+    vec![
+        format!("--socket-path={}", socket.display()),
+        "-o".into(),
+        format!("source={}", source.display()),
+        "-o".into(),
+        format!("cache={cache}"),
+    ]
+}
+
+impl Sandbox {
+    /// Boots a sandbox named `id`, sharing `share` (if any) with the guest over virtio-fs.
+    pub async fn start(id: &str, config: &Config, share: Option<&Path>) -> Result<Sandbox, SandboxError> {
+        let start = Instant::now();
+        let host = HostInfo::probe();
+        let kind = hypervisor::resolve(config.hypervisor.kind, &host)?;
+        for (what, path, key) in [
+            ("guest kernel", &config.hypervisor.kernel, "hypervisor.kernel"),
+            ("guest initramfs", &config.hypervisor.initramfs, "hypervisor.initramfs"),
+        ] {
+            if !path.is_file() {
+                return Err(SandboxError::Artifact { what, path: path.clone(), key });
+            }
+        }
+        let backend: Box<dyn Hypervisor> = match kind {
+            HypervisorKind::Qemu | HypervisorKind::Auto | HypervisorKind::Builtin => Box::new(Qemu {
+                qemu_path: config.hypervisor.qemu_path.clone(),
+                vhost_vsock_path: config.vsock.vhost_device_vsock_path.clone(),
+                accel: hypervisor::qemu_accel(config.hypervisor.accel, &host)?,
+            }),
+        };
+
+        let workdir = config.runtime.state_dir.join(id);
+        std::fs::create_dir_all(&config.runtime.state_dir)
+            .map_err(|e| SandboxError::Workdir(config.runtime.state_dir.clone(), e))?;
+        match std::fs::create_dir(&workdir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(SandboxError::Exists(id.into(), workdir));
+            }
+            Err(e) => return Err(SandboxError::Workdir(workdir, e)),
+        }
+        let mut parts = Parts { workdir: workdir.clone(), virtiofsd: None, vm: None, done: false };
+        match Self::boot(id, config, share, backend.as_ref(), &mut parts, start).await {
+            Ok((agent, details, timings)) => {
+                tracing::info!(
+                    sandbox = id,
+                    hypervisor = %kind,
+                    kernel = %details.kernel_release,
+                    agent_ready_ms = (timings.agent_ready - start).as_millis(),
+                    "sandbox ready"
+                );
+                Ok(Sandbox { id: id.into(), workdir, hypervisor: kind, details, timings, agent, parts })
+            }
+            Err(err) => {
+                parts.teardown(Duration::ZERO).await;
+                Err(err)
+            }
+        }
+    }
+
+    async fn boot(
+        id: &str,
+        config: &Config,
+        share: Option<&Path>,
+        backend: &dyn Hypervisor,
+        parts: &mut Parts,
+        start: Instant,
+    ) -> Result<(AgentClient, GuestDetails, BootTimings), SandboxError> {
+        let workdir = parts.workdir.clone();
+        let fs = match share {
+            Some(source) => {
+                let bin = resolve_program(&config.virtiofs.virtiofsd_path).ok_or_else(|| {
+                    HypervisorError::Missing {
+                        what: "virtiofsd",
+                        path: config.virtiofs.virtiofsd_path.clone(),
+                        key: "virtiofs.virtiofsd_path",
+                    }
+                })?;
+                let socket = workdir.join("virtiofsd.sock");
+                let args = virtiofsd_args(&socket, source, config.virtiofs.cache);
+                let mut fsd = Daemon::spawn("virtiofsd", &bin, &args, &workdir.join("virtiofsd.log"))?;
+                let ready = fsd.wait_for_socket(&socket, Duration::from_secs(10)).await;
+                parts.virtiofsd = Some(fsd);
+                ready?;
+                Some((socket, SHARE_TAG.to_string()))
+            }
+            None => None,
+        };
+        let spec = VmSpec {
+            kernel: config.hypervisor.kernel.clone(),
+            initramfs: config.hypervisor.initramfs.clone(),
+            cmdline: kernel_cmdline(config, fs.is_some()),
+            vcpus: config.hypervisor.vcpus,
+            memory_mib: config.hypervisor.memory_mib,
+            workdir: workdir.clone(),
+            console_log: workdir.join("console.log"),
+            fs,
+            guest_cid: config.vsock.guest_cid,
+        };
+        tracing::debug!(sandbox = id, cmdline = %spec.cmdline, "booting");
+        let vm = parts.vm.insert(backend.boot(&spec).await?);
+        let vmm_started = Instant::now();
+        let deadline = start + Duration::from_millis(config.hypervisor.boot_timeout_ms);
+        let uds = vm.vsock_uds();
+        let agent = AgentClient::connect(&uds, AGENT_VSOCK_PORT, deadline, || {
+            vm.check_alive().map_err(SandboxError::from)
+        })
+        .await
+        .map_err(|err| match err {
+            SandboxError::Agent(AgentError::NotReady(t)) => SandboxError::Agent(AgentError::Call {
+                call: "connect",
+                message: format!(
+                    "the guest agent did not answer within {t:?}; console log {} ends with: {}",
+                    spec.console_log.display(),
+                    crate::daemon::log_tail(&spec.console_log, 5)
+                ),
+                code: None,
+            }),
+            other => other,
+        })?;
+        let agent_ready = Instant::now();
+        let details = agent.guest_details().await?;
+        Ok((agent, details, BootTimings { start, vmm_started, agent_ready }))
+    }
+
+    /// The agent of this sandbox.
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// VMM process id.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.parts.vm.as_ref().and_then(|vm| vm.pid())
+    }
+
+    /// Ok while the VMM runs.
+    pub fn check_alive(&mut self) -> Result<(), SandboxError> {
+        match self.parts.vm.as_mut() {
+            Some(vm) => vm.check_alive().map_err(Into::into),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops the guest (containers killed by the agent), the VMM and the daemons; removes files.
+    pub async fn shutdown(mut self) {
+        let powered_off = self.agent.destroy_sandbox(Duration::from_secs(2)).await;
+        let grace = if powered_off.is_ok() { POWER_OFF_GRACE } else { Duration::ZERO };
+        if let Err(err) = powered_off {
+            tracing::debug!(%err, "DestroySandbox failed; killing the VMM");
+        }
+        self.parts.teardown(grace).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_carries_share_log_level_and_extra_params() {
+        let mut config = Config::default();
+        config.hypervisor.kernel_params = " foo=bar ".into();
+        let c = kernel_cmdline(&config, true);
+        assert!(c.starts_with("console=ttyS0 reboot=t panic=-1"), "{c}");
+        assert!(c.contains("pangolin.share=pangolin"), "{c}");
+        assert!(c.contains("pangolin.log=info"), "{c}");
+        assert!(c.ends_with(" foo=bar"), "{c}");
+        assert!(!kernel_cmdline(&config, false).contains("pangolin.share"));
+    }
+
+    #[test]
+    fn virtiofsd_gets_socket_source_and_cache() {
+        let args = virtiofsd_args(Path::new("/s/fs.sock"), Path::new("/rootfs"), VirtiofsCache::Auto);
+        assert_eq!(args, ["--socket-path=/s/fs.sock", "-o", "source=/rootfs", "-o", "cache=auto"]);
+    }
+
+    #[tokio::test]
+    async fn missing_kernel_is_named_with_its_config_key() {
+        let mut config = Config::default();
+        config.hypervisor.kernel = "/nonexistent/vmlinux".into();
+        let err = Sandbox::start("t", &config, None).await.err().expect("must fail");
+        let text = err.to_string();
+        assert!(text.contains("/nonexistent/vmlinux") && text.contains("hypervisor.kernel"), "{text}");
+    }
+}

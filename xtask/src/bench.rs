@@ -1,0 +1,75 @@
+//! `cargo xtask bench`: cold-start figures of `pangolin run`, printed as median/min/max.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+
+use crate::{build_host, deps, guest};
+
+fn stats(name: &str, values: &mut [f64]) {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let median = values[values.len() / 2];
+    println!(
+        "{name:<28} median {median:>8.1} ms   min {:>8.1} ms   max {:>8.1} ms",
+        values[0],
+        values[values.len() - 1]
+    );
+}
+
+fn field(json: &str, key: &str) -> Option<f64> {
+    let start = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = &json[start..];
+    let end = rest.find([',', '}'])?;
+    rest[..end].parse().ok()
+}
+
+/// Runs the benchmark; `--runs N` sets the repetitions (default 10).
+pub fn bench(args: &[String]) -> anyhow::Result<()> {
+    let runs: usize = match args.iter().position(|a| a == "--runs") {
+        Some(i) => args.get(i + 1).context("--runs N")?.parse().context("--runs N")?,
+        None => 10,
+    };
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    deps::ensure()?;
+    let g = guest::build()?;
+    let pangolin = build_host(true)?;
+    let (mut wall, mut boot, mut create, mut teardown) = (vec![], vec![], vec![], vec![]);
+    for i in 0..runs {
+        let t = Instant::now();
+        let out = Command::new(&pangolin)
+            .args(["run", "--timings", "--rootfs"])
+            .arg(&g.rootfs)
+            .args(["--", "true"])
+            .output()
+            .context("running pangolin")?;
+        let elapsed = t.elapsed().as_secs_f64() * 1000.0;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            bail!("run {i} failed: {stderr}");
+        }
+        let line = stderr.lines().find(|l| l.starts_with("pangolin-timings:")).context("no timings line")?;
+        wall.push(elapsed);
+        boot.push(field(line, "boot_ms").context("boot_ms")?);
+        create.push(field(line, "create_start_ms").context("create_start_ms")?);
+        teardown.push(field(line, "teardown_ms").context("teardown_ms")?);
+    }
+    let host = pangolin_host_summary();
+    println!("pangolin run --rootfs busybox -- true, {runs} runs, {host}");
+    stats("wall time (process)", &mut wall);
+    stats("VM start to agent ready", &mut boot);
+    stats("container create+start", &mut create);
+    stats("teardown", &mut teardown);
+    Ok(())
+}
+
+fn pangolin_host_summary() -> String {
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    if pvm {
+        "QEMU TCG (this host's KVM is PVM)".into()
+    } else {
+        "backend auto".into()
+    }
+}

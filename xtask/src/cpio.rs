@@ -1,0 +1,70 @@
+//! A minimal writer for the "newc" cpio format the kernel unpacks as an initramfs.
+
+use std::io::{self, Write};
+
+/// One archive entry.
+pub enum Entry<'a> {
+    /// A directory.
+    Dir { path: &'a str, mode: u32 },
+    /// A regular file with its contents.
+    File { path: &'a str, mode: u32, data: &'a [u8] },
+    /// A character device node.
+    CharDev { path: &'a str, mode: u32, major: u32, minor: u32 },
+}
+
+fn pad4(w: &mut impl Write, len: usize) -> io::Result<()> {
+    let pad = (4 - len % 4) % 4;
+    w.write_all(&[0u8; 3][..pad])
+}
+
+fn header(w: &mut impl Write, ino: u32, mode: u32, size: usize, rdev: (u32, u32), name: &str) -> io::Result<()> {
+    let namesize = name.len() + 1;
+    let size = u32::try_from(size).map_err(|_| io::Error::other("file too large for cpio"))?;
+    let namesize32 = u32::try_from(namesize).map_err(|_| io::Error::other("name too long"))?;
+    let nlink = if mode & 0o040000 != 0 { 2 } else { 1 };
+    let fields = [ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1, namesize32, 0];
+    let mut text = String::from("070701");
+    for f in fields {
+        text.push_str(&format!("{f:08X}"));
+    }
+    w.write_all(text.as_bytes())?;
+    w.write_all(name.as_bytes())?;
+    w.write_all(&[0])?;
+    pad4(w, 110 + namesize)
+}
+
+/// Writes `entries` and the trailer.
+pub fn write(w: &mut impl Write, entries: &[Entry<'_>]) -> io::Result<()> {
+    let mut ino = 1u32;
+    for e in entries {
+        ino += 1;
+        match e {
+            Entry::Dir { path, mode } => header(w, ino, 0o040000 | mode, 0, (0, 0), path)?,
+            Entry::File { path, mode, data } => {
+                header(w, ino, 0o100000 | mode, data.len(), (0, 0), path)?;
+                w.write_all(data)?;
+                pad4(w, data.len())?;
+            }
+            Entry::CharDev { path, mode, major, minor } => {
+                header(w, ino, 0o020000 | mode, 0, (*major, *minor), path)?
+            }
+        }
+    }
+    header(w, 0, 0, 0, (0, 0), "TRAILER!!!")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_aligned_and_terminated() {
+        let mut out = Vec::new();
+        write(&mut out, &[Entry::Dir { path: "dev", mode: 0o755 }, Entry::File { path: "init", mode: 0o755, data: b"abcde" }])
+            .expect("write");
+        assert_eq!(out.len() % 4, 0);
+        assert!(out.starts_with(b"070701"));
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("init\0") && text.contains("abcde") && text.contains("TRAILER!!!\0"));
+    }
+}

@@ -1,0 +1,70 @@
+//! Installs what a fresh machine lacks (Debian packages, cargo tools), so that `cargo xtask demo`
+//! and `cargo xtask test` work on a new machine. Needs root for apt-get.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+/// (file that proves the package is installed, Debian package).
+const APT: &[(&str, &str)] = &[
+    ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
+    ("/usr/lib/qemu/virtiofsd", "qemu-system-common"),
+    ("/usr/src/linux-source-6.1.tar.xz", "linux-source-6.1"),
+    ("/usr/bin/bc", "bc"),
+    ("/usr/bin/flex", "flex"),
+    ("/usr/bin/bison", "bison"),
+    ("/usr/include/libelf.h", "libelf-dev"),
+    ("/usr/include/openssl/ssl.h", "libssl-dev"),
+    ("/usr/lib/x86_64-linux-gnu/libseccomp.a", "libseccomp-dev"),
+    ("/bin/busybox", "busybox-static"),
+    ("/usr/bin/make", "make"),
+    ("/usr/bin/xz", "xz-utils"),
+];
+
+/// vhost-device-vsock, pinned: its CLI is part of our QEMU backend's contract.
+const VHOST_VSOCK_VERSION: &str = "0.3.0";
+
+fn have_program(name: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {name} >/dev/null")).status().is_ok_and(|s| s.success())
+        || std::env::var_os("HOME").is_some_and(|h| Path::new(&h).join(".cargo/bin").join(name).is_file())
+}
+
+/// Installs the missing Debian packages and cargo tools.
+pub fn ensure() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT.iter().filter(|(f, _)| !Path::new(f).exists()).map(|(_, p)| *p).collect();
+    if !missing.is_empty() {
+        eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+        if !nix_is_root() {
+            bail!("missing Debian packages ({}) and not root: install them first", missing.join(" "));
+        }
+        let update = Command::new("apt-get").args(["update", "-qq"]).status().context("apt-get update")?;
+        if !update.success() {
+            bail!("apt-get update failed");
+        }
+        let status = Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("apt-get install")?;
+        if !status.success() {
+            bail!("apt-get install {} failed", missing.join(" "));
+        }
+    }
+    if !have_program("vhost-device-vsock") {
+        eprintln!("xtask: installing vhost-device-vsock {VHOST_VSOCK_VERSION} (cargo install, about a minute)");
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["install", "--locked", "--quiet", &format!("vhost-device-vsock@{VHOST_VSOCK_VERSION}")])
+            .status()
+            .context("cargo install vhost-device-vsock")?;
+        if !status.success() {
+            bail!("cargo install vhost-device-vsock failed");
+        }
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
