@@ -5,12 +5,13 @@
 //! - `pangolin.log=<level>`: agent log level (error|warn|info|debug|trace), default info.
 
 use std::fs;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
 use nix::mount::{mount, MsFlags};
 use pangolin_protocols::agent::GuestDetails;
-use pangolin_protocols::{AGENT_VSOCK_PORT, API_VERSION, GUEST_SHARED_DIR, LOG_PARAM, SHARE_PARAM};
+use pangolin_protocols::{AGENT_READY_PORT, AGENT_VSOCK_PORT, API_VERSION, GUEST_SHARED_DIR, LOG_PARAM, SHARE_PARAM};
 
 use crate::oom::OomWatcher;
 use crate::reaper::Reaper;
@@ -46,8 +47,16 @@ fn base_mounts() -> anyhow::Result<()> {
     Ok(())
 }
 
+static LOG_FILTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The agent's log filter, handed down to the helper.
+pub fn log_filter() -> String {
+    LOG_FILTER.get().cloned().unwrap_or_else(|| "info".into())
+}
+
 fn init_logging(cmdline: &str) {
     let level = cmdline_param(cmdline, LOG_PARAM).unwrap_or_else(|| "info".into());
+    let _ = LOG_FILTER.set(level.clone());
     let filter = tracing_subscriber::EnvFilter::try_new(&level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -59,8 +68,39 @@ fn init_logging(cmdline: &str) {
         .init();
 }
 
+/// Set in the environment of the re-executed agent after the root switch.
+const SWITCHED_ENV: &str = "PANGOLIN_ROOT_SWITCHED";
+
+/// Moves PID 1 from the initramfs onto a tmpfs root and re-executes it.
+///
+/// The initramfs root cannot be pivoted away from, so containers (which pivot_root) would
+/// fail; from a tmpfs mounted on top it can. Same steps as util-linux switch_root: copy /init,
+/// free the initramfs copy, MS_MOVE the new root onto /, chroot, exec.
+fn switch_root() -> anyhow::Result<()> {
+    if std::env::var_os(SWITCHED_ENV).is_some() {
+        return Ok(());
+    }
+    let new_root = Path::new("/newroot");
+    mount_fs("rootfs", "/newroot", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    fs::copy("/init", new_root.join("init")).context("copy /init to the new root")?;
+    // Free the initramfs copy of the agent: nothing else uses it.
+    let _ = fs::remove_file("/init");
+    for dir in ["dev", "proc", "sys", "run", "tmp"] {
+        fs::create_dir_all(new_root.join(dir)).with_context(|| format!("mkdir /newroot/{dir}"))?;
+    }
+    nix::unistd::chdir(new_root).context("chdir /newroot")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).context("move the new root onto /")?;
+    nix::unistd::chroot(".").context("chroot")?;
+    nix::unistd::chdir("/").context("chdir /")?;
+    let err = std::os::unix::process::CommandExt::exec(
+        std::process::Command::new("/init").env(SWITCHED_ENV, "1"),
+    );
+    Err(err).context("re-exec /init on the new root")
+}
+
 /// Sets the guest up and serves the agent API until power-off.
 pub fn run() -> anyhow::Result<()> {
+    switch_root()?;
     base_mounts()?;
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     init_logging(&cmdline);
@@ -93,9 +133,32 @@ async fn serve() -> anyhow::Result<()> {
         .register_service(pangolin_protocols::agent_ttrpc::create_agent_service(service));
     server.start().await.context("start ttrpc server")?;
     tracing::info!(port = AGENT_VSOCK_PORT, boottime_ms = ready / 1_000_000, "agent ready");
+    tokio::task::spawn_blocking(announce_ready);
     // Serve until power-off; the server runs on its own tasks.
     std::future::pending::<()>().await;
     Ok(())
+}
+
+/// Tells the host the agent serves: connects to the host's AGENT_READY_PORT and says READY.
+fn announce_ready() {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+    const VMADDR_CID_HOST: u32 = 2;
+    for attempt in 0..20 {
+        let result = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+            .and_then(|fd| {
+                connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &VsockAddr::new(VMADDR_CID_HOST, AGENT_READY_PORT))?;
+                nix::unistd::write(&fd, b"READY\n")?;
+                Ok(())
+            });
+        match result {
+            Ok(()) => return,
+            Err(err) => {
+                tracing::debug!(%err, attempt, "cannot announce readiness yet");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+    tracing::warn!("could not announce readiness to the host; it will find the agent by polling");
 }
 
 /// Guest facts for GetGuestDetails.

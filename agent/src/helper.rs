@@ -58,8 +58,23 @@ pub struct HelperRequest {
     pub console_socket: Option<PathBuf>,
 }
 
+/// Environment variable carrying the agent's log filter to the helper.
+pub const LOG_ENV: &str = "PANGOLIN_HELPER_LOG";
+
+/// Sends the helper's (and libcontainer's) logs to the serial console, as the agent's go.
+fn init_logging() {
+    let Ok(filter) = std::env::var(LOG_ENV) else { return };
+    let Ok(console) = fs::OpenOptions::new().write(true).open("/dev/console") else { return };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(console))
+        .init();
+}
+
 /// Runs the helper side; returns the process exit code.
 pub fn helper_main(arg: Option<&str>) -> i32 {
+    init_logging();
     let request: HelperRequest = match arg.map(serde_json::from_str) {
         Some(Ok(req)) => req,
         Some(Err(err)) => {
@@ -74,6 +89,7 @@ pub fn helper_main(arg: Option<&str>) -> i32 {
     match run(&request) {
         Ok(()) => 0,
         Err(err) => {
+            tracing::error!(container = %request.id, "{err:#}");
             // Best effort: the agent falls back to the exit code if the file cannot be written.
             let _ = fs::write(&request.error_file, format!("{err:#}"));
             1
@@ -115,6 +131,7 @@ pub async fn spawn(reaper: &Reaper, req: &HelperRequest, stdio: ChildStdio) -> R
     let child = Command::new("/proc/self/exe")
         .arg(HELPER_ARG)
         .arg(json)
+        .env(LOG_ENV, crate::guest::log_filter())
         .stdin(Stdio::from(stdio.stdin))
         .stdout(Stdio::from(stdio.stdout))
         .stderr(Stdio::from(stdio.stderr))

@@ -10,6 +10,10 @@ pub const API_VERSION: u32 = 1;
 /// vsock port the agent's ttrpc server listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// Host vsock port (CID 2) the agent dials once it serves: the host's readiness signal, so
+/// the host never polls a guest that is still booting.
+pub const AGENT_READY_PORT: u32 = 1025;
+
 /// Guest path where the agent mounts the sandbox's virtio-fs share.
 pub const GUEST_SHARED_DIR: &str = "/run/pangolin/shared";
 

@@ -113,7 +113,7 @@ impl AgentClient {
                 }
                 Err(err) => tracing::trace!(%err, "agent not reachable yet"),
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use pangolin_protocols::agent::GuestDetails;
-use pangolin_protocols::{AGENT_VSOCK_PORT, LOG_PARAM, SHARE_PARAM};
+use pangolin_protocols::{AGENT_READY_PORT, AGENT_VSOCK_PORT, LOG_PARAM, SHARE_PARAM};
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixListener;
 use pangolin_runtime_config::{Config, HypervisorKind, VirtiofsCache};
 
 use crate::agent::{AgentClient, AgentError};
@@ -143,9 +145,46 @@ fn virtiofsd_args(socket: &Path, source: &Path, cache: VirtiofsCache) -> Vec<Str
     ]
 }
 
+/// Waits for the agent's READY call, checking the VMM lives; a missed call ends at the deadline
+/// and the caller's connect loop then reports what the console shows.
+async fn wait_ready(
+    listener: &UnixListener,
+    deadline: Instant,
+    mut alive: impl FnMut() -> Result<(), SandboxError>,
+) -> Result<(), SandboxError> {
+    loop {
+        alive()?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        tokio::select! {
+            accepted = listener.accept() => {
+                if let Ok((mut stream, _)) = accepted {
+                    let mut buf = [0u8; 6];
+                    let _ = tokio::time::timeout(Duration::from_secs(1), stream.read_exact(&mut buf)).await;
+                    tracing::trace!(said = ?String::from_utf8_lossy(&buf), "agent announced readiness");
+                }
+                return Ok(());
+            }
+            () = tokio::time::sleep(left.min(Duration::from_millis(20))) => {}
+        }
+    }
+}
+
 impl Sandbox {
     /// Boots a sandbox named `id`, sharing `share` (if any) with the guest over virtio-fs.
     pub async fn start(id: &str, config: &Config, share: Option<&Path>) -> Result<Sandbox, SandboxError> {
+        Self::start_with(id, config, share, None).await
+    }
+
+    /// As [`Sandbox::start`], writing the guest console to `console_log` instead of the workdir.
+    pub async fn start_with(
+        id: &str,
+        config: &Config,
+        share: Option<&Path>,
+        console_log: Option<&Path>,
+    ) -> Result<Sandbox, SandboxError> {
         let start = Instant::now();
         let host = HostInfo::probe();
         let kind = hypervisor::resolve(config.hypervisor.kind, &host)?;
@@ -176,7 +215,7 @@ impl Sandbox {
             Err(e) => return Err(SandboxError::Workdir(workdir, e)),
         }
         let mut parts = Parts { workdir: workdir.clone(), virtiofsd: None, vm: None, done: false };
-        match Self::boot(id, config, share, backend.as_ref(), &mut parts, start).await {
+        match Self::boot(id, config, share, console_log, backend.as_ref(), &mut parts, start).await {
             Ok((agent, details, timings)) => {
                 tracing::info!(
                     sandbox = id,
@@ -198,6 +237,7 @@ impl Sandbox {
         id: &str,
         config: &Config,
         share: Option<&Path>,
+        console_log: Option<&Path>,
         backend: &dyn Hypervisor,
         parts: &mut Parts,
         start: Instant,
@@ -229,16 +269,20 @@ impl Sandbox {
             vcpus: config.hypervisor.vcpus,
             memory_mib: config.hypervisor.memory_mib,
             workdir: workdir.clone(),
-            console_log: workdir.join("console.log"),
+            console_log: console_log.map_or_else(|| workdir.join("console.log"), Path::to_path_buf),
             fs,
             guest_cid: config.vsock.guest_cid,
+            vsock_uds: workdir.join("vm.vsock"),
         };
+        // Listen for the agent's readiness call before the guest can make it.
+        let ready_path = PathBuf::from(format!("{}_{AGENT_READY_PORT}", spec.vsock_uds.display()));
+        let ready = UnixListener::bind(&ready_path).map_err(|e| SandboxError::Workdir(ready_path, e))?;
         tracing::debug!(sandbox = id, cmdline = %spec.cmdline, "booting");
         let vm = parts.vm.insert(backend.boot(&spec).await?);
         let vmm_started = Instant::now();
         let deadline = start + Duration::from_millis(config.hypervisor.boot_timeout_ms);
-        let uds = vm.vsock_uds();
-        let agent = AgentClient::connect(&uds, AGENT_VSOCK_PORT, deadline, || {
+        wait_ready(&ready, deadline, || vm.check_alive().map_err(SandboxError::from)).await?;
+        let agent = AgentClient::connect(&spec.vsock_uds, AGENT_VSOCK_PORT, deadline, || {
             vm.check_alive().map_err(SandboxError::from)
         })
         .await

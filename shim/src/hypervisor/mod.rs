@@ -37,6 +37,8 @@ pub struct VmSpec {
     pub fs: Option<(PathBuf, String)>,
     /// Guest vsock context id.
     pub guest_cid: u32,
+    /// Hybrid vsock Unix socket to create (`<path>_<port>` for guest-initiated connections).
+    pub vsock_uds: PathBuf,
 }
 
 /// A backend failed.
@@ -78,8 +80,6 @@ pub enum HypervisorError {
 /// One running VM.
 #[async_trait]
 pub trait Vm: Send {
-    /// The hybrid vsock Unix socket (`CONNECT <port>` protocol).
-    fn vsock_uds(&self) -> PathBuf;
     /// VMM process id, while it runs.
     fn pid(&self) -> Option<u32>;
     /// Ok while the VMM runs; the exit as an error once it stopped.

@@ -101,7 +101,7 @@ impl Hypervisor for Qemu {
             key: "vsock.vhost_device_vsock_path",
         })?;
         let vhost_socket = spec.workdir.join("vhost-vsock.sock");
-        let uds = spec.workdir.join("vm.vsock");
+        let uds = spec.vsock_uds.clone();
         let vsock_args = vec![
             "--guest-cid".to_string(),
             spec.guest_cid.to_string(),
@@ -123,7 +123,7 @@ impl Hypervisor for Qemu {
                 return Err(err.into());
             }
         };
-        Ok(Box::new(QemuVm { qemu, vsockd, uds, console: spec.console_log.clone() }))
+        Ok(Box::new(QemuVm { qemu, vsockd, console: spec.console_log.clone() }))
     }
 }
 
@@ -131,16 +131,11 @@ impl Hypervisor for Qemu {
 struct QemuVm {
     qemu: Daemon,
     vsockd: Daemon,
-    uds: PathBuf,
     console: PathBuf,
 }
 
 #[async_trait]
 impl Vm for QemuVm {
-    fn vsock_uds(&self) -> PathBuf {
-        self.uds.clone()
-    }
-
     fn pid(&self) -> Option<u32> {
         self.qemu.pid()
     }
@@ -184,6 +179,7 @@ mod tests {
             console_log: "/run/p/s1/console.log".into(),
             fs: Some(("/run/p/s1/fs.sock".into(), "pangolin".into())),
             guest_cid: 3,
+            vsock_uds: "/run/p/s1/vm.vsock".into(),
         }
     }
 

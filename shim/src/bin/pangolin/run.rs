@@ -55,6 +55,9 @@ pub struct RunArgs {
     /// Mount the root filesystem read-only.
     #[arg(long)]
     read_only: bool,
+    /// Keep the guest's serial console output in this file.
+    #[arg(long)]
+    console_log: Option<PathBuf>,
     /// Print a timing breakdown (JSON) to stderr at the end.
     #[arg(long)]
     timings: bool,
@@ -110,7 +113,7 @@ pub async fn run(config_file: Option<&Path>, args: RunArgs) -> anyhow::Result<u8
     let rootfs = std::fs::canonicalize(&args.rootfs).with_context(|| format!("--rootfs {}", args.rootfs.display()))?;
 
     let id = format!("run-{}-{}", std::process::id(), total.elapsed().subsec_nanos());
-    let sandbox = Sandbox::start(&id, &config, Some(&rootfs)).await?;
+    let sandbox = Sandbox::start_with(&id, &config, Some(&rootfs), args.console_log.as_deref()).await?;
     let booted = Instant::now();
     let result = run_in(&sandbox, &args, spec_json).await;
     let teardown = Instant::now();
