@@ -43,6 +43,9 @@ pub enum AgentError {
         /// What was asked.
         op: &'static str,
     },
+    /// The process's executable does not exist in the container.
+    #[error("{0}")]
+    ExecutableNotFound(String),
     /// libcontainer (in the helper) failed; its message.
     #[error("container runtime: {0}")]
     Runtime(String),
@@ -75,7 +78,9 @@ pub enum AgentError {
 impl AgentError {
     fn code(&self) -> Code {
         match self {
-            AgentError::NoContainer(_) | AgentError::NoProcess { .. } => Code::NOT_FOUND,
+            AgentError::NoContainer(_) | AgentError::NoProcess { .. } | AgentError::ExecutableNotFound(_) => {
+                Code::NOT_FOUND
+            }
             AgentError::Exists(_) => Code::ALREADY_EXISTS,
             AgentError::BadId(_) | AgentError::Invalid { .. } => Code::INVALID_ARGUMENT,
             AgentError::State { .. } => Code::FAILED_PRECONDITION,

@@ -153,6 +153,10 @@ pub async fn spawn(reaper: &Reaper, req: &HelperRequest, stdio: ChildStdio) -> R
     if status != ExitStatus::Exited(0) {
         let detail = fs::read_to_string(&req.error_file)
             .unwrap_or_else(|_| format!("helper ended with {status:?}"));
+        // libcontainer reports a missing executable only as text.
+        if detail.contains("not found in $PATH") || detail.contains("executable file not found") {
+            return Err(AgentError::ExecutableNotFound(detail));
+        }
         return Err(AgentError::Runtime(detail));
     }
     read_pid(&req.pid_file)

@@ -321,6 +321,16 @@ impl Sandbox {
         }
     }
 
+    /// Resolves when the VMM exits (it should not while the sandbox is in use), with the reason.
+    pub async fn vmm_exited(&mut self) -> SandboxError {
+        loop {
+            if let Err(err) = self.check_alive() {
+                return err;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Stops the guest (containers killed by the agent), the VMM and the daemons; removes files.
     pub async fn shutdown(mut self) {
         let powered_off = self.agent.destroy_sandbox(Duration::from_secs(2)).await;

@@ -1,1 +1,165 @@
-//! placeholder
+//! Shared fixtures of Pangolin's end-to-end tests: the built artifacts, a private state
+//! directory and configuration per test, and the leak check every test ends with.
+//!
+//! These tests boot real VMs (QEMU; TCG where this host has no hardware-virt KVM). They need
+//! `cargo xtask guest` to have run; `cargo xtask test` does that. A missing artifact fails the
+//! test with that instruction: nothing is skipped silently.
+#![deny(missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pangolin_runtime_config::Config;
+
+/// The checkout's root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// A built artifact, or a panic saying how to build it.
+pub fn artifact(rel: &str) -> PathBuf {
+    let path = root().join(rel);
+    assert!(path.exists(), "{} is missing: run `cargo xtask guest` (or `cargo xtask test`)", path.display());
+    path
+}
+
+/// The `pangolin` binary of this build.
+pub fn pangolin_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/<test> -> target/debug/pangolin
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("pangolin")).expect("target dir");
+    assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins`", bin.display());
+    bin
+}
+
+/// The busybox root filesystem built by `cargo xtask guest`.
+pub fn busybox() -> PathBuf {
+    artifact("target/rootfs/busybox")
+}
+
+/// A test's private state directory and configuration, checked for leaks on [`TestEnv::finish`].
+pub struct TestEnv {
+    /// Private directory (config file, state dir).
+    pub dir: PathBuf,
+    /// The state_dir sandboxes of this test live in.
+    pub state: PathBuf,
+    /// The configuration file.
+    pub config_file: PathBuf,
+    /// The configuration it holds.
+    pub config: Config,
+}
+
+impl TestEnv {
+    /// A fresh environment named after the test.
+    pub fn new(name: &str) -> TestEnv {
+        Self::with(name, |_| {})
+    }
+
+    /// A fresh environment whose configuration `edit` adjusts.
+    pub fn with(name: &str, edit: impl FnOnce(&mut Config)) -> TestEnv {
+        let dir = std::env::temp_dir().join(format!("pangolin-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir test dir");
+        let state = dir.join("state");
+        let mut config = Config::default();
+        config.hypervisor.kernel = artifact("target/guest/vmlinux");
+        config.hypervisor.initramfs = artifact("target/guest/initramfs.cpio.gz");
+        config.runtime.state_dir = state.clone();
+        // Emulated (TCG) boots on a loaded 2-core machine can take several seconds.
+        config.hypervisor.boot_timeout_ms = 60_000;
+        edit(&mut config);
+        let config_file = dir.join("configuration.toml");
+        std::fs::write(&config_file, toml_of(&config)).expect("write config");
+        TestEnv { dir, state, config_file, config }
+    }
+
+    /// `pangolin --config <ours> <args>`, ready to run.
+    pub fn pangolin(&self) -> Command {
+        let mut cmd = Command::new(pangolin_bin());
+        cmd.arg("--config").arg(&self.config_file).stdin(Stdio::null());
+        cmd
+    }
+
+    /// `pangolin run --rootfs <busybox> <opts> -- <command>`, run to completion.
+    pub fn run(&self, opts: &[&str], command: &[&str]) -> Output {
+        let mut cmd = self.pangolin();
+        cmd.arg("run").arg("--rootfs").arg(busybox()).args(opts).arg("--").args(command);
+        run_bounded(cmd, Duration::from_secs(180))
+    }
+
+    /// Pids of live processes whose command line mentions this test's state directory.
+    pub fn leftover_processes(&self) -> Vec<(u32, String)> {
+        processes_mentioning(&self.state)
+    }
+
+    /// Asserts nothing of this test remains (processes, sockets, sandbox directories), then
+    /// removes the test directory.
+    pub fn finish(self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let procs = self.leftover_processes();
+            let entries: Vec<PathBuf> = std::fs::read_dir(&self.state)
+                .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+                .unwrap_or_default();
+            if procs.is_empty() && entries.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "leaked after the test: processes {procs:?}, files {entries:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Serialises a configuration to TOML.
+pub fn toml_of(config: &Config) -> String {
+    toml::to_string(config).expect("config serialises")
+}
+
+/// Live processes whose command line contains `needle`.
+pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
+    let needle = needle.to_string_lossy().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')));
+        if cmdline.contains(&needle) && !zombie {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+/// Runs a command with a hard time limit (a hung VM must fail the test, not stall the suite).
+pub fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
+    }
+}
+
+/// stdout as text.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// stderr as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

@@ -19,6 +19,9 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::term::{window_size, RawMode};
 
+/// Exit status when the command does not exist in the container.
+const EXIT_NOT_FOUND: u8 = 127;
+
 /// The container's id inside its VM.
 const CONTAINER_ID: &str = "main";
 
@@ -113,13 +116,31 @@ pub async fn run(config_file: Option<&Path>, args: RunArgs) -> anyhow::Result<u8
     let rootfs = std::fs::canonicalize(&args.rootfs).with_context(|| format!("--rootfs {}", args.rootfs.display()))?;
 
     let id = format!("run-{}-{}", std::process::id(), total.elapsed().subsec_nanos());
-    let sandbox = Sandbox::start_with(&id, &config, Some(&rootfs), args.console_log.as_deref()).await?;
+    let mut sandbox = Sandbox::start_with(&id, &config, Some(&rootfs), args.console_log.as_deref()).await?;
     let booted = Instant::now();
-    let result = run_in(&sandbox, &args, spec_json).await;
+    let agent = sandbox.agent().clone();
+    let result = tokio::select! {
+        r = run_in(agent, &args, spec_json) => r,
+        err = sandbox.vmm_exited() => Err(anyhow::Error::new(err).context("the microVM died")),
+    };
     let teardown = Instant::now();
     sandbox.shutdown().await;
     let done = Instant::now();
-    let (status, created) = result?;
+    let (status, created) = match result {
+        Ok(r) => r,
+        Err(err) => {
+            let not_found = err
+                .downcast_ref::<pangolin_shim::agent::AgentError>()
+                .and_then(pangolin_shim::agent::AgentError::code)
+                == Some(ttrpc::Code::NOT_FOUND);
+            if not_found {
+                // As docker run: 127 when the command cannot be found.
+                eprintln!("pangolin: {err:#}");
+                return Ok(EXIT_NOT_FOUND);
+            }
+            return Err(err);
+        }
+    };
     if args.timings {
         eprintln!(
             "pangolin-timings: {{\"boot_ms\":{:.1},\"create_start_ms\":{:.1},\"teardown_ms\":{:.1},\"total_ms\":{:.1}}}",
@@ -137,8 +158,7 @@ fn ms(a: Instant, b: Instant) -> f64 {
 }
 
 /// Creates, starts and waits for the container; returns (exit status, instant started).
-async fn run_in(sandbox: &Sandbox, args: &RunArgs, spec_json: String) -> anyhow::Result<(i32, Instant)> {
-    let agent = sandbox.agent().clone();
+async fn run_in(agent: AgentClient, args: &RunArgs, spec_json: String) -> anyhow::Result<(i32, Instant)> {
     agent
         .create_container(CONTAINER_ID, spec_json, GUEST_SHARED_DIR, args.interactive)
         .await

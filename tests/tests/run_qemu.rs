@@ -1,0 +1,186 @@
+//! `pangolin run` end to end on the QEMU backend: real guest kernel, real agent, real
+//! containers. Every test ends by checking that nothing of its VM remains.
+
+use pangolin_e2e::{stderr, stdout, TestEnv};
+
+#[test]
+fn echo_output_and_exit_zero() {
+    let env = TestEnv::new("echo");
+    let out = env.run(&[], &["echo", "hello from the guest"]);
+    assert_eq!(stdout(&out), "hello from the guest\n", "stderr: {}", stderr(&out));
+    assert_eq!(out.status.code(), Some(0));
+    env.finish();
+}
+
+#[test]
+fn exit_codes_come_back_as_the_containers() {
+    let env = TestEnv::new("exit");
+    let out = env.run(&[], &["sh", "-c", "echo out; echo err >&2; exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), "out\n");
+    assert!(stderr(&out).contains("err\n"), "stderr carries the container's stderr: {}", stderr(&out));
+    // The init is PID 1 of its namespace; a child killed by SIGKILL gives the shell 137.
+    let out = env.run(&[], &["sh", "-c", "sh -c 'kill -9 $$'; exit $?"]);
+    assert_eq!(out.status.code(), Some(137), "stderr: {}", stderr(&out));
+    env.finish();
+}
+
+#[test]
+fn stdin_is_piped_in_with_dash_i() {
+    let env = TestEnv::new("stdin");
+    let mut cmd = env.pangolin();
+    cmd.arg("run").arg("-i").arg("--rootfs").arg(pangolin_e2e::busybox()).args(["--", "sh", "-c", "tr a-z A-Z; echo done"]);
+    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"piped through a microvm\n").expect("write");
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(stdout(&out), "PIPED THROUGH A MICROVM\ndone\n", "stderr: {}", stderr(&out));
+    assert_eq!(out.status.code(), Some(0));
+    env.finish();
+}
+
+#[test]
+fn tty_gives_the_container_a_terminal() {
+    let env = TestEnv::new("tty");
+    let out = env.run(&["-t"], &["sh", "-c", "tty; stty size; test -t 0 && echo stdin-is-a-tty"]);
+    let text = stdout(&out).replace('\r', "");
+    assert!(text.contains("/dev/pts/0"), "no pty: {text:?} / {}", stderr(&out));
+    assert!(text.contains("24 80"), "default window size not applied: {text:?}");
+    assert!(text.contains("stdin-is-a-tty"), "{text:?}");
+    assert_eq!(out.status.code(), Some(0));
+    env.finish();
+}
+
+#[test]
+fn guest_kernel_is_not_the_hosts() {
+    let env = TestEnv::new("uname");
+    let out = env.run(&[], &["uname", "-r"]);
+    let guest = stdout(&out).trim().to_string();
+    let host = String::from_utf8_lossy(&std::process::Command::new("uname").arg("-r").output().expect("uname").stdout)
+        .trim()
+        .to_string();
+    assert!(guest.ends_with("-pangolin"), "guest kernel {guest:?} / {}", stderr(&out));
+    assert_ne!(guest, host);
+    env.finish();
+}
+
+#[test]
+fn memory_limit_oom_kills_and_is_reported() {
+    let env = TestEnv::new("oom");
+    // The shell (the container's init) keeps 64 MiB in a variable under a 16 MiB limit.
+    let out = env.run(
+        &["--memory-limit", "16"],
+        &["sh", "-c", "x=$(dd if=/dev/zero bs=1M count=64 2>/dev/null | tr '\\000' x); echo survived"],
+    );
+    assert_eq!(out.status.code(), Some(137), "stdout {} stderr {}", stdout(&out), stderr(&out));
+    assert!(!stdout(&out).contains("survived"));
+    assert!(stderr(&out).contains("OOM-killed"), "OOM not reported: {}", stderr(&out));
+    env.finish();
+}
+
+#[test]
+fn read_only_rootfs_and_workdir_and_env() {
+    let env = TestEnv::new("ro");
+    let out = env.run(
+        &["--read-only", "-w", "/etc", "-e", "GREETING=hi"],
+        &["sh", "-c", "pwd; echo $GREETING; touch /x 2>/dev/null && echo writable || echo read-only"],
+    );
+    assert_eq!(stdout(&out), "/etc\nhi\nread-only\n", "stderr: {}", stderr(&out));
+    env.finish();
+}
+
+#[test]
+fn missing_rootfs_is_a_clear_error_before_booting() {
+    let env = TestEnv::new("norootfs");
+    let mut cmd = env.pangolin();
+    cmd.args(["run", "--rootfs", "/nonexistent/rootfs", "--", "true"]);
+    let out = pangolin_e2e::run_bounded(cmd, std::time::Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("--rootfs /nonexistent/rootfs: not a directory"), "{}", stderr(&out));
+    env.finish();
+}
+
+#[test]
+fn command_not_found_exits_127_with_its_name() {
+    let env = TestEnv::new("notfound");
+    let out = env.run(&[], &["no-such-command"]);
+    assert_eq!(out.status.code(), Some(127), "stderr: {}", stderr(&out));
+    assert!(stderr(&out).contains("no-such-command"), "{}", stderr(&out));
+    env.finish();
+}
+
+#[test]
+fn corrupt_config_names_the_key() {
+    let env = TestEnv::new("badconfig");
+    std::fs::write(&env.config_file, "[hypervisor]\nvcpus = \"two\"\n").expect("write");
+    let out = env.run(&[], &["true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("hypervisor.vcpus"), "{}", stderr(&out));
+    std::fs::write(&env.config_file, "[hypervisor\n").expect("write");
+    let out = env.run(&[], &["true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("line 1"), "{}", stderr(&out));
+    env.finish();
+}
+
+#[test]
+fn missing_qemu_is_named_with_its_key() {
+    let env = TestEnv::with("noqemu", |c| c.hypervisor.qemu_path = "/nonexistent/qemu-system-x86_64".into());
+    let out = env.run(&[], &["true"]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = stderr(&out);
+    assert!(err.contains("/nonexistent/qemu-system-x86_64") && err.contains("hypervisor.qemu_path"), "{err}");
+    env.finish();
+}
+
+#[test]
+fn unreachable_agent_times_out_and_cleans_up() {
+    // The agent cannot come up in 300 ms: the boot deadline must end the wait, and teardown
+    // must still remove the VM and its daemons.
+    let env = TestEnv::with("timeout", |c| c.hypervisor.boot_timeout_ms = 300);
+    let out = env.run(&[], &["true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("did not answer within"), "{}", stderr(&out));
+    env.finish();
+}
+
+#[test]
+fn a_guest_without_init_is_reported_with_its_console() {
+    // The kernel finds no init, panics and reboots (panic=-1): the VMM exits during boot.
+    let env = TestEnv::with("noinit", |c| c.hypervisor.kernel_params = "rdinit=/nonexistent".into());
+    let out = env.run(&[], &["true"]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = stderr(&out);
+    assert!(err.contains("VMM exited") && err.contains("panic"), "{err}");
+    env.finish();
+}
+
+#[test]
+fn killing_the_vmm_ends_the_run_and_cleans_up() {
+    let env = TestEnv::new("vmmkill");
+    let mut cmd = env.pangolin();
+    cmd.arg("run").arg("--rootfs").arg(pangolin_e2e::busybox()).args(["--", "sh", "-c", "echo up; sleep 600"]);
+    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 3];
+    std::io::Read::read_exact(&mut stdout, &mut first).expect("container output");
+    assert_eq!(&first, b"up\n");
+    let qemu: Vec<u32> = env
+        .leftover_processes()
+        .into_iter()
+        .filter(|(_, cmdline)| cmdline.contains("qemu-system"))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(qemu.len(), 1, "one QEMU per run");
+    std::process::Command::new("kill").arg("-9").arg(qemu[0].to_string()).status().expect("kill");
+    let started = std::time::Instant::now();
+    let status = child.wait().expect("wait");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "run did not notice the VMM died");
+    assert_eq!(status.code(), Some(125));
+    env.finish();
+}
