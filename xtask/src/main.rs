@@ -36,7 +36,40 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     deps::ensure()?;
     guest::build()?;
     build_host(false)?;
-    guest::run(cargo().current_dir(guest::root()).args(["test", "--workspace"]).args(args))
+    // No doc-tests: there are none, and their empty summary would be the run's last line.
+    let mut cmd = cargo();
+    cmd.current_dir(guest::root())
+        .args(["test", "--workspace", "--lib", "--bins", "--tests"])
+        .args(args)
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().context("running cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                passed += count(rest, " passed");
+                failed += count(rest, " failed");
+                ignored += count(rest, " ignored");
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        anyhow::bail!("tests failed");
+    }
+    Ok(())
+}
+
+/// The number before `label` in a cargo test summary ("ok. 14 passed; 0 failed; ...").
+fn count(summary: &str, label: &str) -> u64 {
+    summary
+        .split(';')
+        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(label.trim()))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn demo() -> anyhow::Result<()> {
