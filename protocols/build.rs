@@ -12,7 +12,10 @@ fn main() -> io::Result<()> {
         .input("protos/agent.proto")
         .include("protos")
         .rust_protobuf()
-        .customize(Customize { async_all: true, ..Default::default() })
+        .customize(Customize {
+            async_all: true,
+            ..Default::default()
+        })
         .rust_protobuf_customize(ProtobufCustomize::default().gen_mod_rs(false))
         .run()?;
     // `include!` cannot take inner attributes or inner doc comments: drop `#![...]`, demote `//!`.

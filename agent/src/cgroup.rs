@@ -39,11 +39,21 @@ pub fn setup_root() -> Result<(), AgentError> {
     let root = Path::new(CGROUP_ROOT);
     let available = fs::read_to_string(root.join("cgroup.controllers"))
         .map_err(|e| AgentError::Cgroup("read cgroup.controllers", e))?;
-    let wanted: Vec<&str> =
-        CONTROLLERS.iter().copied().filter(|c| available.split_whitespace().any(|a| a == *c)).collect();
-    let missing: Vec<&str> = CONTROLLERS.iter().copied().filter(|c| !wanted.contains(c)).collect();
+    let wanted: Vec<&str> = CONTROLLERS
+        .iter()
+        .copied()
+        .filter(|c| available.split_whitespace().any(|a| a == *c))
+        .collect();
+    let missing: Vec<&str> = CONTROLLERS
+        .iter()
+        .copied()
+        .filter(|c| !wanted.contains(c))
+        .collect();
     if !missing.is_empty() {
-        tracing::warn!(?missing, "cgroup controllers not available in the guest kernel");
+        tracing::warn!(
+            ?missing,
+            "cgroup controllers not available in the guest kernel"
+        );
     }
     let line: String = wanted.iter().map(|c| format!("+{c} ")).collect();
     for dir in [root.to_path_buf(), root.join(PARENT)] {
@@ -64,7 +74,9 @@ pub fn update(cgroups_path: &Path, resources: &LinuxResources) -> Result<(), Age
         oom_score_adj: None,
         freezer_state: None,
     };
-    manager.apply(&opt).map_err(|e| AgentError::Cgroup("apply limits", io::Error::other(e.to_string())))
+    manager
+        .apply(&opt)
+        .map_err(|e| AgentError::Cgroup("apply limits", io::Error::other(e.to_string())))
 }
 
 /// Pids of every process in the cgroup and its descendants.
@@ -134,7 +146,9 @@ pub fn stats(dir: &Path) -> Result<ContainerStats, AgentError> {
     let mut io_stats = IoStats::new();
     for line in read("io.stat").lines() {
         for field in line.split_whitespace().skip(1) {
-            let Some((key, value)) = field.split_once('=') else { continue };
+            let Some((key, value)) = field.split_once('=') else {
+                continue;
+            };
             let value: u64 = value.parse().unwrap_or(0);
             match key {
                 "rbytes" => io_stats.read_bytes += value,
@@ -177,17 +191,26 @@ mod tests {
     fn stats_parse_the_v2_interface_files() {
         let dir = std::env::temp_dir().join(format!("pangolin-cg-{}", std::process::id()));
         fs::create_dir_all(dir.join("child")).expect("mkdir");
-        fs::write(dir.join("cpu.stat"), "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n")
-            .expect("w");
+        fs::write(
+            dir.join("cpu.stat"),
+            "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n",
+        )
+        .expect("w");
         fs::write(dir.join("memory.current"), "4096\n").expect("w");
         fs::write(dir.join("memory.max"), "max\n").expect("w");
         fs::write(dir.join("memory.stat"), "anon 1024\nfile 2048\n").expect("w");
-        fs::write(dir.join("memory.events"), "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
-            .expect("w");
+        fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        )
+        .expect("w");
         fs::write(dir.join("pids.current"), "2\n").expect("w");
         fs::write(dir.join("pids.max"), "64\n").expect("w");
-        fs::write(dir.join("io.stat"), "254:0 rbytes=10 wbytes=20 rios=1 wios=2 dbytes=0\n")
-            .expect("w");
+        fs::write(
+            dir.join("io.stat"),
+            "254:0 rbytes=10 wbytes=20 rios=1 wios=2 dbytes=0\n",
+        )
+        .expect("w");
         fs::write(dir.join("cgroup.procs"), "10\n11\n").expect("w");
         fs::write(dir.join("child/cgroup.procs"), "5\n").expect("w");
 
@@ -206,7 +229,10 @@ mod tests {
 
     #[test]
     fn cgroup_paths_stay_under_the_root() {
-        assert_eq!(dir_of(&default_path("c1")), Path::new("/sys/fs/cgroup/pangolin/c1"));
+        assert_eq!(
+            dir_of(&default_path("c1")),
+            Path::new("/sys/fs/cgroup/pangolin/c1")
+        );
         assert_eq!(dir_of(Path::new("x/y")), Path::new("/sys/fs/cgroup/x/y"));
     }
 

@@ -104,10 +104,19 @@ impl Process {
 
     /// Reads stdout (`stderr == false`) or stderr; an empty result with `true` means EOF.
     pub async fn read(&self, stderr: bool, len: usize) -> Result<(Vec<u8>, bool), AgentError> {
-        let mut slot = if stderr { self.stderr.lock().await } else { self.stdout.lock().await };
-        let Some(output) = slot.as_mut() else { return Ok((Vec::new(), true)) };
+        let mut slot = if stderr {
+            self.stderr.lock().await
+        } else {
+            self.stdout.lock().await
+        };
+        let Some(output) = slot.as_mut() else {
+            return Ok((Vec::new(), true));
+        };
         let mut buf = vec![0u8; len.clamp(1, MAX_READ)];
-        let n = output.read(&mut buf).await.map_err(|e| AgentError::Io("read output", e))?;
+        let n = output
+            .read(&mut buf)
+            .await
+            .map_err(|e| AgentError::Io("read output", e))?;
         if n == 0 {
             *slot = None;
             return Ok((Vec::new(), true));
@@ -122,7 +131,8 @@ impl Process {
             field: "exec_id",
             reason: "the process has no terminal".into(),
         })?;
-        pty.resize(rows, cols).map_err(|e| AgentError::Io("resize terminal", e))
+        pty.resize(rows, cols)
+            .map_err(|e| AgentError::Io("resize terminal", e))
     }
 }
 
@@ -183,7 +193,11 @@ impl Container {
         if self.init.exited().is_none() && *lock(&self.status) == wanted {
             Ok(())
         } else {
-            Err(AgentError::State { id: self.id.clone(), state: self.state_name(), op })
+            Err(AgentError::State {
+                id: self.id.clone(),
+                state: self.state_name(),
+                op,
+            })
         }
     }
 
@@ -197,10 +211,13 @@ impl Container {
         if exec_id.is_empty() {
             return Ok(self.init.clone());
         }
-        lock(&self.execs).get(exec_id).cloned().ok_or_else(|| AgentError::NoProcess {
-            container_id: self.id.clone(),
-            exec_id: exec_id.to_string(),
-        })
+        lock(&self.execs)
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| AgentError::NoProcess {
+                container_id: self.id.clone(),
+                exec_id: exec_id.to_string(),
+            })
     }
 
     /// Checks an exec id is free and the container can run another process.
@@ -243,7 +260,9 @@ impl Container {
     }
 
     fn load(&self) -> Result<LcContainer, AgentError> {
-        Ok(LcContainer::load(PathBuf::from(CONTAINER_ROOT).join(&self.id))?)
+        Ok(LcContainer::load(
+            PathBuf::from(CONTAINER_ROOT).join(&self.id),
+        )?)
     }
 
     /// Lets init run its process.
@@ -286,7 +305,9 @@ impl Container {
             reason: format!("{signal} is not a signal number"),
         })?;
         for pid in crate::cgroup::pids(&self.cgroup_dir)? {
-            let Ok(pid) = i32::try_from(pid) else { continue };
+            let Ok(pid) = i32::try_from(pid) else {
+                continue;
+            };
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
         }
         Ok(())
@@ -302,8 +323,15 @@ impl Container {
             self.signal_all(libc::SIGKILL)?;
             let _ = self.init.signal(libc::SIGKILL);
             let deadline = std::time::Duration::from_secs(10);
-            if tokio::time::timeout(deadline, self.init.wait()).await.is_err() {
-                return Err(AgentError::State { id: self.id.clone(), state: "unkillable", op: "remove" });
+            if tokio::time::timeout(deadline, self.init.wait())
+                .await
+                .is_err()
+            {
+                return Err(AgentError::State {
+                    id: self.id.clone(),
+                    state: "unkillable",
+                    op: "remove",
+                });
             }
         }
         let this = self.clone();

@@ -78,9 +78,9 @@ pub enum AgentError {
 impl AgentError {
     fn code(&self) -> Code {
         match self {
-            AgentError::NoContainer(_) | AgentError::NoProcess { .. } | AgentError::ExecutableNotFound(_) => {
-                Code::NOT_FOUND
-            }
+            AgentError::NoContainer(_)
+            | AgentError::NoProcess { .. }
+            | AgentError::ExecutableNotFound(_) => Code::NOT_FOUND,
             AgentError::Exists(_) => Code::ALREADY_EXISTS,
             AgentError::BadId(_) | AgentError::Invalid { .. } => Code::INVALID_ARGUMENT,
             AgentError::State { .. } => Code::FAILED_PRECONDITION,
@@ -112,7 +112,9 @@ pub fn check_id(id: &str) -> Result<(), AgentError> {
     let ok = !id.is_empty()
         && id.len() <= 64
         && !id.starts_with('.')
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
     if ok {
         Ok(())
     } else {

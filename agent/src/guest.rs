@@ -11,7 +11,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use nix::mount::{mount, MsFlags};
 use pangolin_protocols::agent::GuestDetails;
-use pangolin_protocols::{AGENT_READY_PORT, AGENT_VSOCK_PORT, API_VERSION, GUEST_SHARED_DIR, LOG_PARAM, SHARE_PARAM};
+use pangolin_protocols::{
+    AGENT_READY_PORT, AGENT_VSOCK_PORT, API_VERSION, GUEST_SHARED_DIR, LOG_PARAM, SHARE_PARAM,
+};
 
 use crate::oom::OomWatcher;
 use crate::reaper::Reaper;
@@ -21,10 +23,19 @@ use crate::service::Service;
 /// Value of `<key>=` on the kernel command line.
 fn cmdline_param(cmdline: &str, key: &str) -> Option<String> {
     let prefix = format!("{key}=");
-    cmdline.split_whitespace().find_map(|w| w.strip_prefix(&prefix)).map(str::to_string)
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&prefix))
+        .map(str::to_string)
 }
 
-fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> anyhow::Result<()> {
+fn mount_fs(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> anyhow::Result<()> {
     fs::create_dir_all(target).with_context(|| format!("mkdir {target}"))?;
     match mount(Some(source), target, Some(fstype), flags, data) {
         Ok(()) | Err(nix::errno::Errno::EBUSY) => Ok(()),
@@ -36,12 +47,36 @@ fn base_mounts() -> anyhow::Result<()> {
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs("proc", "/proc", "proc", nodev, None)?;
     mount_fs("sysfs", "/sys", "sysfs", nodev, None)?;
-    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
-    mount_fs("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620"))?;
+    mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
     mount_fs("shm", "/dev/shm", "tmpfs", nodev, Some("mode=1777"))?;
     mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nodev, None)?;
-    mount_fs("run", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
-    mount_fs("tmp", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    mount_fs(
+        "run",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    mount_fs(
+        "tmp",
+        "/tmp",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
     fs::create_dir_all(BUNDLES).context("mkdir bundles")?;
     fs::create_dir_all(crate::helper::CONTAINER_ROOT).context("mkdir container root")?;
     Ok(())
@@ -81,7 +116,13 @@ fn switch_root() -> anyhow::Result<()> {
         return Ok(());
     }
     let new_root = Path::new("/newroot");
-    mount_fs("rootfs", "/newroot", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    mount_fs(
+        "rootfs",
+        "/newroot",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
     fs::copy("/init", new_root.join("init")).context("copy /init to the new root")?;
     // Free the initramfs copy of the agent: nothing else uses it.
     let _ = fs::remove_file("/init");
@@ -89,7 +130,8 @@ fn switch_root() -> anyhow::Result<()> {
         fs::create_dir_all(new_root.join(dir)).with_context(|| format!("mkdir /newroot/{dir}"))?;
     }
     nix::unistd::chdir(new_root).context("chdir /newroot")?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).context("move the new root onto /")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .context("move the new root onto /")?;
     nix::unistd::chroot(".").context("chroot")?;
     nix::unistd::chdir("/").context("chdir /")?;
     let err = std::os::unix::process::CommandExt::exec(
@@ -104,7 +146,10 @@ pub fn run() -> anyhow::Result<()> {
     base_mounts()?;
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     init_logging(&cmdline);
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), "pangolin-agent starting");
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        "pangolin-agent starting"
+    );
     if let Err(err) = crate::cgroup::setup_root() {
         tracing::warn!(%err, "cgroup setup failed; container limits will not apply");
     }
@@ -130,9 +175,15 @@ async fn serve() -> anyhow::Result<()> {
     let mut server = ttrpc::r#async::Server::new()
         .bind(&format!("vsock://-1:{AGENT_VSOCK_PORT}"))
         .context("listen on vsock")?
-        .register_service(pangolin_protocols::agent_ttrpc::create_agent_service(service));
+        .register_service(pangolin_protocols::agent_ttrpc::create_agent_service(
+            service,
+        ));
     server.start().await.context("start ttrpc server")?;
-    tracing::info!(port = AGENT_VSOCK_PORT, boottime_ms = ready / 1_000_000, "agent ready");
+    tracing::info!(
+        port = AGENT_VSOCK_PORT,
+        boottime_ms = ready / 1_000_000,
+        "agent ready"
+    );
     tokio::task::spawn_blocking(announce_ready);
     // Serve until power-off; the server runs on its own tasks.
     std::future::pending::<()>().await;
@@ -144,12 +195,20 @@ fn announce_ready() {
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
     const VMADDR_CID_HOST: u32 = 2;
     for attempt in 0..20 {
-        let result = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-            .and_then(|fd| {
-                connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &VsockAddr::new(VMADDR_CID_HOST, AGENT_READY_PORT))?;
-                nix::unistd::write(&fd, b"READY\n")?;
-                Ok(())
-            });
+        let result = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .and_then(|fd| {
+            connect(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &VsockAddr::new(VMADDR_CID_HOST, AGENT_READY_PORT),
+            )?;
+            nix::unistd::write(&fd, b"READY\n")?;
+            Ok(())
+        });
         match result {
             Ok(()) => return,
             Err(err) => {
@@ -166,7 +225,9 @@ pub fn details(ready_boottime_ns: u64) -> GuestDetails {
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mem_kib = fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|t| {

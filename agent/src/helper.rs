@@ -63,8 +63,12 @@ pub const LOG_ENV: &str = "PANGOLIN_HELPER_LOG";
 
 /// Sends the helper's (and libcontainer's) logs to the serial console, as the agent's go.
 fn init_logging() {
-    let Ok(filter) = std::env::var(LOG_ENV) else { return };
-    let Ok(console) = fs::OpenOptions::new().write(true).open("/dev/console") else { return };
+    let Ok(filter) = std::env::var(LOG_ENV) else {
+        return;
+    };
+    let Ok(console) = fs::OpenOptions::new().write(true).open("/dev/console") else {
+        return;
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_ansi(false)
@@ -124,7 +128,11 @@ fn run(req: &HelperRequest) -> anyhow::Result<()> {
 }
 
 /// Spawns the helper with `stdio` and returns the pid of the process it created.
-pub async fn spawn(reaper: &Reaper, req: &HelperRequest, stdio: ChildStdio) -> Result<i32, AgentError> {
+pub async fn spawn(
+    reaper: &Reaper,
+    req: &HelperRequest,
+    stdio: ChildStdio,
+) -> Result<i32, AgentError> {
     let json = serde_json::to_string(req).map_err(AgentError::Encode)?;
     let _ = fs::remove_file(&req.pid_file);
     let _ = fs::remove_file(&req.error_file);
@@ -175,7 +183,9 @@ mod tests {
     fn request_round_trips_through_json() {
         let req = HelperRequest {
             id: "c1".into(),
-            op: HelperOp::Exec { process: "/run/p.json".into() },
+            op: HelperOp::Exec {
+                process: "/run/p.json".into(),
+            },
             pid_file: "/run/pid".into(),
             error_file: "/run/err".into(),
             console_socket: None,

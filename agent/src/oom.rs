@@ -52,8 +52,11 @@ impl OomWatcher {
         let (fd, table) = (inotify.clone(), watches.clone());
         tokio::spawn(async move {
             loop {
-                let Ok(mut guard) = fd.readable().await else { return };
-                let events = match guard.try_io(|i| i.get_ref().0.read_events().map_err(Into::into)) {
+                let Ok(mut guard) = fd.readable().await else {
+                    return;
+                };
+                let events = match guard.try_io(|i| i.get_ref().0.read_events().map_err(Into::into))
+                {
                     Ok(Ok(events)) => events,
                     Ok(Err(err)) => {
                         tracing::warn!(%err, "inotify read failed; OOM events stop");
@@ -63,7 +66,9 @@ impl OomWatcher {
                 };
                 let mut table = table.lock().unwrap_or_else(|p| p.into_inner());
                 for event in events {
-                    let Some(w) = table.get_mut(&event.wd) else { continue };
+                    let Some(w) = table.get_mut(&event.wd) else {
+                        continue;
+                    };
                     let kills = cgroup::oom_kills(&w.dir);
                     if kills > w.kills {
                         w.kills = kills;
@@ -73,7 +78,11 @@ impl OomWatcher {
                 }
             }
         });
-        Ok(OomWatcher { inotify, watches, events: tokio::sync::Mutex::new(rx) })
+        Ok(OomWatcher {
+            inotify,
+            watches,
+            events: tokio::sync::Mutex::new(rx),
+        })
     }
 
     /// Starts watching a container's cgroup directory.
@@ -86,15 +95,25 @@ impl OomWatcher {
             .map_err(|e| AgentError::Cgroup("watch memory.events", e.into()))?;
         let kills = cgroup::oom_kills(&dir);
         let mut table = self.watches.lock().unwrap_or_else(|p| p.into_inner());
-        table.insert(wd, Watched { id: id.to_string(), dir, kills });
+        table.insert(
+            wd,
+            Watched {
+                id: id.to_string(),
+                dir,
+                kills,
+            },
+        );
         Ok(())
     }
 
     /// Stops watching a container (its cgroup is going away).
     pub fn unwatch(&self, id: &str) {
         let mut table = self.watches.lock().unwrap_or_else(|p| p.into_inner());
-        let wds: Vec<WatchDescriptor> =
-            table.iter().filter(|(_, w)| w.id == id).map(|(wd, _)| *wd).collect();
+        let wds: Vec<WatchDescriptor> = table
+            .iter()
+            .filter(|(_, w)| w.id == id)
+            .map(|(wd, _)| *wd)
+            .collect();
         for wd in wds {
             table.remove(&wd);
             // The watch is gone already when the cgroup was removed; ignore that.

@@ -97,7 +97,9 @@ impl Reaper {
 
     fn lock(&self) -> MutexGuard<'_, Table> {
         // A poisoned table still holds valid data: every update is a single insert/remove.
-        self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.table
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Collects every exited child without blocking.
@@ -129,7 +131,11 @@ impl Reaper {
         let seq = table.seq;
         table.unclaimed.insert(pid, (seq, status));
         if table.unclaimed.len() > MAX_UNCLAIMED {
-            if let Some(oldest) = table.unclaimed.iter().min_by_key(|(_, (s, _))| *s).map(|(p, _)| *p)
+            if let Some(oldest) = table
+                .unclaimed
+                .iter()
+                .min_by_key(|(_, (s, _))| *s)
+                .map(|(p, _)| *p)
             {
                 table.unclaimed.remove(&oldest);
             }
@@ -180,7 +186,7 @@ mod tests {
     #[test]
     fn unclaimed_statuses_are_bounded() {
         let reaper = Reaper::default();
-        for pid in 0..(MAX_UNCLAIMED as i32 + 10) {
+        for pid in 0..i32::try_from(MAX_UNCLAIMED + 10).expect("small") {
             reaper.record(pid, ExitStatus::Exited(0));
         }
         let table = reaper.lock();

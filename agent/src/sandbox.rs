@@ -41,7 +41,11 @@ pub struct Sandbox {
 impl Sandbox {
     /// An empty sandbox.
     pub fn new(reaper: Reaper, oom: OomWatcher) -> Sandbox {
-        Sandbox { reaper, oom, containers: Mutex::new(HashMap::new()) }
+        Sandbox {
+            reaper,
+            oom,
+            containers: Mutex::new(HashMap::new()),
+        }
     }
 
     fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Container>>> {
@@ -50,7 +54,10 @@ impl Sandbox {
 
     /// Looks a container up.
     pub fn get(&self, id: &str) -> Result<Arc<Container>, AgentError> {
-        self.map().get(id).cloned().ok_or_else(|| AgentError::NoContainer(id.to_string()))
+        self.map()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::NoContainer(id.to_string()))
     }
 
     /// Every container, for teardown.
@@ -83,10 +90,16 @@ impl Sandbox {
                 reason: format!("{} is not a directory in the guest", rootfs.display()),
             });
         }
-        let mut spec: Spec = serde_json::from_str(spec_json)
-            .map_err(|e| AgentError::Invalid { field: "oci_spec_json", reason: e.to_string() })?;
+        let mut spec: Spec = serde_json::from_str(spec_json).map_err(|e| AgentError::Invalid {
+            field: "oci_spec_json",
+            reason: e.to_string(),
+        })?;
         let cgroups_path = prepare_spec(&mut spec, id, rootfs)?;
-        let terminal = spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
+        let terminal = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false);
 
         let bundle = Path::new(BUNDLES).join(id);
         fs::create_dir_all(&bundle).map_err(|e| AgentError::Io("create bundle", e))?;
@@ -117,13 +130,24 @@ impl Sandbox {
         cgroups_path: &Path,
     ) -> Result<Container, AgentError> {
         let config = serde_json::to_vec(spec).map_err(AgentError::Encode)?;
-        fs::write(bundle.join("config.json"), config).map_err(|e| AgentError::Io("write spec", e))?;
-        let op = HelperOp::Create { bundle: bundle.to_path_buf() };
-        let (pid, host, pty) = self.run_helper(id, "init", op, bundle, terminal, with_stdin).await?;
+        fs::write(bundle.join("config.json"), config)
+            .map_err(|e| AgentError::Io("write spec", e))?;
+        let op = HelperOp::Create {
+            bundle: bundle.to_path_buf(),
+        };
+        let (pid, host, pty) = self
+            .run_helper(id, "init", op, bundle, terminal, with_stdin)
+            .await?;
         let exit = self.reaper.register(pid);
         let init = Process::new(pid, exit, host, pty);
         let cgroup_dir = cgroup::dir_of(cgroups_path);
-        Ok(Container::new(id.to_string(), bundle.to_path_buf(), cgroups_path.into(), cgroup_dir, init))
+        Ok(Container::new(
+            id.to_string(),
+            bundle.to_path_buf(),
+            cgroups_path.into(),
+            cgroup_dir,
+            init,
+        ))
     }
 
     /// Runs a process described by OCI process JSON in a running container.
@@ -137,14 +161,21 @@ impl Sandbox {
         check_id(exec_id)?;
         let container = self.get(id)?;
         container.can_exec(exec_id)?;
-        let process: OciProcess = serde_json::from_str(process_json)
-            .map_err(|e| AgentError::Invalid { field: "process_json", reason: e.to_string() })?;
+        let process: OciProcess =
+            serde_json::from_str(process_json).map_err(|e| AgentError::Invalid {
+                field: "process_json",
+                reason: e.to_string(),
+            })?;
         let terminal = process.terminal().unwrap_or(false);
         let path = container.bundle.join(format!("exec-{exec_id}.json"));
         let json = serde_json::to_vec(&process).map_err(AgentError::Encode)?;
         fs::write(&path, json).map_err(|e| AgentError::Io("write process", e))?;
-        let op = HelperOp::Exec { process: path.clone() };
-        let result = self.run_helper(id, exec_id, op, &container.bundle, terminal, with_stdin).await;
+        let op = HelperOp::Exec {
+            process: path.clone(),
+        };
+        let result = self
+            .run_helper(id, exec_id, op, &container.bundle, terminal, with_stdin)
+            .await;
         let _ = fs::remove_file(&path);
         let (pid, host, pty) = result?;
         let exit = self.reaper.register(pid);
@@ -204,18 +235,28 @@ impl Sandbox {
 
 /// Fills in what the guest decides: root, cgroupsPath. Returns the cgroupsPath.
 fn prepare_spec(spec: &mut Spec, id: &str, rootfs: &Path) -> Result<PathBuf, AgentError> {
-    let readonly = spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false);
+    let readonly = spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false);
     let root = RootBuilder::default()
         .path(rootfs)
         .readonly(readonly)
         .build()
-        .map_err(|e| AgentError::Invalid { field: "oci_spec_json.root", reason: e.to_string() })?;
+        .map_err(|e| AgentError::Invalid {
+            field: "oci_spec_json.root",
+            reason: e.to_string(),
+        })?;
     spec.set_root(Some(root));
     let mut linux = match spec.linux().clone() {
         Some(l) => l,
         None => LinuxBuilder::default()
             .build()
-            .map_err(|e| AgentError::Invalid { field: "oci_spec_json.linux", reason: e.to_string() })?,
+            .map_err(|e| AgentError::Invalid {
+                field: "oci_spec_json.linux",
+                reason: e.to_string(),
+            })?,
     };
     let cgroups_path = match linux.cgroups_path() {
         Some(p) if p.is_absolute() => p.clone(),
@@ -230,9 +271,16 @@ fn prepare_spec(spec: &mut Spec, id: &str, rootfs: &Path) -> Result<PathBuf, Age
 
 /// Accepts libcontainer's connection and takes the pty master it sends.
 async fn receive_pty(listener: UnixListener) -> Result<OwnedFd, AgentError> {
-    let (stream, _) = listener.accept().await.map_err(|e| AgentError::Io("accept console", e))?;
-    let stream = stream.into_std().map_err(|e| AgentError::Io("console socket", e))?;
-    stream.set_nonblocking(false).map_err(|e| AgentError::Io("console socket", e))?;
+    let (stream, _) = listener
+        .accept()
+        .await
+        .map_err(|e| AgentError::Io("accept console", e))?;
+    let stream = stream
+        .into_std()
+        .map_err(|e| AgentError::Io("console socket", e))?;
+    stream
+        .set_nonblocking(false)
+        .map_err(|e| AgentError::Io("console socket", e))?;
     tokio::task::spawn_blocking(move || {
         let mut name = [0u8; 64];
         let mut iov = [std::io::IoSliceMut::new(&mut name)];
@@ -244,7 +292,9 @@ async fn receive_pty(listener: UnixListener) -> Result<OwnedFd, AgentError> {
             MsgFlags::MSG_CMSG_CLOEXEC,
         )
         .map_err(|e| AgentError::Io("receive terminal", e.into()))?;
-        let cmsgs = msg.cmsgs().map_err(|e| AgentError::Io("receive terminal", e.into()))?;
+        let cmsgs = msg
+            .cmsgs()
+            .map_err(|e| AgentError::Io("receive terminal", e.into()))?;
         for cmsg in cmsgs {
             if let ControlMessageOwned::ScmRights(fds) = cmsg {
                 if let Some(&fd) = fds.first() {

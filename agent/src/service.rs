@@ -20,50 +20,87 @@ pub struct Service {
 impl Service {
     /// Serves `sandbox`; `ready_boottime_ns` is reported by GetGuestDetails.
     pub fn new(sandbox: Arc<Sandbox>, ready_boottime_ns: u64) -> Service {
-        Service { sandbox, ready_boottime_ns }
+        Service {
+            sandbox,
+            ready_boottime_ns,
+        }
     }
 }
 
 type Ctx = TtrpcContext;
 
 fn u16_field(value: u32, field: &'static str) -> Result<u16, AgentError> {
-    u16::try_from(value).map_err(|_| AgentError::Invalid { field, reason: format!("{value} > 65535") })
+    u16::try_from(value).map_err(|_| AgentError::Invalid {
+        field,
+        reason: format!("{value} > 65535"),
+    })
 }
 
 fn signal_field(value: u32) -> Result<i32, AgentError> {
-    i32::try_from(value)
-        .map_err(|_| AgentError::Invalid { field: "signal", reason: format!("{value} too large") })
+    i32::try_from(value).map_err(|_| AgentError::Invalid {
+        field: "signal",
+        reason: format!("{value} too large"),
+    })
 }
 
 #[async_trait]
 impl AgentService for Service {
-    async fn get_guest_details(&self, _: &Ctx, _: GuestDetailsRequest) -> ttrpc::Result<GuestDetails> {
+    async fn get_guest_details(
+        &self,
+        _: &Ctx,
+        _: GuestDetailsRequest,
+    ) -> ttrpc::Result<GuestDetails> {
         Ok(crate::guest::details(self.ready_boottime_ns))
     }
 
     async fn check(&self, _: &Ctx, _: CheckRequest) -> ttrpc::Result<CheckResponse> {
-        Ok(CheckResponse { serving: true, ..Default::default() })
+        Ok(CheckResponse {
+            serving: true,
+            ..Default::default()
+        })
     }
 
     async fn create_container(&self, _: &Ctx, req: CreateContainerRequest) -> ttrpc::Result<Empty> {
         tracing::info!(container = %req.container_id, "create container");
-        self.sandbox.create(&req.container_id, &req.oci_spec_json, &req.rootfs, req.stdin).await?;
+        self.sandbox
+            .create(
+                &req.container_id,
+                &req.oci_spec_json,
+                &req.rootfs,
+                req.stdin,
+            )
+            .await?;
         Ok(Empty::new())
     }
 
-    async fn start_container(&self, _: &Ctx, req: ContainerRequest) -> ttrpc::Result<StartResponse> {
+    async fn start_container(
+        &self,
+        _: &Ctx,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StartResponse> {
         let pid = self.sandbox.get(&req.container_id)?.start().await?;
         tracing::info!(container = %req.container_id, pid, "started");
-        Ok(StartResponse { pid: pid.unsigned_abs(), ..Default::default() })
+        Ok(StartResponse {
+            pid: pid.unsigned_abs(),
+            ..Default::default()
+        })
     }
 
     async fn exec_process(&self, _: &Ctx, req: ExecProcessRequest) -> ttrpc::Result<StartResponse> {
         let pid = self
             .sandbox
-            .exec(&req.container_id, &req.exec_id, &req.process_json, req.stdin)
+            .exec(
+                &req.container_id,
+                &req.exec_id,
+                &req.process_json,
+                req.stdin,
+            )
             .await?;
         tracing::info!(container = %req.container_id, exec = %req.exec_id, pid, "exec");
-        Ok(StartResponse { pid: pid.unsigned_abs(), ..Default::default() })
+        Ok(StartResponse {
+            pid: pid.unsigned_abs(),
+            ..Default::default()
+        })
     }
 
     async fn signal_process(&self, _: &Ctx, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
@@ -77,7 +114,11 @@ impl AgentService for Service {
         Ok(Empty::new())
     }
 
-    async fn wait_process(&self, _: &Ctx, req: ProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
+    async fn wait_process(
+        &self,
+        _: &Ctx,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
         let process = self.sandbox.get(&req.container_id)?.process(&req.exec_id)?;
         let status = process.wait().await;
         Ok(WaitProcessResponse {
@@ -89,26 +130,47 @@ impl AgentService for Service {
     }
 
     async fn remove_process(&self, _: &Ctx, req: ProcessRequest) -> ttrpc::Result<Empty> {
-        self.sandbox.get(&req.container_id)?.remove_exec(&req.exec_id)?;
+        self.sandbox
+            .get(&req.container_id)?
+            .remove_exec(&req.exec_id)?;
         Ok(Empty::new())
     }
 
-    async fn write_stdin(&self, _: &Ctx, req: WriteStreamRequest) -> ttrpc::Result<WriteStreamResponse> {
+    async fn write_stdin(
+        &self,
+        _: &Ctx,
+        req: WriteStreamRequest,
+    ) -> ttrpc::Result<WriteStreamResponse> {
         let process = self.sandbox.get(&req.container_id)?.process(&req.exec_id)?;
         let n = process.write_stdin(&req.data).await?;
-        Ok(WriteStreamResponse { len: u32::try_from(n).unwrap_or(u32::MAX), ..Default::default() })
+        Ok(WriteStreamResponse {
+            len: u32::try_from(n).unwrap_or(u32::MAX),
+            ..Default::default()
+        })
     }
 
     async fn close_stdin(&self, _: &Ctx, req: ProcessRequest) -> ttrpc::Result<Empty> {
-        self.sandbox.get(&req.container_id)?.process(&req.exec_id)?.close_stdin().await;
+        self.sandbox
+            .get(&req.container_id)?
+            .process(&req.exec_id)?
+            .close_stdin()
+            .await;
         Ok(Empty::new())
     }
 
-    async fn read_stdout(&self, _: &Ctx, req: ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
+    async fn read_stdout(
+        &self,
+        _: &Ctx,
+        req: ReadStreamRequest,
+    ) -> ttrpc::Result<ReadStreamResponse> {
         self.read(req, false).await
     }
 
-    async fn read_stderr(&self, _: &Ctx, req: ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
+    async fn read_stderr(
+        &self,
+        _: &Ctx,
+        req: ReadStreamRequest,
+    ) -> ttrpc::Result<ReadStreamResponse> {
         self.read(req, true).await
     }
 
@@ -130,21 +192,35 @@ impl AgentService for Service {
 
     async fn update_container(&self, _: &Ctx, req: UpdateContainerRequest) -> ttrpc::Result<Empty> {
         let container = self.sandbox.get(&req.container_id)?;
-        let resources = serde_json::from_str(&req.resources_json)
-            .map_err(|e| AgentError::Invalid { field: "resources_json", reason: e.to_string() })?;
+        let resources =
+            serde_json::from_str(&req.resources_json).map_err(|e| AgentError::Invalid {
+                field: "resources_json",
+                reason: e.to_string(),
+            })?;
         crate::cgroup::update(&container.cgroups_path, &resources)?;
         Ok(Empty::new())
     }
 
-    async fn stats_container(&self, _: &Ctx, req: ContainerRequest) -> ttrpc::Result<ContainerStats> {
+    async fn stats_container(
+        &self,
+        _: &Ctx,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ContainerStats> {
         let container = self.sandbox.get(&req.container_id)?;
         Ok(crate::cgroup::stats(&container.cgroup_dir)?)
     }
 
-    async fn list_processes(&self, _: &Ctx, req: ContainerRequest) -> ttrpc::Result<ListProcessesResponse> {
+    async fn list_processes(
+        &self,
+        _: &Ctx,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
         let container = self.sandbox.get(&req.container_id)?;
         let pids = crate::cgroup::pids(&container.cgroup_dir)?;
-        Ok(ListProcessesResponse { pids, ..Default::default() })
+        Ok(ListProcessesResponse {
+            pids,
+            ..Default::default()
+        })
     }
 
     async fn remove_container(&self, _: &Ctx, req: ContainerRequest) -> ttrpc::Result<Empty> {
@@ -157,8 +233,13 @@ impl AgentService for Service {
 
     async fn get_oom_event(&self, _: &Ctx, _: GetOomEventRequest) -> ttrpc::Result<OomEvent> {
         match self.sandbox.oom.next().await {
-            Some(container_id) => Ok(OomEvent { container_id, ..Default::default() }),
-            None => Err(AgentError::Io("OOM watcher", std::io::ErrorKind::BrokenPipe.into()).into()),
+            Some(container_id) => Ok(OomEvent {
+                container_id,
+                ..Default::default()
+            }),
+            None => {
+                Err(AgentError::Io("OOM watcher", std::io::ErrorKind::BrokenPipe.into()).into())
+            }
         }
     }
 
@@ -180,10 +261,18 @@ impl AgentService for Service {
 }
 
 impl Service {
-    async fn read(&self, req: ReadStreamRequest, stderr: bool) -> ttrpc::Result<ReadStreamResponse> {
+    async fn read(
+        &self,
+        req: ReadStreamRequest,
+        stderr: bool,
+    ) -> ttrpc::Result<ReadStreamResponse> {
         let process = self.sandbox.get(&req.container_id)?.process(&req.exec_id)?;
         let len = usize::try_from(req.len).unwrap_or(crate::container::MAX_READ);
         let (data, eof) = process.read(stderr, len).await?;
-        Ok(ReadStreamResponse { data, eof, ..Default::default() })
+        Ok(ReadStreamResponse {
+            data,
+            eof,
+            ..Default::default()
+        })
     }
 }

@@ -63,7 +63,12 @@ impl Pty {
 
     /// Sets the terminal's window size (the process gets SIGWINCH).
     pub fn resize(&self, rows: u16, cols: u16) -> io::Result<()> {
-        let ws = Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        let ws = Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
         // SAFETY: the fd is a live pty master owned by self and `ws` outlives the call.
         unsafe { set_winsize(self.fd.get_ref().as_raw_fd(), &ws) }.map_err(io::Error::from)?;
         Ok(())
@@ -127,7 +132,10 @@ pub struct HostStdio {
 }
 
 fn devnull(write: bool) -> io::Result<OwnedFd> {
-    let file = std::fs::OpenOptions::new().read(!write).write(write).open("/dev/null")?;
+    let file = std::fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .open("/dev/null")?;
     Ok(OwnedFd::from(file))
 }
 
@@ -153,7 +161,11 @@ pub fn pipes(with_stdin: bool) -> io::Result<(ChildStdio, HostStdio)> {
     };
     let (out_r, out_w) = pipe_pair()?;
     let (err_r, err_w) = pipe_pair()?;
-    let child = ChildStdio { stdin: stdin_child, stdout: out_w, stderr: err_w };
+    let child = ChildStdio {
+        stdin: stdin_child,
+        stdout: out_w,
+        stderr: err_w,
+    };
     let host = HostStdio {
         stdin: stdin_host,
         stdout: Some(Output::Pipe(nonblocking_receiver(out_r)?)),
@@ -164,7 +176,11 @@ pub fn pipes(with_stdin: bool) -> io::Result<(ChildStdio, HostStdio)> {
 
 /// /dev/null for all three: the process's stdio is the terminal set up by libcontainer.
 pub fn null_stdio() -> io::Result<ChildStdio> {
-    Ok(ChildStdio { stdin: devnull(false)?, stdout: devnull(true)?, stderr: devnull(true)? })
+    Ok(ChildStdio {
+        stdin: devnull(false)?,
+        stdout: devnull(true)?,
+        stderr: devnull(true)?,
+    })
 }
 
 /// The agent's side of a terminal process.

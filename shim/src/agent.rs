@@ -47,10 +47,16 @@ pub enum AgentError {
 impl AgentError {
     fn from_ttrpc(call: &'static str, err: ttrpc::Error) -> AgentError {
         match err {
-            ttrpc::Error::RpcStatus(s) => {
-                AgentError::Call { call, message: s.message().to_string(), code: Some(s.code()) }
-            }
-            other => AgentError::Call { call, message: other.to_string(), code: None },
+            ttrpc::Error::RpcStatus(s) => AgentError::Call {
+                call,
+                message: s.message().to_string(),
+                code: Some(s.code()),
+            },
+            other => AgentError::Call {
+                call,
+                message: other.to_string(),
+                code: None,
+            },
         }
     }
 
@@ -103,8 +109,12 @@ impl AgentClient {
             }
             match vsock::connect(uds, port, left.min(Duration::from_secs(1))).await {
                 Ok(stream) => {
-                    let client = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::from(stream));
-                    let agent = AgentClient { inner: AgentServiceClient::new(client) };
+                    let client = ttrpc::r#async::Client::new(
+                        ttrpc::r#async::transport::Socket::from(stream),
+                    );
+                    let agent = AgentClient {
+                        inner: AgentServiceClient::new(client),
+                    };
                     // The vsock daemon may accept before the guest listens: prove the agent answers.
                     match agent.check(left.min(Duration::from_secs(2))).await {
                         Ok(()) => return Ok(agent),
@@ -123,15 +133,30 @@ impl AgentClient {
 
     /// Guest facts; fails if the guest speaks another API version.
     pub async fn guest_details(&self) -> Result<GuestDetails, AgentError> {
-        let d = call!(self, get_guest_details, "GetGuestDetails", GuestDetailsRequest::new(), Some(QUICK))?;
+        let d = call!(
+            self,
+            get_guest_details,
+            "GetGuestDetails",
+            GuestDetailsRequest::new(),
+            Some(QUICK)
+        )?;
         if d.api_version != pangolin_protocols::API_VERSION {
-            return Err(AgentError::Version { guest: d.api_version, host: pangolin_protocols::API_VERSION });
+            return Err(AgentError::Version {
+                guest: d.api_version,
+                host: pangolin_protocols::API_VERSION,
+            });
         }
         Ok(d)
     }
 
     /// Creates a container from an OCI spec, rooted at a guest path.
-    pub async fn create_container(&self, id: &str, spec_json: String, rootfs: &str, stdin: bool) -> Result<(), AgentError> {
+    pub async fn create_container(
+        &self,
+        id: &str,
+        spec_json: String,
+        rootfs: &str,
+        stdin: bool,
+    ) -> Result<(), AgentError> {
         let req = CreateContainerRequest {
             container_id: id.into(),
             oci_spec_json: spec_json,
@@ -144,12 +169,21 @@ impl AgentClient {
 
     /// Starts a created container; returns init's guest pid.
     pub async fn start_container(&self, id: &str) -> Result<u32, AgentError> {
-        let req = ContainerRequest { container_id: id.into(), ..Default::default() };
+        let req = ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
         call!(self, start_container, "StartContainer", req, Some(SLOW)).map(|r| r.pid)
     }
 
     /// Runs another process in a running container; returns its guest pid.
-    pub async fn exec_process(&self, id: &str, exec_id: &str, process_json: String, stdin: bool) -> Result<u32, AgentError> {
+    pub async fn exec_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: String,
+        stdin: bool,
+    ) -> Result<u32, AgentError> {
         let req = ExecProcessRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),
@@ -161,7 +195,13 @@ impl AgentClient {
     }
 
     /// Sends a signal to one process, or to all of the container's with `all`.
-    pub async fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<(), AgentError> {
+    pub async fn signal(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), AgentError> {
         let req = SignalProcessRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),
@@ -174,30 +214,57 @@ impl AgentClient {
 
     /// Blocks until the process exits.
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<WaitProcessResponse, AgentError> {
-        let req = ProcessRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
+        let req = ProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
         call!(self, wait_process, "WaitProcess", req, None)
     }
 
     /// Forgets an exited exec process.
     pub async fn remove_process(&self, id: &str, exec_id: &str) -> Result<(), AgentError> {
-        let req = ProcessRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
+        let req = ProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
         call!(self, remove_process, "RemoveProcess", req, Some(QUICK)).map(|_| ())
     }
 
     /// Writes to the process's stdin.
-    pub async fn write_stdin(&self, id: &str, exec_id: &str, data: Vec<u8>) -> Result<(), AgentError> {
-        let req = WriteStreamRequest { container_id: id.into(), exec_id: exec_id.into(), data, ..Default::default() };
+    pub async fn write_stdin(
+        &self,
+        id: &str,
+        exec_id: &str,
+        data: Vec<u8>,
+    ) -> Result<(), AgentError> {
+        let req = WriteStreamRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            data,
+            ..Default::default()
+        };
         call!(self, write_stdin, "WriteStdin", req, Some(SLOW)).map(|_| ())
     }
 
     /// Closes the process's stdin.
     pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), AgentError> {
-        let req = ProcessRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
+        let req = ProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
         call!(self, close_stdin, "CloseStdin", req, Some(QUICK)).map(|_| ())
     }
 
     /// Reads output; `None` at end of stream.
-    pub async fn read_output(&self, id: &str, exec_id: &str, stderr: bool) -> Result<Option<Vec<u8>>, AgentError> {
+    pub async fn read_output(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stderr: bool,
+    ) -> Result<Option<Vec<u8>>, AgentError> {
         let req = ReadStreamRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),
@@ -213,7 +280,13 @@ impl AgentClient {
     }
 
     /// Resizes the process's terminal.
-    pub async fn resize(&self, id: &str, exec_id: &str, rows: u16, cols: u16) -> Result<(), AgentError> {
+    pub async fn resize(
+        &self,
+        id: &str,
+        exec_id: &str,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(), AgentError> {
         let req = ResizeTtyRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),
@@ -226,47 +299,80 @@ impl AgentClient {
 
     /// Freezes the container.
     pub async fn pause(&self, id: &str) -> Result<(), AgentError> {
-        let req = ContainerRequest { container_id: id.into(), ..Default::default() };
+        let req = ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
         call!(self, pause_container, "PauseContainer", req, Some(QUICK)).map(|_| ())
     }
 
     /// Thaws the container.
     pub async fn resume(&self, id: &str) -> Result<(), AgentError> {
-        let req = ContainerRequest { container_id: id.into(), ..Default::default() };
+        let req = ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
         call!(self, resume_container, "ResumeContainer", req, Some(QUICK)).map(|_| ())
     }
 
     /// Applies OCI LinuxResources (JSON) to the container's cgroup.
     pub async fn update(&self, id: &str, resources_json: String) -> Result<(), AgentError> {
-        let req = UpdateContainerRequest { container_id: id.into(), resources_json, ..Default::default() };
+        let req = UpdateContainerRequest {
+            container_id: id.into(),
+            resources_json,
+            ..Default::default()
+        };
         call!(self, update_container, "UpdateContainer", req, Some(QUICK)).map(|_| ())
     }
 
     /// cgroup figures of the container.
     pub async fn stats(&self, id: &str) -> Result<ContainerStats, AgentError> {
-        let req = ContainerRequest { container_id: id.into(), ..Default::default() };
+        let req = ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
         call!(self, stats_container, "StatsContainer", req, Some(QUICK))
     }
 
     /// Guest pids of the container's processes.
     pub async fn pids(&self, id: &str) -> Result<Vec<u32>, AgentError> {
-        let req = ContainerRequest { container_id: id.into(), ..Default::default() };
+        let req = ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
         call!(self, list_processes, "ListProcesses", req, Some(QUICK)).map(|r| r.pids)
     }
 
     /// Kills (if needed) and removes the container.
     pub async fn remove_container(&self, id: &str) -> Result<(), AgentError> {
-        let req = ContainerRequest { container_id: id.into(), ..Default::default() };
+        let req = ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
         call!(self, remove_container, "RemoveContainer", req, Some(SLOW)).map(|_| ())
     }
 
     /// Blocks until a container is OOM-killed; returns its id.
     pub async fn next_oom(&self) -> Result<String, AgentError> {
-        call!(self, get_oom_event, "GetOomEvent", GetOomEventRequest::new(), None).map(|e| e.container_id)
+        call!(
+            self,
+            get_oom_event,
+            "GetOomEvent",
+            GetOomEventRequest::new(),
+            None
+        )
+        .map(|e| e.container_id)
     }
 
     /// Stops every container and powers the guest off.
     pub async fn destroy_sandbox(&self, timeout: Duration) -> Result<(), AgentError> {
-        call!(self, destroy_sandbox, "DestroySandbox", DestroySandboxRequest::new(), Some(timeout)).map(|_| ())
+        call!(
+            self,
+            destroy_sandbox,
+            "DestroySandbox",
+            DestroySandboxRequest::new(),
+            Some(timeout)
+        )
+        .map(|_| ())
     }
 }

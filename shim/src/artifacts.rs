@@ -45,7 +45,11 @@ pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
     let explicit = explicit.map(Path::to_path_buf).or(from_env);
     if let Some(file) = explicit {
         let config = Config::load(&file)?;
-        return Ok(Loaded { config, file: Some(file), checkout_guest: None });
+        return Ok(Loaded {
+            config,
+            file: Some(file),
+            checkout_guest: None,
+        });
     }
     let installed = Path::new(DEFAULT_CONFIG_PATH);
     let (mut config, file) = if installed.is_file() {
@@ -58,7 +62,11 @@ pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
         config.hypervisor.kernel = dir.join(KERNEL_NAME);
         config.hypervisor.initramfs = dir.join(INITRAMFS_NAME);
     }
-    Ok(Loaded { config, file, checkout_guest })
+    Ok(Loaded {
+        config,
+        file,
+        checkout_guest,
+    })
 }
 
 #[cfg(test)]

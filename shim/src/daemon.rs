@@ -68,7 +68,9 @@ impl Daemon {
         log: &Path,
     ) -> Result<Daemon, DaemonError> {
         let out = std::fs::File::create(log).map_err(|e| DaemonError::Log(log.into(), e))?;
-        let err = out.try_clone().map_err(|e| DaemonError::Log(log.into(), e))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| DaemonError::Log(log.into(), e))?;
         let mut cmd = Command::new(program);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -84,11 +86,16 @@ impl Daemon {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|source| DaemonError::Spawn { program: program.into(), source })?;
+        let child = cmd.spawn().map_err(|source| DaemonError::Spawn {
+            program: program.into(),
+            source,
+        })?;
         tracing::debug!(name, pid = child.id(), program = %program.display(), "daemon started");
-        Ok(Daemon { name, log: log.into(), child })
+        Ok(Daemon {
+            name,
+            log: log.into(),
+            child,
+        })
     }
 
     /// Process id, while it runs.
@@ -107,7 +114,11 @@ impl Daemon {
     }
 
     /// Waits until `socket` exists, failing early if the daemon dies.
-    pub async fn wait_for_socket(&mut self, socket: &Path, timeout: Duration) -> Result<(), DaemonError> {
+    pub async fn wait_for_socket(
+        &mut self,
+        socket: &Path,
+        timeout: Duration,
+    ) -> Result<(), DaemonError> {
         let start = Instant::now();
         loop {
             if socket.exists() {
@@ -117,7 +128,11 @@ impl Daemon {
                 return Err(self.died(status));
             }
             if start.elapsed() > timeout {
-                return Err(DaemonError::NotReady { name: self.name, socket: socket.into(), timeout });
+                return Err(DaemonError::NotReady {
+                    name: self.name,
+                    socket: socket.into(),
+                    timeout,
+                });
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -125,7 +140,12 @@ impl Daemon {
 
     /// The error for an early exit, with the log's tail.
     pub fn died(&self, status: std::process::ExitStatus) -> DaemonError {
-        DaemonError::Died { name: self.name, status, log: self.log.clone(), tail: log_tail(&self.log, 5) }
+        DaemonError::Died {
+            name: self.name,
+            status,
+            log: self.log.clone(),
+            tail: log_tail(&self.log, 5),
+        }
     }
 
     /// SIGTERM, then SIGKILL after `grace`; always reaps.
@@ -139,7 +159,10 @@ impl Daemon {
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
-        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
             let _ = self.child.start_kill();
             let _ = self.child.wait().await;
         }
@@ -163,12 +186,15 @@ pub fn resolve_program(program: &Path) -> Option<PathBuf> {
     if program.components().count() > 1 {
         return program.exists().then(|| program.to_path_buf());
     }
-    let mut dirs: Vec<PathBuf> =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
     if let Some(home) = std::env::var_os("HOME") {
         dirs.push(PathBuf::from(home).join(".cargo/bin"));
     }
-    dirs.into_iter().map(|d| d.join(program)).find(|p| p.is_file())
+    dirs.into_iter()
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
 }
 
 #[cfg(test)]
@@ -187,13 +213,17 @@ mod tests {
             .await
             .expect_err("must fail");
         let text = err.to_string();
-        assert!(text.contains("boom") && text.contains("sh exited"), "{text}");
+        assert!(
+            text.contains("boom") && text.contains("sh exited"),
+            "{text}"
+        );
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[tokio::test]
     async fn stop_kills_a_daemon_that_ignores_sigterm() {
-        let log = std::env::temp_dir().join(format!("pangolin-daemon-stop-{}.log", std::process::id()));
+        let log =
+            std::env::temp_dir().join(format!("pangolin-daemon-stop-{}.log", std::process::id()));
         let args = vec!["-c".to_string(), "trap '' TERM; sleep 30".to_string()];
         let mut d = Daemon::spawn("sh", Path::new("/bin/sh"), &args, &log).expect("spawn");
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -65,7 +65,12 @@ impl HostInfo {
 /// Classifies the KVM of the system rooted at `root` (a test can point at a fake tree).
 pub fn probe_kvm(root: &Path) -> Kvm {
     let dev = root.join("dev/kvm");
-    if fs::OpenOptions::new().read(true).write(true).open(&dev).is_err() {
+    if fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dev)
+        .is_err()
+    {
         return Kvm::Absent;
     }
     if root.join("sys/module/kvm_pvm").exists() {
@@ -93,7 +98,8 @@ mod tests {
     use super::*;
 
     fn fake_root(name: &str) -> std::path::PathBuf {
-        let root = std::env::temp_dir().join(format!("pangolin-host-{name}-{}", std::process::id()));
+        let root =
+            std::env::temp_dir().join(format!("pangolin-host-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(root.join("dev")).expect("mkdir");
         fs::create_dir_all(root.join("proc")).expect("mkdir");

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use pangolin_protocols::agent::GuestDetails;
 use pangolin_protocols::{AGENT_READY_PORT, AGENT_VSOCK_PORT, LOG_PARAM, SHARE_PARAM};
+use pangolin_runtime_config::{Config, HypervisorKind, VirtiofsCache};
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixListener;
-use pangolin_runtime_config::{Config, HypervisorKind, VirtiofsCache};
 
 use crate::agent::{AgentClient, AgentError};
 use crate::daemon::{resolve_program, Daemon, DaemonError};
@@ -174,7 +174,11 @@ async fn wait_ready(
 
 impl Sandbox {
     /// Boots a sandbox named `id`, sharing `share` (if any) with the guest over virtio-fs.
-    pub async fn start(id: &str, config: &Config, share: Option<&Path>) -> Result<Sandbox, SandboxError> {
+    pub async fn start(
+        id: &str,
+        config: &Config,
+        share: Option<&Path>,
+    ) -> Result<Sandbox, SandboxError> {
         Self::start_with(id, config, share, None).await
     }
 
@@ -189,19 +193,33 @@ impl Sandbox {
         let host = HostInfo::probe();
         let kind = hypervisor::resolve(config.hypervisor.kind, &host)?;
         for (what, path, key) in [
-            ("guest kernel", &config.hypervisor.kernel, "hypervisor.kernel"),
-            ("guest initramfs", &config.hypervisor.initramfs, "hypervisor.initramfs"),
+            (
+                "guest kernel",
+                &config.hypervisor.kernel,
+                "hypervisor.kernel",
+            ),
+            (
+                "guest initramfs",
+                &config.hypervisor.initramfs,
+                "hypervisor.initramfs",
+            ),
         ] {
             if !path.is_file() {
-                return Err(SandboxError::Artifact { what, path: path.clone(), key });
+                return Err(SandboxError::Artifact {
+                    what,
+                    path: path.clone(),
+                    key,
+                });
             }
         }
         let backend: Box<dyn Hypervisor> = match kind {
-            HypervisorKind::Qemu | HypervisorKind::Auto | HypervisorKind::Builtin => Box::new(Qemu {
-                qemu_path: config.hypervisor.qemu_path.clone(),
-                vhost_vsock_path: config.vsock.vhost_device_vsock_path.clone(),
-                accel: hypervisor::qemu_accel(config.hypervisor.accel, &host)?,
-            }),
+            HypervisorKind::Qemu | HypervisorKind::Auto | HypervisorKind::Builtin => {
+                Box::new(Qemu {
+                    qemu_path: config.hypervisor.qemu_path.clone(),
+                    vhost_vsock_path: config.vsock.vhost_device_vsock_path.clone(),
+                    accel: hypervisor::qemu_accel(config.hypervisor.accel, &host)?,
+                })
+            }
         };
 
         let workdir = config.runtime.state_dir.join(id);
@@ -214,8 +232,23 @@ impl Sandbox {
             }
             Err(e) => return Err(SandboxError::Workdir(workdir, e)),
         }
-        let mut parts = Parts { workdir: workdir.clone(), virtiofsd: None, vm: None, done: false };
-        match Self::boot(id, config, share, console_log, backend.as_ref(), &mut parts, start).await {
+        let mut parts = Parts {
+            workdir: workdir.clone(),
+            virtiofsd: None,
+            vm: None,
+            done: false,
+        };
+        match Self::boot(
+            id,
+            config,
+            share,
+            console_log,
+            backend.as_ref(),
+            &mut parts,
+            start,
+        )
+        .await
+        {
             Ok((agent, details, timings)) => {
                 tracing::info!(
                     sandbox = id,
@@ -224,7 +257,15 @@ impl Sandbox {
                     agent_ready_ms = (timings.agent_ready - start).as_millis(),
                     "sandbox ready"
                 );
-                Ok(Sandbox { id: id.into(), workdir, hypervisor: kind, details, timings, agent, parts })
+                Ok(Sandbox {
+                    id: id.into(),
+                    workdir,
+                    hypervisor: kind,
+                    details,
+                    timings,
+                    agent,
+                    parts,
+                })
             }
             Err(err) => {
                 parts.teardown(Duration::ZERO).await;
@@ -254,7 +295,8 @@ impl Sandbox {
                 })?;
                 let socket = workdir.join("virtiofsd.sock");
                 let args = virtiofsd_args(&socket, source, config.virtiofs.cache);
-                let mut fsd = Daemon::spawn("virtiofsd", &bin, &args, &workdir.join("virtiofsd.log"))?;
+                let mut fsd =
+                    Daemon::spawn("virtiofsd", &bin, &args, &workdir.join("virtiofsd.log"))?;
                 let ready = fsd.wait_for_socket(&socket, Duration::from_secs(10)).await;
                 parts.virtiofsd = Some(fsd);
                 ready?;
@@ -276,12 +318,16 @@ impl Sandbox {
         };
         // Listen for the agent's readiness call before the guest can make it.
         let ready_path = PathBuf::from(format!("{}_{AGENT_READY_PORT}", spec.vsock_uds.display()));
-        let ready = UnixListener::bind(&ready_path).map_err(|e| SandboxError::Workdir(ready_path, e))?;
+        let ready =
+            UnixListener::bind(&ready_path).map_err(|e| SandboxError::Workdir(ready_path, e))?;
         tracing::debug!(sandbox = id, cmdline = %spec.cmdline, "booting");
         let vm = parts.vm.insert(backend.boot(&spec).await?);
         let vmm_started = Instant::now();
         let deadline = start + Duration::from_millis(config.hypervisor.boot_timeout_ms);
-        wait_ready(&ready, deadline, || vm.check_alive().map_err(SandboxError::from)).await?;
+        wait_ready(&ready, deadline, || {
+            vm.check_alive().map_err(SandboxError::from)
+        })
+        .await?;
         let agent = AgentClient::connect(&spec.vsock_uds, AGENT_VSOCK_PORT, deadline, || {
             vm.check_alive().map_err(SandboxError::from)
         })
@@ -300,7 +346,15 @@ impl Sandbox {
         })?;
         let agent_ready = Instant::now();
         let details = agent.guest_details().await?;
-        Ok((agent, details, BootTimings { start, vmm_started, agent_ready }))
+        Ok((
+            agent,
+            details,
+            BootTimings {
+                start,
+                vmm_started,
+                agent_ready,
+            },
+        ))
     }
 
     /// The agent of this sandbox.
@@ -334,7 +388,11 @@ impl Sandbox {
     /// Stops the guest (containers killed by the agent), the VMM and the daemons; removes files.
     pub async fn shutdown(mut self) {
         let powered_off = self.agent.destroy_sandbox(Duration::from_secs(2)).await;
-        let grace = if powered_off.is_ok() { POWER_OFF_GRACE } else { Duration::ZERO };
+        let grace = if powered_off.is_ok() {
+            POWER_OFF_GRACE
+        } else {
+            Duration::ZERO
+        };
         if let Err(err) = powered_off {
             tracing::debug!(%err, "DestroySandbox failed; killing the VMM");
         }
@@ -360,16 +418,35 @@ mod tests {
 
     #[test]
     fn virtiofsd_gets_socket_source_and_cache() {
-        let args = virtiofsd_args(Path::new("/s/fs.sock"), Path::new("/rootfs"), VirtiofsCache::Auto);
-        assert_eq!(args, ["--socket-path=/s/fs.sock", "-o", "source=/rootfs", "-o", "cache=auto"]);
+        let args = virtiofsd_args(
+            Path::new("/s/fs.sock"),
+            Path::new("/rootfs"),
+            VirtiofsCache::Auto,
+        );
+        assert_eq!(
+            args,
+            [
+                "--socket-path=/s/fs.sock",
+                "-o",
+                "source=/rootfs",
+                "-o",
+                "cache=auto"
+            ]
+        );
     }
 
     #[tokio::test]
     async fn missing_kernel_is_named_with_its_config_key() {
         let mut config = Config::default();
         config.hypervisor.kernel = "/nonexistent/vmlinux".into();
-        let err = Sandbox::start("t", &config, None).await.err().expect("must fail");
+        let err = Sandbox::start("t", &config, None)
+            .await
+            .err()
+            .expect("must fail");
         let text = err.to_string();
-        assert!(text.contains("/nonexistent/vmlinux") && text.contains("hypervisor.kernel"), "{text}");
+        assert!(
+            text.contains("/nonexistent/vmlinux") && text.contains("hypervisor.kernel"),
+            "{text}"
+        );
     }
 }

@@ -45,7 +45,12 @@ pub struct RunSpec {
     pub readonly: bool,
 }
 
-fn process(args: &[String], terminal: bool, env: &[String], cwd: Option<&str>) -> Result<Process, SpecError> {
+fn process(
+    args: &[String],
+    terminal: bool,
+    env: &[String],
+    cwd: Option<&str>,
+) -> Result<Process, SpecError> {
     if args.is_empty() {
         return Err(SpecError::NoCommand);
     }
@@ -69,18 +74,41 @@ fn process(args: &[String], terminal: bool, env: &[String], cwd: Option<&str>) -
 /// The spec for `pangolin run`.
 pub fn container_spec(run: &RunSpec) -> Result<Spec, SpecError> {
     let mut spec = Spec::default();
-    spec.set_process(Some(process(&run.args, run.terminal, &run.env, run.cwd.as_deref())?));
-    spec.set_hostname(Some(run.hostname.clone().unwrap_or_else(|| "pangolin".into())));
+    spec.set_process(Some(process(
+        &run.args,
+        run.terminal,
+        &run.env,
+        run.cwd.as_deref(),
+    )?));
+    spec.set_hostname(Some(
+        run.hostname.clone().unwrap_or_else(|| "pangolin".into()),
+    ));
     // The agent replaces root.path with the guest path of the rootfs.
-    spec.set_root(Some(RootBuilder::default().path("rootfs").readonly(run.readonly).build()?));
-    let mut linux = spec.linux().clone().unwrap_or(LinuxBuilder::default().build()?);
+    spec.set_root(Some(
+        RootBuilder::default()
+            .path("rootfs")
+            .readonly(run.readonly)
+            .build()?,
+    ));
+    let mut linux = spec
+        .linux()
+        .clone()
+        .unwrap_or(LinuxBuilder::default().build()?);
     if let Some(mib) = run.memory_limit_mib {
         if mib == 0 {
-            return Err(SpecError::Invalid { field: "--memory-limit", reason: "must be at least 1 MiB" });
+            return Err(SpecError::Invalid {
+                field: "--memory-limit",
+                reason: "must be at least 1 MiB",
+            });
         }
         let bytes = i64::from(mib) * 1024 * 1024;
-        let memory = LinuxMemoryBuilder::default().limit(bytes).swap(bytes).build()?;
-        linux.set_resources(Some(LinuxResourcesBuilder::default().memory(memory).build()?));
+        let memory = LinuxMemoryBuilder::default()
+            .limit(bytes)
+            .swap(bytes)
+            .build()?;
+        linux.set_resources(Some(
+            LinuxResourcesBuilder::default().memory(memory).build()?,
+        ));
     }
     spec.set_linux(Some(linux));
     Ok(spec)
@@ -109,23 +137,48 @@ mod tests {
         assert_eq!(p.args().as_ref().expect("args"), &run.args);
         assert_eq!(p.terminal(), Some(true));
         assert!(p.env().as_ref().expect("env").iter().any(|e| e == "A=1"));
-        assert!(p.env().as_ref().expect("env").iter().any(|e| e.starts_with("PATH=")));
-        let limit = spec.linux().as_ref().and_then(|l| l.resources().clone()).and_then(|r| r.memory().clone()).and_then(|m| m.limit());
+        assert!(p
+            .env()
+            .as_ref()
+            .expect("env")
+            .iter()
+            .any(|e| e.starts_with("PATH=")));
+        let limit = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().clone())
+            .and_then(|r| *r.memory())
+            .and_then(|m| m.limit());
         assert_eq!(limit, Some(32 * 1024 * 1024));
-        assert!(spec.linux().as_ref().and_then(|l| l.namespaces().clone()).is_some_and(|n| !n.is_empty()));
+        assert!(spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().clone())
+            .is_some_and(|n| !n.is_empty()));
     }
 
     #[test]
     fn empty_command_and_zero_limit_are_rejected() {
-        assert!(matches!(container_spec(&RunSpec::default()), Err(SpecError::NoCommand)));
-        let run = RunSpec { args: vec!["true".into()], memory_limit_mib: Some(0), ..Default::default() };
+        assert!(matches!(
+            container_spec(&RunSpec::default()),
+            Err(SpecError::NoCommand)
+        ));
+        let run = RunSpec {
+            args: vec!["true".into()],
+            memory_limit_mib: Some(0),
+            ..Default::default()
+        };
         let err = container_spec(&run).expect_err("zero");
         assert!(err.to_string().contains("--memory-limit"));
     }
 
     #[test]
     fn spec_round_trips_as_json() {
-        let spec = container_spec(&RunSpec { args: vec!["true".into()], ..Default::default() }).expect("spec");
+        let spec = container_spec(&RunSpec {
+            args: vec!["true".into()],
+            ..Default::default()
+        })
+        .expect("spec");
         let json = serde_json::to_string(&spec).expect("json");
         let back: Spec = serde_json::from_str(&json).expect("parse");
         assert_eq!(back.hostname().as_deref(), Some("pangolin"));

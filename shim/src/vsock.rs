@@ -35,21 +35,34 @@ pub enum VsockError {
 
 /// Opens a stream to guest `port` through the hybrid vsock socket `uds`.
 pub async fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, VsockError> {
-    let mut stream = UnixStream::connect(uds).await.map_err(|e| VsockError::Connect(uds.into(), e))?;
+    let mut stream = UnixStream::connect(uds)
+        .await
+        .map_err(|e| VsockError::Connect(uds.into(), e))?;
     let handshake = async {
         stream
             .write_all(format!("CONNECT {port}\n").as_bytes())
             .await
-            .map_err(|_| VsockError::Refused { port, reason: "write failed" })?;
+            .map_err(|_| VsockError::Refused {
+                port,
+                reason: "write failed",
+            })?;
         // Read byte by byte: bytes after the newline belong to the guest's stream.
         let mut line = Vec::with_capacity(MAX_ACK);
         loop {
             let mut byte = [0u8; 1];
             match stream.read(&mut byte).await {
-                Ok(0) | Err(_) => return Err(VsockError::Refused { port, reason: "closed" }),
+                Ok(0) | Err(_) => {
+                    return Err(VsockError::Refused {
+                        port,
+                        reason: "closed",
+                    })
+                }
                 Ok(_) if byte[0] == b'\n' => break,
                 Ok(_) if line.len() >= MAX_ACK => {
-                    return Err(VsockError::Refused { port, reason: "overlong answer" })
+                    return Err(VsockError::Refused {
+                        port,
+                        reason: "overlong answer",
+                    })
                 }
                 Ok(_) => line.push(byte[0]),
             }
@@ -57,7 +70,10 @@ pub async fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStr
         if line.starts_with(b"OK ") {
             Ok(())
         } else {
-            Err(VsockError::Refused { port, reason: "unexpected answer" })
+            Err(VsockError::Refused {
+                port,
+                reason: "unexpected answer",
+            })
         }
     };
     match tokio::time::timeout(timeout, handshake).await {
@@ -94,7 +110,8 @@ mod tests {
             pub fn new() -> Dir {
                 static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
                 let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let path = std::env::temp_dir().join(format!("pangolin-vsock-{}-{n}", std::process::id()));
+                let path =
+                    std::env::temp_dir().join(format!("pangolin-vsock-{}-{n}", std::process::id()));
                 std::fs::create_dir_all(&path).expect("mkdir");
                 Dir { path }
             }
@@ -109,7 +126,9 @@ mod tests {
     #[tokio::test]
     async fn handshake_sends_connect_and_accepts_ok() {
         let (dir, task) = fake_vmm(b"OK 1073741824\nhello").await;
-        let mut s = connect(&dir.path.join("vm.vsock"), 1024, Duration::from_secs(2)).await.expect("connect");
+        let mut s = connect(&dir.path.join("vm.vsock"), 1024, Duration::from_secs(2))
+            .await
+            .expect("connect");
         assert_eq!(task.await.expect("join"), b"CONNECT 1024\n");
         let mut rest = [0u8; 5];
         s.read_exact(&mut rest).await.expect("payload");
@@ -119,19 +138,49 @@ mod tests {
     #[tokio::test]
     async fn a_closed_or_garbled_answer_is_refused() {
         let (dir, _task) = fake_vmm(b"").await;
-        let err = connect(&dir.path.join("vm.vsock"), 1024, Duration::from_secs(2)).await.expect_err("closed");
+        let err = connect(&dir.path.join("vm.vsock"), 1024, Duration::from_secs(2))
+            .await
+            .expect_err("closed");
         assert!(matches!(err, VsockError::Refused { .. }), "{err}");
         let (dir, _task) = fake_vmm(b"NO\n").await;
-        let err = connect(&dir.path.join("vm.vsock"), 1024, Duration::from_secs(2)).await.expect_err("bad");
-        assert!(matches!(err, VsockError::Refused { reason: "unexpected answer", .. }), "{err}");
+        let err = connect(&dir.path.join("vm.vsock"), 1024, Duration::from_secs(2))
+            .await
+            .expect_err("bad");
+        assert!(
+            matches!(
+                err,
+                VsockError::Refused {
+                    reason: "unexpected answer",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let (dir, _task) = fake_vmm(&[b'x'; 100]).await;
-        let err = connect(&dir.path.join("vm.vsock"), 1024, Duration::from_secs(2)).await.expect_err("long");
-        assert!(matches!(err, VsockError::Refused { reason: "overlong answer", .. }), "{err}");
+        let err = connect(&dir.path.join("vm.vsock"), 1024, Duration::from_secs(2))
+            .await
+            .expect_err("long");
+        assert!(
+            matches!(
+                err,
+                VsockError::Refused {
+                    reason: "overlong answer",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[tokio::test]
     async fn a_missing_socket_is_a_connect_error() {
-        let err = connect(Path::new("/nonexistent/vm.vsock"), 1024, Duration::from_secs(1)).await.expect_err("missing");
+        let err = connect(
+            Path::new("/nonexistent/vm.vsock"),
+            1024,
+            Duration::from_secs(1),
+        )
+        .await
+        .expect_err("missing");
         assert!(matches!(err, VsockError::Connect(..)));
     }
 }

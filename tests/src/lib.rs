@@ -14,13 +14,20 @@ use pangolin_runtime_config::Config;
 
 /// The checkout's root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// A built artifact, or a panic saying how to build it.
 pub fn artifact(rel: &str) -> PathBuf {
     let path = root().join(rel);
-    assert!(path.exists(), "{} is missing: run `cargo xtask guest` (or `cargo xtask test`)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask guest` (or `cargo xtask test`)",
+        path.display()
+    );
     path
 }
 
@@ -28,8 +35,16 @@ pub fn artifact(rel: &str) -> PathBuf {
 pub fn pangolin_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/debug/deps/<test> -> target/debug/pangolin
-    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("pangolin")).expect("target dir");
-    assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins`", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("pangolin"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace --bins`",
+        bin.display()
+    );
     bin
 }
 
@@ -71,20 +86,32 @@ impl TestEnv {
         edit(&mut config);
         let config_file = dir.join("configuration.toml");
         std::fs::write(&config_file, toml_of(&config)).expect("write config");
-        TestEnv { dir, state, config_file, config }
+        TestEnv {
+            dir,
+            state,
+            config_file,
+            config,
+        }
     }
 
     /// `pangolin --config <ours> <args>`, ready to run.
     pub fn pangolin(&self) -> Command {
         let mut cmd = Command::new(pangolin_bin());
-        cmd.arg("--config").arg(&self.config_file).stdin(Stdio::null());
+        cmd.arg("--config")
+            .arg(&self.config_file)
+            .stdin(Stdio::null());
         cmd
     }
 
     /// `pangolin run --rootfs <busybox> <opts> -- <command>`, run to completion.
     pub fn run(&self, opts: &[&str], command: &[&str]) -> Output {
         let mut cmd = self.pangolin();
-        cmd.arg("run").arg("--rootfs").arg(busybox()).args(opts).arg("--").args(command);
+        cmd.arg("run")
+            .arg("--rootfs")
+            .arg(busybox())
+            .args(opts)
+            .arg("--")
+            .args(command);
         run_bounded(cmd, Duration::from_secs(180))
     }
 
@@ -125,11 +152,18 @@ pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
     let needle = needle.to_string_lossy().to_string();
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
         let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        let zombie = std::fs::read_to_string(entry.path().join("stat"))
-            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')));
+        let zombie = std::fs::read_to_string(entry.path().join("stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        });
         if cmdline.contains(&needle) && !zombie {
             found.push((pid, cmdline));
         }
@@ -139,7 +173,11 @@ pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
 
 /// Runs a command with a hard time limit (a hung VM must fail the test, not stall the suite).
 pub fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -1,13 +1,20 @@
 //! `pangolin run` end to end on the QEMU backend: real guest kernel, real agent, real
 //! containers. Every test ends by checking that nothing of its VM remains.
 
+#![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
+
 use pangolin_e2e::{stderr, stdout, TestEnv};
 
 #[test]
 fn echo_output_and_exit_zero() {
     let env = TestEnv::new("echo");
     let out = env.run(&[], &["echo", "hello from the guest"]);
-    assert_eq!(stdout(&out), "hello from the guest\n", "stderr: {}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "hello from the guest\n",
+        "stderr: {}",
+        stderr(&out)
+    );
     assert_eq!(out.status.code(), Some(0));
     env.finish();
 }
@@ -18,7 +25,11 @@ fn exit_codes_come_back_as_the_containers() {
     let out = env.run(&[], &["sh", "-c", "echo out; echo err >&2; exit 7"]);
     assert_eq!(out.status.code(), Some(7), "stderr: {}", stderr(&out));
     assert_eq!(stdout(&out), "out\n");
-    assert!(stderr(&out).contains("err\n"), "stderr carries the container's stderr: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("err\n"),
+        "stderr carries the container's stderr: {}",
+        stderr(&out)
+    );
     // The init is PID 1 of its namespace; a child killed by SIGKILL gives the shell 137.
     let out = env.run(&[], &["sh", "-c", "sh -c 'kill -9 $$'; exit $?"]);
     assert_eq!(out.status.code(), Some(137), "stderr: {}", stderr(&out));
@@ -29,16 +40,29 @@ fn exit_codes_come_back_as_the_containers() {
 fn stdin_is_piped_in_with_dash_i() {
     let env = TestEnv::new("stdin");
     let mut cmd = env.pangolin();
-    cmd.arg("run").arg("-i").arg("--rootfs").arg(pangolin_e2e::busybox()).args(["--", "sh", "-c", "tr a-z A-Z; echo done"]);
-    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    cmd.arg("run")
+        .arg("-i")
+        .arg("--rootfs")
+        .arg(pangolin_e2e::busybox())
+        .args(["--", "sh", "-c", "tr a-z A-Z; echo done"]);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().expect("spawn");
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(b"piped through a microvm\n").expect("write");
+        stdin
+            .write_all(b"piped through a microvm\n")
+            .expect("write");
     }
     let out = child.wait_with_output().expect("wait");
-    assert_eq!(stdout(&out), "PIPED THROUGH A MICROVM\ndone\n", "stderr: {}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "PIPED THROUGH A MICROVM\ndone\n",
+        "stderr: {}",
+        stderr(&out)
+    );
     assert_eq!(out.status.code(), Some(0));
     env.finish();
 }
@@ -46,10 +70,24 @@ fn stdin_is_piped_in_with_dash_i() {
 #[test]
 fn tty_gives_the_container_a_terminal() {
     let env = TestEnv::new("tty");
-    let out = env.run(&["-t"], &["sh", "-c", "tty; stty size; test -t 0 && echo stdin-is-a-tty"]);
+    let out = env.run(
+        &["-t"],
+        &[
+            "sh",
+            "-c",
+            "tty; stty size; test -t 0 && echo stdin-is-a-tty",
+        ],
+    );
     let text = stdout(&out).replace('\r', "");
-    assert!(text.contains("/dev/pts/0"), "no pty: {text:?} / {}", stderr(&out));
-    assert!(text.contains("24 80"), "default window size not applied: {text:?}");
+    assert!(
+        text.contains("/dev/pts/0"),
+        "no pty: {text:?} / {}",
+        stderr(&out)
+    );
+    assert!(
+        text.contains("24 80"),
+        "default window size not applied: {text:?}"
+    );
     assert!(text.contains("stdin-is-a-tty"), "{text:?}");
     assert_eq!(out.status.code(), Some(0));
     env.finish();
@@ -60,10 +98,20 @@ fn guest_kernel_is_not_the_hosts() {
     let env = TestEnv::new("uname");
     let out = env.run(&[], &["uname", "-r"]);
     let guest = stdout(&out).trim().to_string();
-    let host = String::from_utf8_lossy(&std::process::Command::new("uname").arg("-r").output().expect("uname").stdout)
-        .trim()
-        .to_string();
-    assert!(guest.ends_with("-pangolin"), "guest kernel {guest:?} / {}", stderr(&out));
+    let host = String::from_utf8_lossy(
+        &std::process::Command::new("uname")
+            .arg("-r")
+            .output()
+            .expect("uname")
+            .stdout,
+    )
+    .trim()
+    .to_string();
+    assert!(
+        guest.ends_with("-pangolin"),
+        "guest kernel {guest:?} / {}",
+        stderr(&out)
+    );
     assert_ne!(guest, host);
     env.finish();
 }
@@ -74,11 +122,25 @@ fn memory_limit_oom_kills_and_is_reported() {
     // The shell (the container's init) keeps 64 MiB in a variable under a 16 MiB limit.
     let out = env.run(
         &["--memory-limit", "16"],
-        &["sh", "-c", "x=$(dd if=/dev/zero bs=1M count=64 2>/dev/null | tr '\\000' x); echo survived"],
+        &[
+            "sh",
+            "-c",
+            "x=$(dd if=/dev/zero bs=1M count=64 2>/dev/null | tr '\\000' x); echo survived",
+        ],
     );
-    assert_eq!(out.status.code(), Some(137), "stdout {} stderr {}", stdout(&out), stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "stdout {} stderr {}",
+        stdout(&out),
+        stderr(&out)
+    );
     assert!(!stdout(&out).contains("survived"));
-    assert!(stderr(&out).contains("OOM-killed"), "OOM not reported: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("OOM-killed"),
+        "OOM not reported: {}",
+        stderr(&out)
+    );
     env.finish();
 }
 
@@ -87,9 +149,18 @@ fn read_only_rootfs_and_workdir_and_env() {
     let env = TestEnv::new("ro");
     let out = env.run(
         &["--read-only", "-w", "/etc", "-e", "GREETING=hi"],
-        &["sh", "-c", "pwd; echo $GREETING; touch /x 2>/dev/null && echo writable || echo read-only"],
+        &[
+            "sh",
+            "-c",
+            "pwd; echo $GREETING; touch /x 2>/dev/null && echo writable || echo read-only",
+        ],
     );
-    assert_eq!(stdout(&out), "/etc\nhi\nread-only\n", "stderr: {}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "/etc\nhi\nread-only\n",
+        "stderr: {}",
+        stderr(&out)
+    );
     env.finish();
 }
 
@@ -100,7 +171,11 @@ fn missing_rootfs_is_a_clear_error_before_booting() {
     cmd.args(["run", "--rootfs", "/nonexistent/rootfs", "--", "true"]);
     let out = pangolin_e2e::run_bounded(cmd, std::time::Duration::from_secs(30));
     assert_eq!(out.status.code(), Some(125));
-    assert!(stderr(&out).contains("--rootfs /nonexistent/rootfs: not a directory"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--rootfs /nonexistent/rootfs: not a directory"),
+        "{}",
+        stderr(&out)
+    );
     env.finish();
 }
 
@@ -119,7 +194,11 @@ fn corrupt_config_names_the_key() {
     std::fs::write(&env.config_file, "[hypervisor]\nvcpus = \"two\"\n").expect("write");
     let out = env.run(&[], &["true"]);
     assert_eq!(out.status.code(), Some(125));
-    assert!(stderr(&out).contains("hypervisor.vcpus"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("hypervisor.vcpus"),
+        "{}",
+        stderr(&out)
+    );
     std::fs::write(&env.config_file, "[hypervisor\n").expect("write");
     let out = env.run(&[], &["true"]);
     assert_eq!(out.status.code(), Some(125));
@@ -129,11 +208,16 @@ fn corrupt_config_names_the_key() {
 
 #[test]
 fn missing_qemu_is_named_with_its_key() {
-    let env = TestEnv::with("noqemu", |c| c.hypervisor.qemu_path = "/nonexistent/qemu-system-x86_64".into());
+    let env = TestEnv::with("noqemu", |c| {
+        c.hypervisor.qemu_path = "/nonexistent/qemu-system-x86_64".into()
+    });
     let out = env.run(&[], &["true"]);
     assert_eq!(out.status.code(), Some(125));
     let err = stderr(&out);
-    assert!(err.contains("/nonexistent/qemu-system-x86_64") && err.contains("hypervisor.qemu_path"), "{err}");
+    assert!(
+        err.contains("/nonexistent/qemu-system-x86_64") && err.contains("hypervisor.qemu_path"),
+        "{err}"
+    );
     env.finish();
 }
 
@@ -144,14 +228,20 @@ fn unreachable_agent_times_out_and_cleans_up() {
     let env = TestEnv::with("timeout", |c| c.hypervisor.boot_timeout_ms = 300);
     let out = env.run(&[], &["true"]);
     assert_eq!(out.status.code(), Some(125));
-    assert!(stderr(&out).contains("did not answer within"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("did not answer within"),
+        "{}",
+        stderr(&out)
+    );
     env.finish();
 }
 
 #[test]
 fn a_guest_without_init_is_reported_with_its_console() {
     // The kernel finds no init, panics and reboots (panic=-1): the VMM exits during boot.
-    let env = TestEnv::with("noinit", |c| c.hypervisor.kernel_params = "rdinit=/nonexistent".into());
+    let env = TestEnv::with("noinit", |c| {
+        c.hypervisor.kernel_params = "rdinit=/nonexistent".into()
+    });
     let out = env.run(&[], &["true"]);
     assert_eq!(out.status.code(), Some(125));
     let err = stderr(&out);
@@ -163,8 +253,12 @@ fn a_guest_without_init_is_reported_with_its_console() {
 fn killing_the_vmm_ends_the_run_and_cleans_up() {
     let env = TestEnv::new("vmmkill");
     let mut cmd = env.pangolin();
-    cmd.arg("run").arg("--rootfs").arg(pangolin_e2e::busybox()).args(["--", "sh", "-c", "echo up; sleep 600"]);
-    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    cmd.arg("run")
+        .arg("--rootfs")
+        .arg(pangolin_e2e::busybox())
+        .args(["--", "sh", "-c", "echo up; sleep 600"]);
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().expect("spawn");
     let mut stdout = child.stdout.take().expect("stdout");
     let mut first = [0u8; 3];
@@ -177,10 +271,17 @@ fn killing_the_vmm_ends_the_run_and_cleans_up() {
         .map(|(pid, _)| pid)
         .collect();
     assert_eq!(qemu.len(), 1, "one QEMU per run");
-    std::process::Command::new("kill").arg("-9").arg(qemu[0].to_string()).status().expect("kill");
+    std::process::Command::new("kill")
+        .arg("-9")
+        .arg(qemu[0].to_string())
+        .status()
+        .expect("kill");
     let started = std::time::Instant::now();
     let status = child.wait().expect("wait");
-    assert!(started.elapsed() < std::time::Duration::from_secs(10), "run did not notice the VMM died");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "run did not notice the VMM died"
+    );
     assert_eq!(status.code(), Some(125));
     env.finish();
 }

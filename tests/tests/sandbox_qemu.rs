@@ -1,6 +1,8 @@
 //! The agent API end to end through the host library: one sandbox (real VM on QEMU), a
 //! long-running container, and exec, pause/resume, stats, update, process list and removal.
 
+#![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,7 +15,10 @@ use pangolin_shim::spec::{container_spec, exec_process, RunSpec};
 const ID: &str = "c1";
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 /// Collects init's stdout continuously, each chunk with its arrival time.
@@ -22,7 +27,9 @@ fn collect_output(agent: AgentClient) -> Arc<Mutex<Vec<(Instant, String)>>> {
     let sink = chunks.clone();
     tokio::spawn(async move {
         while let Ok(Some(data)) = agent.read_output(ID, "", false).await {
-            sink.lock().expect("lock").push((Instant::now(), String::from_utf8_lossy(&data).into_owned()));
+            sink.lock()
+                .expect("lock")
+                .push((Instant::now(), String::from_utf8_lossy(&data).into_owned()));
         }
     });
     chunks
@@ -30,7 +37,13 @@ fn collect_output(agent: AgentClient) -> Arc<Mutex<Vec<(Instant, String)>>> {
 
 /// Output that arrived after `since`.
 fn output_since(chunks: &Mutex<Vec<(Instant, String)>>, since: Instant) -> String {
-    chunks.lock().expect("lock").iter().filter(|(t, _)| *t > since).map(|(_, s)| s.as_str()).collect()
+    chunks
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(t, _)| *t > since)
+        .map(|(_, s)| s.as_str())
+        .collect()
 }
 
 /// Waits until output after `since` contains `want`.
@@ -44,12 +57,24 @@ async fn wait_output(chunks: &Mutex<Vec<(Instant, String)>>, since: Instant, wan
     false
 }
 
-async fn exec(agent: &AgentClient, exec_id: &str, args: &[&str], stdin: Option<&[u8]>) -> (String, i32) {
+async fn exec(
+    agent: &AgentClient,
+    exec_id: &str,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+) -> (String, i32) {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let process = serde_json::to_string(&exec_process(&args, false, &[]).expect("process")).expect("json");
-    agent.exec_process(ID, exec_id, process, stdin.is_some()).await.expect("exec");
+    let process =
+        serde_json::to_string(&exec_process(&args, false, &[]).expect("process")).expect("json");
+    agent
+        .exec_process(ID, exec_id, process, stdin.is_some())
+        .await
+        .expect("exec");
     if let Some(data) = stdin {
-        agent.write_stdin(ID, exec_id, data.to_vec()).await.expect("stdin");
+        agent
+            .write_stdin(ID, exec_id, data.to_vec())
+            .await
+            .expect("stdin");
         agent.close_stdin(ID, exec_id).await.expect("close stdin");
     }
     let mut out = String::new();
@@ -57,7 +82,10 @@ async fn exec(agent: &AgentClient, exec_id: &str, args: &[&str], stdin: Option<&
         out.push_str(&String::from_utf8_lossy(&data));
     }
     let status = agent.wait(ID, exec_id).await.expect("wait").exit_status;
-    agent.remove_process(ID, exec_id).await.expect("remove process");
+    agent
+        .remove_process(ID, exec_id)
+        .await
+        .expect("remove process");
     (out, status)
 }
 
@@ -65,39 +93,65 @@ async fn exec(agent: &AgentClient, exec_id: &str, args: &[&str], stdin: Option<&
 fn exec_pause_resume_stats_update_and_remove() {
     let env = TestEnv::new("sandbox");
     runtime().block_on(async {
-        let sandbox = Sandbox::start("s1", &env.config, Some(&busybox())).await.expect("boot");
+        let sandbox = Sandbox::start("s1", &env.config, Some(&busybox()))
+            .await
+            .expect("boot");
         assert_eq!(sandbox.details.api_version, pangolin_protocols::API_VERSION);
         assert!(sandbox.details.kernel_release.ends_with("-pangolin"));
         let agent = sandbox.agent().clone();
 
         // A container that ticks every 100 ms.
         let spec = container_spec(&RunSpec {
-            args: vec!["sh".into(), "-c".into(), "i=0; while true; do i=$((i+1)); echo tick$i; sleep 0.1; done".into()],
+            args: vec![
+                "sh".into(),
+                "-c".into(),
+                "i=0; while true; do i=$((i+1)); echo tick$i; sleep 0.1; done".into(),
+            ],
             memory_limit_mib: Some(64),
             ..Default::default()
         })
         .expect("spec");
         agent
-            .create_container(ID, serde_json::to_string(&spec).expect("json"), GUEST_SHARED_DIR, false)
+            .create_container(
+                ID,
+                serde_json::to_string(&spec).expect("json"),
+                GUEST_SHARED_DIR,
+                false,
+            )
             .await
             .expect("create");
         let init_pid = agent.start_container(ID).await.expect("start");
         assert!(init_pid > 1);
         let output = collect_output(agent.clone());
         let t0 = Instant::now() - Duration::from_secs(1);
-        assert!(wait_output(&output, t0, "tick2").await, "no ticks: {}", output_since(&output, t0));
+        assert!(
+            wait_output(&output, t0, "tick2").await,
+            "no ticks: {}",
+            output_since(&output, t0)
+        );
 
         // A second process in the running container, with stdin.
-        let (out, status) = exec(&agent, "e1", &["sh", "-c", "cat; echo pid1=$(cat /proc/1/comm)"], Some(b"via stdin\n")).await;
+        let (out, status) = exec(
+            &agent,
+            "e1",
+            &["sh", "-c", "cat; echo pid1=$(cat /proc/1/comm)"],
+            Some(b"via stdin\n"),
+        )
+        .await;
         assert_eq!(status, 0);
         assert_eq!(out, "via stdin\npid1=sh\n");
         let (_, status) = exec(&agent, "e2", &["sh", "-c", "exit 3"], None).await;
         assert_eq!(status, 3);
-        let true_json = serde_json::to_string(&exec_process(&["true".to_string()], false, &[]).expect("p")).expect("json");
+        let true_json =
+            serde_json::to_string(&exec_process(&["true".to_string()], false, &[]).expect("p"))
+                .expect("json");
         let dup = agent.exec_process(ID, "e3", true_json.clone(), false).await;
         dup.expect("exec e3");
         let again = agent.exec_process(ID, "e3", true_json.clone(), false).await;
-        assert!(again.is_err(), "an exec id cannot be used twice while it exists");
+        assert!(
+            again.is_err(),
+            "an exec id cannot be used twice while it exists"
+        );
         agent.wait(ID, "e3").await.expect("wait e3");
 
         // Processes and stats come from the container's cgroup in the guest.
@@ -115,17 +169,32 @@ fn exec_pause_resume_stats_update_and_remove() {
         let settled = Instant::now() + Duration::from_millis(500);
         tokio::time::sleep(Duration::from_millis(2000)).await;
         assert_eq!(output_since(&output, settled), "", "output while paused");
-        assert!(agent.pause(ID).await.is_err(), "pausing twice is a state error");
+        assert!(
+            agent.pause(ID).await.is_err(),
+            "pausing twice is a state error"
+        );
         let resumed = Instant::now();
         agent.resume(ID).await.expect("resume");
-        assert!(wait_output(&output, resumed, "tick").await, "no ticks after resume");
+        assert!(
+            wait_output(&output, resumed, "tick").await,
+            "no ticks after resume"
+        );
 
         // Update applies new limits in the guest.
-        agent.update(ID, r#"{"memory":{"limit":134217728},"pids":{"limit":100}}"#.into()).await.expect("update");
+        agent
+            .update(
+                ID,
+                r#"{"memory":{"limit":134217728},"pids":{"limit":100}}"#.into(),
+            )
+            .await
+            .expect("update");
         let stats = agent.stats(ID).await.expect("stats");
         assert_eq!(stats.memory.limit_bytes, 128 * 1024 * 1024);
         assert_eq!(stats.pids.limit, 100);
-        let bad = agent.update(ID, "{not json".into()).await.expect_err("bad json");
+        let bad = agent
+            .update(ID, "{not json".into())
+            .await
+            .expect_err("bad json");
         assert!(bad.to_string().contains("resources_json"), "{bad}");
 
         // SIGKILL ends init with 137; removal frees the id.
@@ -142,13 +211,24 @@ fn exec_pause_resume_stats_update_and_remove() {
 fn bad_requests_get_errors_naming_the_field() {
     let env = TestEnv::new("badreq");
     runtime().block_on(async {
-        let sandbox = Sandbox::start("s2", &env.config, Some(&busybox())).await.expect("boot");
+        let sandbox = Sandbox::start("s2", &env.config, Some(&busybox()))
+            .await
+            .expect("boot");
         let agent = sandbox.agent().clone();
-        let err = agent.create_container("../escape", "{}".into(), GUEST_SHARED_DIR, false).await.expect_err("bad id");
+        let err = agent
+            .create_container("../escape", "{}".into(), GUEST_SHARED_DIR, false)
+            .await
+            .expect_err("bad id");
         assert!(err.to_string().contains("invalid id"), "{err}");
-        let err = agent.create_container("c", "{oops".into(), GUEST_SHARED_DIR, false).await.expect_err("bad spec");
+        let err = agent
+            .create_container("c", "{oops".into(), GUEST_SHARED_DIR, false)
+            .await
+            .expect_err("bad spec");
         assert!(err.to_string().contains("oci_spec_json"), "{err}");
-        let err = agent.create_container("c", "{}".into(), "/nonexistent", false).await.expect_err("bad rootfs");
+        let err = agent
+            .create_container("c", "{}".into(), "/nonexistent", false)
+            .await
+            .expect_err("bad rootfs");
         assert!(err.to_string().contains("rootfs"), "{err}");
         let err = agent.start_container("missing").await.expect_err("missing");
         assert_eq!(err.code(), Some(ttrpc::Code::NOT_FOUND), "{err}");

@@ -27,7 +27,11 @@ fn field(json: &str, key: &str) -> Option<f64> {
 /// Runs the benchmark; `--runs N` sets the repetitions (default 10).
 pub fn bench(args: &[String]) -> anyhow::Result<()> {
     let runs: usize = match args.iter().position(|a| a == "--runs") {
-        Some(i) => args.get(i + 1).context("--runs N")?.parse().context("--runs N")?,
+        Some(i) => args
+            .get(i + 1)
+            .context("--runs N")?
+            .parse()
+            .context("--runs N")?,
         None => 10,
     };
     if runs == 0 {
@@ -50,7 +54,10 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
         if !out.status.success() {
             bail!("run {i} failed: {stderr}");
         }
-        let line = stderr.lines().find(|l| l.starts_with("pangolin-timings:")).context("no timings line")?;
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("pangolin-timings:"))
+            .context("no timings line")?;
         wall.push(elapsed);
         boot.push(field(line, "boot_ms").context("boot_ms")?);
         create.push(field(line, "create_start_ms").context("create_start_ms")?);

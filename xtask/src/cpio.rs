@@ -7,9 +7,18 @@ pub enum Entry<'a> {
     /// A directory.
     Dir { path: &'a str, mode: u32 },
     /// A regular file with its contents.
-    File { path: &'a str, mode: u32, data: &'a [u8] },
+    File {
+        path: &'a str,
+        mode: u32,
+        data: &'a [u8],
+    },
     /// A character device node.
-    CharDev { path: &'a str, mode: u32, major: u32, minor: u32 },
+    CharDev {
+        path: &'a str,
+        mode: u32,
+        major: u32,
+        minor: u32,
+    },
 }
 
 fn pad4(w: &mut impl Write, len: usize) -> io::Result<()> {
@@ -17,12 +26,21 @@ fn pad4(w: &mut impl Write, len: usize) -> io::Result<()> {
     w.write_all(&[0u8; 3][..pad])
 }
 
-fn header(w: &mut impl Write, ino: u32, mode: u32, size: usize, rdev: (u32, u32), name: &str) -> io::Result<()> {
+fn header(
+    w: &mut impl Write,
+    ino: u32,
+    mode: u32,
+    size: usize,
+    rdev: (u32, u32),
+    name: &str,
+) -> io::Result<()> {
     let namesize = name.len() + 1;
     let size = u32::try_from(size).map_err(|_| io::Error::other("file too large for cpio"))?;
     let namesize32 = u32::try_from(namesize).map_err(|_| io::Error::other("name too long"))?;
     let nlink = if mode & 0o040000 != 0 { 2 } else { 1 };
-    let fields = [ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1, namesize32, 0];
+    let fields = [
+        ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1, namesize32, 0,
+    ];
     let mut text = String::from("070701");
     for f in fields {
         text.push_str(&format!("{f:08X}"));
@@ -45,9 +63,12 @@ pub fn write(w: &mut impl Write, entries: &[Entry<'_>]) -> io::Result<()> {
                 w.write_all(data)?;
                 pad4(w, data.len())?;
             }
-            Entry::CharDev { path, mode, major, minor } => {
-                header(w, ino, 0o020000 | mode, 0, (*major, *minor), path)?
-            }
+            Entry::CharDev {
+                path,
+                mode,
+                major,
+                minor,
+            } => header(w, ino, 0o020000 | mode, 0, (*major, *minor), path)?,
         }
     }
     header(w, 0, 0, 0, (0, 0), "TRAILER!!!")
@@ -60,8 +81,21 @@ mod tests {
     #[test]
     fn entries_are_aligned_and_terminated() {
         let mut out = Vec::new();
-        write(&mut out, &[Entry::Dir { path: "dev", mode: 0o755 }, Entry::File { path: "init", mode: 0o755, data: b"abcde" }])
-            .expect("write");
+        write(
+            &mut out,
+            &[
+                Entry::Dir {
+                    path: "dev",
+                    mode: 0o755,
+                },
+                Entry::File {
+                    path: "init",
+                    mode: 0o755,
+                    data: b"abcde",
+                },
+            ],
+        )
+        .expect("write");
         assert_eq!(out.len() % 4, 0);
         assert!(out.starts_with(b"070701"));
         let text = String::from_utf8_lossy(&out);

@@ -26,19 +26,34 @@ const APT: &[(&str, &str)] = &[
 const VHOST_VSOCK_VERSION: &str = "0.3.0";
 
 fn have_program(name: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {name} >/dev/null")).status().is_ok_and(|s| s.success())
-        || std::env::var_os("HOME").is_some_and(|h| Path::new(&h).join(".cargo/bin").join(name).is_file())
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name} >/dev/null"))
+        .status()
+        .is_ok_and(|s| s.success())
+        || std::env::var_os("HOME")
+            .is_some_and(|h| Path::new(&h).join(".cargo/bin").join(name).is_file())
 }
 
 /// Installs the missing Debian packages and cargo tools.
 pub fn ensure() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT.iter().filter(|(f, _)| !Path::new(f).exists()).map(|(_, p)| *p).collect();
+    let missing: Vec<&str> = APT
+        .iter()
+        .filter(|(f, _)| !Path::new(f).exists())
+        .map(|(_, p)| *p)
+        .collect();
     if !missing.is_empty() {
         eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
         if !nix_is_root() {
-            bail!("missing Debian packages ({}) and not root: install them first", missing.join(" "));
+            bail!(
+                "missing Debian packages ({}) and not root: install them first",
+                missing.join(" ")
+            );
         }
-        let update = Command::new("apt-get").args(["update", "-qq"]).status().context("apt-get update")?;
+        let update = Command::new("apt-get")
+            .args(["update", "-qq"])
+            .status()
+            .context("apt-get update")?;
         if !update.success() {
             bail!("apt-get update failed");
         }
@@ -55,7 +70,12 @@ pub fn ensure() -> anyhow::Result<()> {
     if !have_program("vhost-device-vsock") {
         eprintln!("xtask: installing vhost-device-vsock {VHOST_VSOCK_VERSION} (cargo install, about a minute)");
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["install", "--locked", "--quiet", &format!("vhost-device-vsock@{VHOST_VSOCK_VERSION}")])
+            .args([
+                "install",
+                "--locked",
+                "--quiet",
+                &format!("vhost-device-vsock@{VHOST_VSOCK_VERSION}"),
+            ])
             .status()
             .context("cargo install vhost-device-vsock")?;
         if !status.success() {
@@ -66,5 +86,9 @@ pub fn ensure() -> anyhow::Result<()> {
 }
 
 fn nix_is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
 }

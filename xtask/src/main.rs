@@ -23,7 +23,8 @@ fn cargo() -> Command {
 /// Builds the host binaries and returns target/debug/pangolin.
 fn build_host(release: bool) -> anyhow::Result<PathBuf> {
     let mut cmd = cargo();
-    cmd.current_dir(guest::root()).args(["build", "--quiet", "--workspace", "--bins"]);
+    cmd.current_dir(guest::root())
+        .args(["build", "--quiet", "--workspace", "--bins"]);
     if release {
         cmd.arg("--release");
     }
@@ -67,7 +68,12 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 fn count(summary: &str, label: &str) -> u64 {
     summary
         .split(';')
-        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(label.trim()))
+        .find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(label.trim())
+        })
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
 }
@@ -79,12 +85,24 @@ fn demo() -> anyhow::Result<()> {
     let script = "echo \"hello from a container in a Pangolin microVM\"; \
                   echo \"guest kernel: $(uname -r)  (host: $HOST_KERNEL)\"; \
                   echo \"cpus: $(nproc)  memory: $(free -m | awk '/Mem:/{print $2}') MiB  pid 1 in the container: $(cat /proc/1/comm)\"";
-    let host_kernel = String::from_utf8_lossy(&Command::new("uname").arg("-r").output()?.stdout).trim().to_string();
-    println!("$ pangolin run --rootfs {} -- sh -c '...'", g.rootfs.display());
+    let host_kernel = String::from_utf8_lossy(&Command::new("uname").arg("-r").output()?.stdout)
+        .trim()
+        .to_string();
+    println!(
+        "$ pangolin run --rootfs {} -- sh -c '...'",
+        g.rootfs.display()
+    );
     let status = Command::new(&pangolin)
         .args(["run", "--timings", "--rootfs"])
         .arg(&g.rootfs)
-        .args(["-e", &format!("HOST_KERNEL={host_kernel}"), "--", "sh", "-c", script])
+        .args([
+            "-e",
+            &format!("HOST_KERNEL={host_kernel}"),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
         .status()
         .context("running pangolin")?;
     println!("(exit status {})", status.code().unwrap_or(-1));

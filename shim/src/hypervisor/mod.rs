@@ -129,23 +129,38 @@ mod tests {
     use crate::host::Kvm;
 
     fn host(kvm: Kvm) -> HostInfo {
-        HostInfo { kvm, ..HostInfo::default() }
+        HostInfo {
+            kvm,
+            ..HostInfo::default()
+        }
     }
 
     #[test]
     fn auto_picks_tcg_qemu_without_hardware_virt() {
         let pvm = host(Kvm::Pvm);
         assert_eq!(qemu_accel(Accel::Auto, &pvm).expect("accel"), Accel::Tcg);
-        assert_eq!(resolve(HypervisorKind::Auto, &pvm).expect("kind"), HypervisorKind::Qemu);
-        assert_eq!(qemu_accel(Accel::Auto, &host(Kvm::Absent)).expect("accel"), Accel::Tcg);
+        assert_eq!(
+            resolve(HypervisorKind::Auto, &pvm).expect("kind"),
+            HypervisorKind::Qemu
+        );
+        assert_eq!(
+            qemu_accel(Accel::Auto, &host(Kvm::Absent)).expect("accel"),
+            Accel::Tcg
+        );
     }
 
     #[test]
     fn auto_picks_kvm_with_hardware_virt() {
         let hw = host(Kvm::HardwareVirt);
         assert_eq!(qemu_accel(Accel::Auto, &hw).expect("accel"), Accel::Kvm);
-        assert_eq!(resolve(HypervisorKind::Auto, &hw).expect("kind"), HypervisorKind::Qemu);
-        assert!(resolve(HypervisorKind::Builtin, &hw).is_err(), "not built yet: a clear error");
+        assert_eq!(
+            resolve(HypervisorKind::Auto, &hw).expect("kind"),
+            HypervisorKind::Qemu
+        );
+        assert!(
+            resolve(HypervisorKind::Builtin, &hw).is_err(),
+            "not built yet: a clear error"
+        );
     }
 
     #[test]
@@ -153,6 +168,9 @@ mod tests {
         let err = qemu_accel(Accel::Kvm, &host(Kvm::Absent)).expect_err("no kvm");
         assert!(err.to_string().contains("/dev/kvm"), "{err}");
         // PVM opens: forcing it is allowed (slow, but the user asked).
-        assert_eq!(qemu_accel(Accel::Kvm, &host(Kvm::Pvm)).expect("pvm"), Accel::Kvm);
+        assert_eq!(
+            qemu_accel(Accel::Kvm, &host(Kvm::Pvm)).expect("pvm"),
+            Accel::Kvm
+        );
     }
 }

@@ -95,11 +95,12 @@ impl Hypervisor for Qemu {
                 key: "hypervisor.qemu_path",
             });
         }
-        let vsockd_bin = resolve_program(&self.vhost_vsock_path).ok_or_else(|| HypervisorError::Missing {
-            what: "vhost-device-vsock",
-            path: self.vhost_vsock_path.clone(),
-            key: "vsock.vhost_device_vsock_path",
-        })?;
+        let vsockd_bin =
+            resolve_program(&self.vhost_vsock_path).ok_or_else(|| HypervisorError::Missing {
+                what: "vhost-device-vsock",
+                path: self.vhost_vsock_path.clone(),
+                key: "vsock.vhost_device_vsock_path",
+            })?;
         let vhost_socket = spec.workdir.join("vhost-vsock.sock");
         let uds = spec.vsock_uds.clone();
         let vsock_args = vec![
@@ -110,20 +111,33 @@ impl Hypervisor for Qemu {
             "--uds-path".to_string(),
             uds.display().to_string(),
         ];
-        let mut vsockd =
-            Daemon::spawn("vhost-device-vsock", &vsockd_bin, &vsock_args, &spec.workdir.join("vsock.log"))?;
+        let mut vsockd = Daemon::spawn(
+            "vhost-device-vsock",
+            &vsockd_bin,
+            &vsock_args,
+            &spec.workdir.join("vsock.log"),
+        )?;
         vsockd.wait_for_socket(&vhost_socket, DAEMON_READY).await?;
 
         let args = qemu_args(spec, self.accel, &vhost_socket);
         tracing::debug!(?args, "starting QEMU");
-        let qemu = match Daemon::spawn("qemu", &self.qemu_path, &args, &spec.workdir.join("qemu.log")) {
+        let qemu = match Daemon::spawn(
+            "qemu",
+            &self.qemu_path,
+            &args,
+            &spec.workdir.join("qemu.log"),
+        ) {
             Ok(q) => q,
             Err(err) => {
                 vsockd.stop(Duration::from_millis(500)).await;
                 return Err(err.into());
             }
         };
-        Ok(Box::new(QemuVm { qemu, vsockd, console: spec.console_log.clone() }))
+        Ok(Box::new(QemuVm {
+            qemu,
+            vsockd,
+            console: spec.console_log.clone(),
+        }))
     }
 }
 
@@ -149,7 +163,11 @@ impl Vm for QemuVm {
                 if qemu_log != "(empty)" {
                     tail = format!("{tail}; qemu: {qemu_log}");
                 }
-                Err(HypervisorError::Exited { status, console: self.console.clone(), tail })
+                Err(HypervisorError::Exited {
+                    status,
+                    console: self.console.clone(),
+                    tail,
+                })
             }
         }
     }
@@ -187,7 +205,10 @@ mod tests {
     fn args_use_shared_memfd_ram_and_modern_virtio() {
         let args = qemu_args(&spec(), Accel::Tcg, Path::new("/run/p/s1/vhost-vsock.sock"));
         let joined = args.join(" ");
-        assert!(joined.contains("memory-backend-memfd,id=mem,size=256M,share=on"), "{joined}");
+        assert!(
+            joined.contains("memory-backend-memfd,id=mem,size=256M,share=on"),
+            "{joined}"
+        );
         assert!(joined.contains("virtio-mmio.force-legacy=false"));
         assert!(joined.contains("-accel tcg -cpu max"));
         assert!(joined.contains("vhost-user-fs-device,chardev=fs,tag=pangolin"));

@@ -23,14 +23,33 @@ pub async fn check(config_file: Option<&Path>) -> anyhow::Result<u8> {
     let host = HostInfo::probe();
     println!(
         "config: {}",
-        loaded.file.as_ref().map_or("built-in defaults".into(), |f| f.display().to_string())
+        loaded
+            .file
+            .as_ref()
+            .map_or("built-in defaults".into(), |f| f.display().to_string())
     );
     if let Some(dir) = &loaded.checkout_guest {
         println!("guest artifacts: checkout build in {}", dir.display());
     }
     line(host.kvm.usable(), "KVM", host.kvm.describe());
-    line(host.tun, "/dev/net/tun", if host.tun { "present" } else { "absent (no pod networking)" });
-    line(true, "vsock", if host.vhost_vsock { "/dev/vhost-vsock present; hybrid vsock used" } else { "hybrid vsock over a Unix socket (no /dev/vhost-vsock needed)" });
+    line(
+        host.tun,
+        "/dev/net/tun",
+        if host.tun {
+            "present"
+        } else {
+            "absent (no pod networking)"
+        },
+    );
+    line(
+        true,
+        "vsock",
+        if host.vhost_vsock {
+            "/dev/vhost-vsock present; hybrid vsock used"
+        } else {
+            "hybrid vsock over a Unix socket (no /dev/vhost-vsock needed)"
+        },
+    );
     let (k_ok, k) = file(&config.hypervisor.kernel);
     let (i_ok, i) = file(&config.hypervisor.initramfs);
     let mut ok = line(k_ok, "guest kernel", &k) & line(i_ok, "guest initramfs", &i);
@@ -39,7 +58,9 @@ pub async fn check(config_file: Option<&Path>) -> anyhow::Result<u8> {
         Ok(kind) => {
             let accel = hypervisor::qemu_accel(config.hypervisor.accel, &host);
             let detail = match (&accel, kind) {
-                (Ok(a), HypervisorKind::Qemu) => format!("{} picks {kind} (accel {a})", config.hypervisor.kind),
+                (Ok(a), HypervisorKind::Qemu) => {
+                    format!("{} picks {kind} (accel {a})", config.hypervisor.kind)
+                }
                 (Err(e), _) => e.to_string(),
                 (Ok(_), _) => format!("{} picks {kind}", config.hypervisor.kind),
             };
@@ -54,15 +75,33 @@ pub async fn check(config_file: Option<&Path>) -> anyhow::Result<u8> {
         ok &= line(
             vsockd.is_some(),
             "vhost-device-vsock",
-            &vsockd.map_or_else(|| format!("{} not found", config.vsock.vhost_device_vsock_path.display()), |p| p.display().to_string()),
+            &vsockd.map_or_else(
+                || {
+                    format!(
+                        "{} not found",
+                        config.vsock.vhost_device_vsock_path.display()
+                    )
+                },
+                |p| p.display().to_string(),
+            ),
         );
     }
     let fsd = resolve_program(&config.virtiofs.virtiofsd_path);
     ok &= line(
         fsd.is_some(),
         "virtiofsd",
-        &fsd.map_or_else(|| format!("{} not found", config.virtiofs.virtiofsd_path.display()), |p| p.display().to_string()),
+        &fsd.map_or_else(
+            || format!("{} not found", config.virtiofs.virtiofsd_path.display()),
+            |p| p.display().to_string(),
+        ),
     );
-    println!("{}", if ok { "Pangolin can run here." } else { "Pangolin cannot run here: see MISS lines." });
+    println!(
+        "{}",
+        if ok {
+            "Pangolin can run here."
+        } else {
+            "Pangolin cannot run here: see MISS lines."
+        }
+    );
     Ok(if ok { 0 } else { 1 })
 }

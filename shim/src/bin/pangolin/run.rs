@@ -113,10 +113,16 @@ pub async fn run(config_file: Option<&Path>, args: RunArgs) -> anyhow::Result<u8
         readonly: args.read_only,
     })?;
     let spec_json = serde_json::to_string(&spec).context("encoding the OCI spec")?;
-    let rootfs = std::fs::canonicalize(&args.rootfs).with_context(|| format!("--rootfs {}", args.rootfs.display()))?;
+    let rootfs = std::fs::canonicalize(&args.rootfs)
+        .with_context(|| format!("--rootfs {}", args.rootfs.display()))?;
 
-    let id = format!("run-{}-{}", std::process::id(), total.elapsed().subsec_nanos());
-    let mut sandbox = Sandbox::start_with(&id, &config, Some(&rootfs), args.console_log.as_deref()).await?;
+    let id = format!(
+        "run-{}-{}",
+        std::process::id(),
+        total.elapsed().subsec_nanos()
+    );
+    let mut sandbox =
+        Sandbox::start_with(&id, &config, Some(&rootfs), args.console_log.as_deref()).await?;
     let booted = Instant::now();
     let agent = sandbox.agent().clone();
     let result = tokio::select! {
@@ -158,7 +164,11 @@ fn ms(a: Instant, b: Instant) -> f64 {
 }
 
 /// Creates, starts and waits for the container; returns (exit status, instant started).
-async fn run_in(agent: AgentClient, args: &RunArgs, spec_json: String) -> anyhow::Result<(i32, Instant)> {
+async fn run_in(
+    agent: AgentClient,
+    args: &RunArgs,
+    spec_json: String,
+) -> anyhow::Result<(i32, Instant)> {
     agent
         .create_container(CONTAINER_ID, spec_json, GUEST_SHARED_DIR, args.interactive)
         .await
@@ -166,11 +176,17 @@ async fn run_in(agent: AgentClient, args: &RunArgs, spec_json: String) -> anyhow
     let raw = if args.tty { RawMode::enter() } else { None };
     if args.tty {
         let (rows, cols) = window_size(std::io::stdout().as_fd()).unwrap_or((24, 80));
-        agent.resize(CONTAINER_ID, "", rows, cols).await.context("sizing the terminal")?;
+        agent
+            .resize(CONTAINER_ID, "", rows, cols)
+            .await
+            .context("sizing the terminal")?;
     }
     let stdout = tokio::spawn(pump_output(agent.clone(), false));
     let stderr = (!args.tty).then(|| tokio::spawn(pump_output(agent.clone(), true)));
-    agent.start_container(CONTAINER_ID).await.context("starting the container")?;
+    agent
+        .start_container(CONTAINER_ID)
+        .await
+        .context("starting the container")?;
     let started = Instant::now();
     if args.interactive {
         tokio::spawn(pump_stdin(agent.clone()));
@@ -179,7 +195,10 @@ async fn run_in(agent: AgentClient, args: &RunArgs, spec_json: String) -> anyhow
     let oom_task = tokio::spawn(watch_oom(agent.clone(), oom.clone()));
     let signals = tokio::spawn(forward_signals(agent.clone(), args.tty));
 
-    let status = agent.wait(CONTAINER_ID, "").await.context("waiting for the container")?;
+    let status = agent
+        .wait(CONTAINER_ID, "")
+        .await
+        .context("waiting for the container")?;
     // Output ends when the last writer closes; a leftover background process can keep it open.
     let drain = async {
         let _ = stdout.await;
@@ -187,7 +206,10 @@ async fn run_in(agent: AgentClient, args: &RunArgs, spec_json: String) -> anyhow
             let _ = e.await;
         }
     };
-    if tokio::time::timeout(std::time::Duration::from_secs(5), drain).await.is_err() {
+    if tokio::time::timeout(std::time::Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
         tracing::warn!("container output still open 5 s after exit; cutting it");
     }
     signals.abort();
@@ -204,9 +226,13 @@ async fn pump_output(agent: AgentClient, stderr: bool) {
         match agent.read_output(CONTAINER_ID, "", stderr).await {
             Ok(Some(data)) => {
                 let written = if stderr {
-                    std::io::stderr().write_all(&data).and_then(|()| std::io::stderr().flush())
+                    std::io::stderr()
+                        .write_all(&data)
+                        .and_then(|()| std::io::stderr().flush())
                 } else {
-                    std::io::stdout().write_all(&data).and_then(|()| std::io::stdout().flush())
+                    std::io::stdout()
+                        .write_all(&data)
+                        .and_then(|()| std::io::stdout().flush())
                 };
                 if written.is_err() {
                     return;
@@ -228,7 +254,11 @@ async fn pump_stdin(agent: AgentClient) {
         match stdin.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if agent.write_stdin(CONTAINER_ID, "", buf[..n].to_vec()).await.is_err() {
+                if agent
+                    .write_stdin(CONTAINER_ID, "", buf[..n].to_vec())
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -265,6 +295,8 @@ async fn forward_signals(agent: AgentClient, tty: bool) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let _ = agent.signal(CONTAINER_ID, "", sig.unsigned_abs(), false).await;
+        let _ = agent
+            .signal(CONTAINER_ID, "", sig.unsigned_abs(), false)
+            .await;
     }
 }

@@ -35,7 +35,12 @@ impl Drop for RawMode {
 /// The window size of the terminal on `fd`, if it is one.
 pub fn window_size(fd: BorrowedFd<'_>) -> Option<(u16, u16)> {
     nix::ioctl_read_bad!(get_winsize, libc::TIOCGWINSZ, libc::winsize);
-    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCGWINSZ writes one winsize into the valid, exclusively borrowed `ws`.
     unsafe { get_winsize(std::os::fd::AsRawFd::as_raw_fd(&fd), &mut ws) }.ok()?;
     (ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
