@@ -115,6 +115,9 @@ fn switch_root() -> anyhow::Result<()> {
     if std::env::var_os(SWITCHED_ENV).is_some() {
         return Ok(());
     }
+    // Keep the binary open: it is re-executed from this fd after the switch, so it is not
+    // copied (10 MB through an emulated CPU is not free).
+    let exe = fs::File::open("/init").context("open /init")?;
     let new_root = Path::new("/newroot");
     mount_fs(
         "rootfs",
@@ -123,9 +126,6 @@ fn switch_root() -> anyhow::Result<()> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some("mode=0755"),
     )?;
-    fs::copy("/init", new_root.join("init")).context("copy /init to the new root")?;
-    // Free the initramfs copy of the agent: nothing else uses it.
-    let _ = fs::remove_file("/init");
     for dir in ["dev", "proc", "sys", "run", "tmp"] {
         fs::create_dir_all(new_root.join(dir)).with_context(|| format!("mkdir /newroot/{dir}"))?;
     }
@@ -134,10 +134,10 @@ fn switch_root() -> anyhow::Result<()> {
         .context("move the new root onto /")?;
     nix::unistd::chroot(".").context("chroot")?;
     nix::unistd::chdir("/").context("chdir /")?;
-    let err = std::os::unix::process::CommandExt::exec(
-        std::process::Command::new("/init").env(SWITCHED_ENV, "1"),
-    );
-    Err(err).context("re-exec /init on the new root")
+    let argv = [c"/init"];
+    let env = [c"PANGOLIN_ROOT_SWITCHED=1"];
+    let err = nix::unistd::fexecve(&exe, &argv, &env).err();
+    Err(anyhow::anyhow!("re-exec /init on the new root: {err:?}"))
 }
 
 /// Sets the guest up and serves the agent API until power-off.

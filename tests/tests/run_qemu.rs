@@ -285,3 +285,43 @@ fn killing_the_vmm_ends_the_run_and_cleans_up() {
     assert_eq!(status.code(), Some(125));
     env.finish();
 }
+
+#[test]
+fn check_reports_the_host_and_the_backend() {
+    let env = TestEnv::new("check");
+    let mut cmd = env.pangolin();
+    cmd.arg("check");
+    let out = pangolin_e2e::run_bounded(cmd, std::time::Duration::from_secs(30));
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("KVM") && text.contains("guest kernel") && text.contains("virtiofsd"),
+        "{text}"
+    );
+    assert!(text.contains("auto picks qemu"), "{text}");
+    assert!(text.contains("Pangolin can run here."), "{text}");
+    // A missing kernel is a MISS line and a non-zero exit.
+    let broken = TestEnv::with("checkbad", |c| {
+        c.hypervisor.kernel = "/nonexistent/vmlinux".into()
+    });
+    let mut cmd = broken.pangolin();
+    cmd.arg("check");
+    let out = pangolin_e2e::run_bounded(cmd, std::time::Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains("MISS  guest kernel"),
+        "{}",
+        stdout(&out)
+    );
+    broken.finish();
+    env.finish();
+}
+
+#[test]
+fn builtin_backend_is_a_clear_error_until_it_exists() {
+    let env = TestEnv::new("builtin");
+    let out = env.run(&["--hypervisor", "builtin"], &["true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("built-in VMM"), "{}", stderr(&out));
+    env.finish();
+}

@@ -236,3 +236,59 @@ fn bad_requests_get_errors_naming_the_field() {
     });
     env.finish();
 }
+
+#[test]
+fn the_oci_spec_is_enforced_in_the_guest() {
+    let env = TestEnv::new("ocispec");
+    let script = "id -u; id -G; hostname; ulimit -n; \
+                  grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status | tr -s '\\t' ' '; \
+                  mkdir /tmp/x 2>/dev/null && echo mkdir-allowed || echo mkdir-denied; \
+                  ls /tmp/x 2>/dev/null; cat /sys/fs/cgroup/pids.max";
+    let base = container_spec(&RunSpec {
+        args: vec!["sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    })
+    .expect("spec");
+    let mut spec = serde_json::to_value(&base).expect("json");
+    spec["hostname"] = "box".into();
+    spec["process"]["user"] =
+        serde_json::json!({"uid": 65534, "gid": 65534, "additionalGids": [1234]});
+    spec["process"]["rlimits"] =
+        serde_json::json!([{"type": "RLIMIT_NOFILE", "hard": 123, "soft": 123}]);
+    spec["process"]["capabilities"] = serde_json::json!({"bounding": [], "effective": [], "permitted": [], "inheritable": [], "ambient": []});
+    spec["process"]["noNewPrivileges"] = true.into();
+    spec["mounts"].as_array_mut().expect("mounts").push(
+        serde_json::json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["mode=1777"]}),
+    );
+    spec["linux"]["resources"] = serde_json::json!({"pids": {"limit": 42}});
+    spec["linux"]["seccomp"] = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    runtime().block_on(async {
+        let sandbox = Sandbox::start("s3", &env.config, Some(&busybox()))
+            .await
+            .expect("boot");
+        let agent = sandbox.agent().clone();
+        agent
+            .create_container(ID, spec.to_string(), GUEST_SHARED_DIR, false)
+            .await
+            .expect("create");
+        agent.start_container(ID).await.expect("start");
+        let mut out = String::new();
+        while let Some(data) = agent.read_output(ID, "", false).await.expect("read") {
+            out.push_str(&String::from_utf8_lossy(&data));
+        }
+        let status = agent.wait(ID, "").await.expect("wait").exit_status;
+        assert_eq!(
+            out,
+            "65534\n65534 1234\nbox\n123\nCapEff: 0000000000000000\nCapBnd: 0000000000000000\n\
+             NoNewPrivs: 1\nSeccomp: 2\nmkdir-denied\n42\n",
+            "exit {status}"
+        );
+        agent.remove_container(ID).await.expect("remove");
+        sandbox.shutdown().await;
+    });
+    env.finish();
+}

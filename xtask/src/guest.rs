@@ -75,7 +75,8 @@ fn build_agent(root: &Path) -> anyhow::Result<PathBuf> {
         .args([
             "build",
             "--quiet",
-            "--release",
+            "--profile",
+            "guest-agent",
             "-p",
             "pangolin-agent",
             "--target",
@@ -90,7 +91,7 @@ fn build_agent(root: &Path) -> anyhow::Result<PathBuf> {
     let bin = root
         .join("target")
         .join(TARGET)
-        .join("release/pangolin-agent");
+        .join("guest-agent/pangolin-agent");
     if has_interpreter(&fs::read(&bin)?) {
         bail!(
             "{} is dynamically linked; the guest has no libc",
