@@ -40,7 +40,7 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
     deps::ensure()?;
     let g = guest::build()?;
     let pangolin = build_host(true)?;
-    let (mut wall, mut boot, mut create, mut teardown) = (vec![], vec![], vec![], vec![]);
+    let (mut wall, mut boot, mut guest, mut create, mut teardown) = (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..runs {
         let t = Instant::now();
         let out = Command::new(&pangolin)
@@ -60,6 +60,7 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
             .context("no timings line")?;
         wall.push(elapsed);
         boot.push(field(line, "boot_ms").context("boot_ms")?);
+        guest.push(field(line, "guest_agent_ready_ms").context("guest_agent_ready_ms")?);
         create.push(field(line, "create_start_ms").context("create_start_ms")?);
         teardown.push(field(line, "teardown_ms").context("teardown_ms")?);
     }
@@ -67,6 +68,7 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
     println!("pangolin run --rootfs busybox -- true, {runs} runs, {host}");
     stats("wall time (process)", &mut wall);
     stats("VM start to agent ready", &mut boot);
+    stats("  of which guest boot (guest clock)", &mut guest);
     stats("container create+start", &mut create);
     stats("teardown", &mut teardown);
     Ok(())

@@ -125,6 +125,8 @@ pub async fn run(config_file: Option<&Path>, args: RunArgs) -> anyhow::Result<u8
         Sandbox::start_with(&id, &config, Some(&rootfs), args.console_log.as_deref()).await?;
     let booted = Instant::now();
     let agent = sandbox.agent().clone();
+    // Guest clock: kernel start to the agent serving.
+    let guest_ready_ms = sandbox.details.agent_ready_boottime_ns as f64 / 1e6;
     let result = tokio::select! {
         r = run_in(agent, &args, spec_json) => r,
         err = sandbox.vmm_exited() => Err(anyhow::Error::new(err).context("the microVM died")),
@@ -149,8 +151,9 @@ pub async fn run(config_file: Option<&Path>, args: RunArgs) -> anyhow::Result<u8
     };
     if args.timings {
         eprintln!(
-            "pangolin-timings: {{\"boot_ms\":{:.1},\"create_start_ms\":{:.1},\"teardown_ms\":{:.1},\"total_ms\":{:.1}}}",
+            "pangolin-timings: {{\"boot_ms\":{:.1},\"guest_agent_ready_ms\":{:.1},\"create_start_ms\":{:.1},\"teardown_ms\":{:.1},\"total_ms\":{:.1}}}",
             ms(total, booted),
+            guest_ready_ms,
             ms(booted, created),
             ms(teardown, done),
             ms(total, done)
