@@ -35,14 +35,26 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
 
+# Bump when a change to this script changes the kernel it produces.
+KEY_VERSION=1
 version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
-key=$( { echo "$version"; cat "${fragments[@]}" "$here"/patches/*.patch "$0"; } | sha256sum | cut -c1-16)
+key=$( { echo "$KEY_VERSION $version"; cat "${fragments[@]}" "$here"/patches/*.patch; } | sha256sum | cut -c1-16)
 cached="$cache/kernel/$variant-$version-$key/vmlinux"
 mkdir -p "$(dirname "$out")"
 
 if [ -f "$cached" ]; then
-  cp "$cached" "$out.tmp" && mv "$out.tmp" "$out"
+  cp "$cached" "$out.tmp.$$" && mv "$out.tmp.$$" "$out"
   echo "kernel $variant: cached $cached"
+  exit 0
+fi
+
+# One build at a time per cache (parallel test runs may all ask for the kernel).
+mkdir -p "$cache"
+exec 9>"$cache/kernel-build.lock"
+flock 9
+if [ -f "$cached" ]; then
+  cp "$cached" "$out.tmp.$$" && mv "$out.tmp.$$" "$out"
+  echo "kernel $variant: cached $cached (built meanwhile)"
   exit 0
 fi
 
@@ -81,5 +93,5 @@ echo "kernel $variant: building with make -j$jobs (several minutes the first tim
 make -s -C "$src" O="$build" -j"$jobs" vmlinux
 mkdir -p "$(dirname "$cached")"
 cp "$build/vmlinux" "$cached.tmp" && mv "$cached.tmp" "$cached"
-cp "$cached" "$out.tmp" && mv "$out.tmp" "$out"
+cp "$cached" "$out.tmp.$$" && mv "$out.tmp.$$" "$out"
 echo "kernel $variant: built $cached"

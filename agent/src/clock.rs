@@ -21,6 +21,22 @@ pub fn boottime_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// Clocks further apart than this are corrected.
+const MAX_SKEW_NS: u64 = 50_000_000;
+
+/// Sets the wall clock to `host_ns` if it is off by more than [`MAX_SKEW_NS`]; returns whether
+/// it was set.
+pub fn sync_to(host_ns: u64) -> std::io::Result<bool> {
+    if host_ns == 0 || unix_ns().abs_diff(host_ns) <= MAX_SKEW_NS {
+        return Ok(false);
+    }
+    let secs = i64::try_from(host_ns / 1_000_000_000).map_err(std::io::Error::other)?;
+    let nanos = i64::try_from(host_ns % 1_000_000_000).map_err(std::io::Error::other)?;
+    let ts = nix::sys::time::TimeSpec::new(secs, nanos);
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -30,5 +46,11 @@ mod tests {
         assert!(unix_ns() > 1_600_000_000_000_000_000);
         let a = boottime_ns();
         assert!(boottime_ns() >= a);
+    }
+
+    #[test]
+    fn a_close_or_missing_host_time_changes_nothing() {
+        assert!(!sync_to(0).expect("no time"));
+        assert!(!sync_to(unix_ns()).expect("same time"));
     }
 }

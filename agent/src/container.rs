@@ -13,7 +13,7 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use crate::error::AgentError;
 use crate::helper::CONTAINER_ROOT;
-use crate::reaper::{wait_exit, ExitStatus, ExitWatch};
+use crate::reaper::{wait_exit, Exit, ExitWatch};
 use crate::stdio::{HostStdio, Input, Output, Pty};
 
 /// Largest chunk one ReadStdout/ReadStderr returns.
@@ -55,12 +55,12 @@ impl Process {
     }
 
     /// The exit status, if the process has exited.
-    pub fn exited(&self) -> Option<ExitStatus> {
+    pub fn exited(&self) -> Option<Exit> {
         *self.exit.borrow()
     }
 
     /// Waits for the exit status.
-    pub async fn wait(&self) -> ExitStatus {
+    pub async fn wait(&self) -> Exit {
         wait_exit(self.exit.clone()).await
     }
 

@@ -158,9 +158,9 @@ pub async fn spawn(
             return Err(AgentError::HelperTimeout(HELPER_TIMEOUT));
         }
     };
-    if status != ExitStatus::Exited(0) {
+    if status.status != ExitStatus::Exited(0) {
         let detail = fs::read_to_string(&req.error_file)
-            .unwrap_or_else(|_| format!("helper ended with {status:?}"));
+            .unwrap_or_else(|_| format!("helper ended with {:?}", status.status));
         // libcontainer reports a missing executable only as text.
         if detail.contains("not found in $PATH") || detail.contains("executable file not found") {
             return Err(AgentError::ExecutableNotFound(detail));

@@ -46,13 +46,22 @@ impl ExitStatus {
     }
 }
 
-/// Receives a process's exit status once it is known.
-pub type ExitWatch = watch::Receiver<Option<ExitStatus>>;
+/// An exit status and when the reaper collected it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// How the process ended.
+    pub status: ExitStatus,
+    /// Wall-clock time it was reaped, nanoseconds since the Unix epoch.
+    pub at_unix_ns: u64,
+}
+
+/// Receives a process's exit once it is known.
+pub type ExitWatch = watch::Receiver<Option<Exit>>;
 
 #[derive(Default)]
 struct Table {
-    waiting: HashMap<i32, watch::Sender<Option<ExitStatus>>>,
-    unclaimed: HashMap<i32, (u64, ExitStatus)>,
+    waiting: HashMap<i32, watch::Sender<Option<Exit>>>,
+    unclaimed: HashMap<i32, (u64, Exit)>,
     seq: u64,
 }
 
@@ -91,7 +100,7 @@ impl Reaper {
     }
 
     /// Waits for `pid` (registered or not) to exit.
-    pub async fn wait(&self, pid: i32) -> ExitStatus {
+    pub async fn wait(&self, pid: i32) -> Exit {
         wait_exit(self.register(pid)).await
     }
 
@@ -121,6 +130,10 @@ impl Reaper {
     }
 
     fn record(&self, pid: i32, status: ExitStatus) {
+        let status = Exit {
+            status,
+            at_unix_ns: crate::clock::unix_ns(),
+        };
         let mut table = self.lock();
         if let Some(tx) = table.waiting.remove(&pid) {
             tracing::debug!(pid, ?status, "process exited");
@@ -144,14 +157,18 @@ impl Reaper {
 }
 
 /// Waits until the watch carries a status.
-pub async fn wait_exit(mut rx: ExitWatch) -> ExitStatus {
+pub async fn wait_exit(mut rx: ExitWatch) -> Exit {
     loop {
         if let Some(status) = *rx.borrow_and_update() {
             return status;
         }
         if rx.changed().await.is_err() {
             // The sender is only dropped after sending; treat a lost sender as a kill.
-            return rx.borrow().unwrap_or(ExitStatus::Signaled(libc::SIGKILL));
+            let lost = Exit {
+                status: ExitStatus::Signaled(libc::SIGKILL),
+                at_unix_ns: crate::clock::unix_ns(),
+            };
+            return rx.borrow().unwrap_or(lost);
         }
     }
 }
@@ -172,7 +189,9 @@ mod tests {
     async fn status_recorded_before_registration_is_handed_out() {
         let reaper = Reaper::default();
         reaper.record(4242, ExitStatus::Exited(3));
-        assert_eq!(reaper.wait(4242).await, ExitStatus::Exited(3));
+        let exit = reaper.wait(4242).await;
+        assert_eq!(exit.status, ExitStatus::Exited(3));
+        assert!(exit.at_unix_ns > 0);
     }
 
     #[tokio::test]
@@ -180,7 +199,7 @@ mod tests {
         let reaper = Reaper::default();
         let rx = reaper.register(77);
         reaper.record(77, ExitStatus::Signaled(9));
-        assert_eq!(wait_exit(rx).await, ExitStatus::Signaled(9));
+        assert_eq!(wait_exit(rx).await.status, ExitStatus::Signaled(9));
     }
 
     #[test]

@@ -48,8 +48,13 @@ impl AgentService for Service {
     async fn get_guest_details(
         &self,
         _: &Ctx,
-        _: GuestDetailsRequest,
+        req: GuestDetailsRequest,
     ) -> ttrpc::Result<GuestDetails> {
+        match crate::clock::sync_to(req.host_time_unix_ns) {
+            Ok(true) => tracing::info!("guest clock set from the host"),
+            Ok(false) => {}
+            Err(err) => tracing::warn!(%err, "cannot set the guest clock"),
+        }
         Ok(crate::guest::details(self.ready_boottime_ns))
     }
 
@@ -120,11 +125,11 @@ impl AgentService for Service {
         req: ProcessRequest,
     ) -> ttrpc::Result<WaitProcessResponse> {
         let process = self.sandbox.get(&req.container_id)?.process(&req.exec_id)?;
-        let status = process.wait().await;
+        let exit = process.wait().await;
         Ok(WaitProcessResponse {
-            exit_status: status.shell_status(),
-            signal: status.signal(),
-            exited_at_unix_ns: crate::clock::unix_ns(),
+            exit_status: exit.status.shell_status(),
+            signal: exit.status.signal(),
+            exited_at_unix_ns: exit.at_unix_ns,
             ..Default::default()
         })
     }

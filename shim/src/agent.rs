@@ -131,15 +131,17 @@ impl AgentClient {
         call!(self, check, "Check", CheckRequest::new(), Some(timeout)).map(|_| ())
     }
 
-    /// Guest facts; fails if the guest speaks another API version.
+    /// Guest facts (and the guest clock set from ours); fails on another API version.
     pub async fn guest_details(&self) -> Result<GuestDetails, AgentError> {
-        let d = call!(
-            self,
-            get_guest_details,
-            "GetGuestDetails",
-            GuestDetailsRequest::new(),
-            Some(QUICK)
-        )?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let req = GuestDetailsRequest {
+            host_time_unix_ns: now,
+            ..Default::default()
+        };
+        let d = call!(self, get_guest_details, "GetGuestDetails", req, Some(QUICK))?;
         if d.api_version != pangolin_protocols::API_VERSION {
             return Err(AgentError::Version {
                 guest: d.api_version,

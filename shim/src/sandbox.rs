@@ -333,10 +333,11 @@ impl Sandbox {
         })
         .await
         .map_err(|err| match err {
-            SandboxError::Agent(AgentError::NotReady(t)) => SandboxError::Agent(AgentError::Call {
+            SandboxError::Agent(AgentError::NotReady(_)) => SandboxError::Agent(AgentError::Call {
                 call: "connect",
                 message: format!(
-                    "the guest agent did not answer within {t:?}; console log {} ends with: {}",
+                    "the guest agent did not answer within {:?} (hypervisor.boot_timeout_ms); console log {} ends with: {}",
+                    Duration::from_millis(config.hypervisor.boot_timeout_ms),
                     spec.console_log.display(),
                     crate::daemon::log_tail(&spec.console_log, 5)
                 ),

@@ -113,6 +113,18 @@ fn guest_kernel_is_not_the_hosts() {
         stderr(&out)
     );
     assert_ne!(guest, host);
+    // The guest's clock is the host's (it boots without an RTC): same second, give or take.
+    let out = env.run(&[], &["date", "+%s"]);
+    let guest_now: i64 = stdout(&out).trim().parse().expect("date +%s");
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let host_now = i64::try_from(host_now).expect("i64");
+    assert!(
+        (host_now - guest_now).abs() < 30,
+        "guest {guest_now} vs host {host_now}"
+    );
     env.finish();
 }
 

@@ -40,7 +40,8 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
     deps::ensure()?;
     let g = guest::build()?;
     let pangolin = build_host(true)?;
-    let (mut wall, mut boot, mut guest, mut create, mut teardown) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut wall, mut boot, mut guest, mut create, mut teardown) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..runs {
         let t = Instant::now();
         let out = Command::new(&pangolin)

@@ -165,7 +165,7 @@ fn pack_initramfs(agent: &Path, out: &Path) -> anyhow::Result<()> {
             data: &data,
         },
     ];
-    let tmp = out.with_extension("tmp");
+    let tmp = out.with_extension(format!("tmp.{}", std::process::id()));
     let file = fs::File::create(&tmp)?;
     let mut gz =
         flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::fast());

@@ -4,6 +4,7 @@ mod bench;
 mod cpio;
 mod deps;
 mod guest;
+mod testhost;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -11,10 +12,13 @@ use std::process::{Command, ExitCode};
 use anyhow::Context;
 
 const USAGE: &str = "usage: cargo xtask <guest|test|demo|bench> [args]
-  guest   build target/guest/{vmlinux,initramfs.cpio.gz} and target/rootfs/busybox
+  guest   build target/guest/{vmlinux,initramfs.cpio.gz}, the test host's kernel and initramfs,
+          and target/rootfs/busybox
   test    install what is missing, build the guest, run every test (real VMs)
   demo    run a container in a microVM and show what happened and how long it took
-  bench   time `pangolin run -- true` over repeated runs (median/min/max)";
+  bench   time `pangolin run -- true` over repeated runs (median/min/max)
+  testhost [--timeout SECS] [--memory MIB] -- CMD...
+          run CMD as root in a nested test host (TCG VM with emulated SVM: real KVM inside)";
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -33,9 +37,16 @@ fn build_host(release: bool) -> anyhow::Result<PathBuf> {
     Ok(guest::root().join("target").join(profile).join("pangolin"))
 }
 
+/// The guest and the test host artifacts.
+fn build_guests() -> anyhow::Result<guest::Guest> {
+    let g = guest::build()?;
+    testhost::build()?;
+    Ok(g)
+}
+
 fn test(args: &[String]) -> anyhow::Result<()> {
     deps::ensure()?;
-    guest::build()?;
+    build_guests()?;
     build_host(false)?;
     // No doc-tests: there are none, and their empty summary would be the run's last line.
     let mut cmd = cargo();
@@ -116,10 +127,19 @@ fn demo() -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("guest") => deps::ensure().and_then(|()| guest::build().map(|_| ())),
+        Some("guest") => deps::ensure().and_then(|()| build_guests().map(|_| ())),
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
         Some("bench") => bench::bench(&args[1..]),
+        Some("testhost") => {
+            return match deps::ensure().and_then(|()| testhost::run(&args[1..])) {
+                Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)),
+                Err(err) => {
+                    eprintln!("xtask: {err:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);

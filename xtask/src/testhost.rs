@@ -1,0 +1,282 @@
+//! `cargo xtask testhost [--timeout SECS] [--memory MIB] -- CMD...`: runs CMD as root inside a
+//! nested test host, a Linux VM under QEMU TCG with an emulated AMD CPU that has SVM and nested
+//! paging, so its `/dev/kvm` is hardware-virtualisation KVM even where this machine's is not.
+//!
+//! The test host's root is this machine's `/` over 9p, read-only, with tmpfs on the directories
+//! that take writes; the checkout is shared read-write at the same path, so CMD sees the same
+//! binaries and artifacts and its results come back. CMD's output streams to ours; its exit
+//! status is ours. A test host that runs past the timeout is killed with a message (exit 124).
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::cpio::{self, Entry};
+use crate::guest;
+
+/// Default limit for one test host run.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// Exit status when the test host was killed for running too long (as timeout(1)).
+pub const EXIT_TIMEOUT: i32 = 124;
+
+struct Options {
+    timeout: Duration,
+    memory_mib: u32,
+    command: Vec<String>,
+}
+
+fn parse(args: &[String]) -> anyhow::Result<Options> {
+    let mut opts = Options {
+        timeout: DEFAULT_TIMEOUT,
+        memory_mib: 4096,
+        command: Vec::new(),
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--timeout" => {
+                let secs: u64 = it.next().context("--timeout SECS")?.parse().context("--timeout SECS")?;
+                opts.timeout = Duration::from_secs(secs);
+            }
+            "--memory" => opts.memory_mib = it.next().context("--memory MIB")?.parse().context("--memory MIB")?,
+            "--" => {
+                opts.command = it.cloned().collect();
+                break;
+            }
+            other => bail!("testhost: unknown option {other} (usage: cargo xtask testhost [--timeout SECS] [--memory MIB] -- CMD...)"),
+        }
+    }
+    if opts.command.is_empty() {
+        bail!("testhost: no command (cargo xtask testhost -- CMD...)");
+    }
+    Ok(opts)
+}
+
+/// Builds the test host kernel and initramfs; returns their paths.
+pub fn build() -> anyhow::Result<(PathBuf, PathBuf)> {
+    let dir = guest::root().join("target/guest");
+    fs::create_dir_all(&dir)?;
+    let kernel = dir.join("testhost-vmlinux");
+    guest::kernel("testhost", &kernel)?;
+    let initramfs = dir.join("testhost-initramfs.cpio.gz");
+    let here = guest::root().join("xtask/testhost");
+    let busybox = fs::read("/bin/busybox").context("read /bin/busybox (Debian busybox-static)")?;
+    let init = fs::read(here.join("init"))?;
+    let stage2 = fs::read(here.join("stage2"))?;
+    let entries = [
+        Entry::Dir {
+            path: "bin",
+            mode: 0o755,
+        },
+        Entry::File {
+            path: "bin/busybox",
+            mode: 0o755,
+            data: &busybox,
+        },
+        Entry::Dir {
+            path: "dev",
+            mode: 0o755,
+        },
+        Entry::CharDev {
+            path: "dev/console",
+            mode: 0o600,
+            major: 5,
+            minor: 1,
+        },
+        Entry::Dir {
+            path: "proc",
+            mode: 0o555,
+        },
+        Entry::Dir {
+            path: "sys",
+            mode: 0o555,
+        },
+        Entry::File {
+            path: "init",
+            mode: 0o755,
+            data: &init,
+        },
+        Entry::File {
+            path: "stage2",
+            mode: 0o644,
+            data: &stage2,
+        },
+    ];
+    let tmp = initramfs.with_extension(format!("tmp.{}", std::process::id()));
+    let mut gz =
+        flate2::write::GzEncoder::new(fs::File::create(&tmp)?, flate2::Compression::fast());
+    cpio::write(&mut gz, &entries)?;
+    gz.finish()?;
+    fs::rename(&tmp, &initramfs)?;
+    Ok((kernel, initramfs))
+}
+
+/// Quotes a word for sh.
+fn sh_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', "'\\''"))
+}
+
+/// The script the test host runs: our working directory, a few variables, then CMD.
+fn command_script(cwd: &Path, command: &[String]) -> String {
+    let mut script = String::from("set -u\n");
+    for (key, value) in std::env::vars() {
+        let passed =
+            key.starts_with("RUST_") || key.starts_with("PANGOLIN_") || key == "CARGO_TERM_COLOR";
+        if passed {
+            script.push_str(&format!("export {key}={}\n", sh_quote(&value)));
+        }
+    }
+    script.push_str(&format!(
+        "cd {} || exit 125\n",
+        sh_quote(&cwd.to_string_lossy())
+    ));
+    let words: Vec<String> = command.iter().map(|w| sh_quote(w)).collect();
+    script.push_str(&words.join(" "));
+    script.push('\n');
+    script
+}
+
+/// Runs the command in a test host; returns its exit status.
+pub fn run(args: &[String]) -> anyhow::Result<i32> {
+    let opts = parse(args)?;
+    let (kernel, initramfs) = build()?;
+    let checkout = guest::root();
+    let rundir = checkout
+        .join("target/testhost")
+        .join(format!("run-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&rundir);
+    fs::create_dir_all(&rundir)?;
+    let cwd = std::env::current_dir()?;
+    fs::write(
+        rundir.join("command.sh"),
+        command_script(&cwd, &opts.command),
+    )?;
+
+    let cmdline = format!(
+        "console=ttyS0 reboot=t panic=-1 quiet pangolin.checkout={} pangolin.rundir={}",
+        checkout.display(),
+        rundir.display()
+    );
+    let mem = format!("{}M", opts.memory_mib);
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args([
+        "-M",
+        "microvm,acpi=off,x-option-roms=off",
+        "-accel",
+        "tcg,thread=multi",
+    ])
+    .args(["-cpu", "EPYC-v3,+svm,+npt", "-smp", "1", "-m", &mem])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+    ])
+    .arg("-kernel")
+    .arg(&kernel)
+    .arg("-initrd")
+    .arg(&initramfs)
+    .args(["-append", &cmdline])
+    .args([
+        "-fsdev",
+        "local,id=hostroot,path=/,security_model=passthrough,readonly=on,multidevs=remap",
+    ])
+    .args([
+        "-device",
+        "virtio-9p-device,fsdev=hostroot,mount_tag=hostroot",
+    ])
+    .arg("-fsdev")
+    .arg(format!(
+        "local,id=checkout,path={},security_model=passthrough",
+        checkout.display()
+    ))
+    .args([
+        "-device",
+        "virtio-9p-device,fsdev=checkout,mount_tag=checkout",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    let started = Instant::now();
+    let mut child = qemu
+        .spawn()
+        .context("starting qemu-system-x86_64 for the test host")?;
+    let stdout = child.stdout.take().context("test host console")?;
+    let (tx, rx) = mpsc::channel();
+    let pump = std::thread::spawn(move || {
+        let mut out = std::io::stdout();
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            let line: Vec<u8> = line.into_iter().filter(|b| *b != b'\r').collect();
+            let _ = out.write_all(&line);
+            let _ = out.write_all(b"\n");
+            let _ = out.flush();
+        }
+        let _ = tx.send(());
+    });
+    let timed_out = rx.recv_timeout(opts.timeout).is_err();
+    if timed_out {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    let _ = pump.join();
+    let status_file = rundir.join("status");
+    let status = fs::read_to_string(&status_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    let _ = fs::remove_dir_all(&rundir);
+    if timed_out {
+        eprintln!(
+            "testhost: killed after {:?} (timeout); the command did not finish",
+            opts.timeout
+        );
+        return Ok(EXIT_TIMEOUT);
+    }
+    match status {
+        Some(code) => {
+            eprintln!(
+                "testhost: command exited {code} after {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            Ok(code)
+        }
+        None => bail!(
+            "the test host stopped without reporting the command's status (see its console above)"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_and_command_are_parsed() {
+        let args: Vec<String> = ["--timeout", "5", "--", "sh", "-c", "echo 'a b'"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let opts = parse(&args).expect("parse");
+        assert_eq!(opts.timeout, Duration::from_secs(5));
+        assert_eq!(opts.command, ["sh", "-c", "echo 'a b'"]);
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--bogus".to_string()]).is_err());
+    }
+
+    #[test]
+    fn the_script_quotes_every_word() {
+        let script = command_script(
+            Path::new("/work/x y"),
+            &["printf".into(), "%s\n".into(), "it's".into()],
+        );
+        assert!(script.contains("cd '/work/x y' || exit 125\n"), "{script}");
+        assert!(script.ends_with("'printf' '%s\n' 'it'\\''s'\n"), "{script}");
+    }
+}
