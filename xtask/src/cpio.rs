@@ -74,6 +74,42 @@ pub fn write(w: &mut impl Write, entries: &[Entry<'_>]) -> io::Result<()> {
     header(w, 0, 0, 0, (0, 0), "TRAILER!!!")
 }
 
+/// The nodes every initramfs of ours starts with: /dev (with the console the kernel opens for
+/// init's stdio), /proc and /sys.
+pub fn base_entries() -> Vec<Entry<'static>> {
+    vec![
+        Entry::Dir {
+            path: "dev",
+            mode: 0o755,
+        },
+        Entry::CharDev {
+            path: "dev/console",
+            mode: 0o600,
+            major: 5,
+            minor: 1,
+        },
+        Entry::Dir {
+            path: "proc",
+            mode: 0o555,
+        },
+        Entry::Dir {
+            path: "sys",
+            mode: 0o555,
+        },
+    ]
+}
+
+/// Writes a gzip-compressed archive to `out`, replacing it atomically.
+pub fn write_gz(out: &std::path::Path, entries: &[Entry<'_>]) -> io::Result<()> {
+    let tmp = out.with_extension(format!("tmp.{}", std::process::id()));
+    let file = std::fs::File::create(&tmp)?;
+    let mut gz =
+        flate2::write::GzEncoder::new(io::BufWriter::new(file), flate2::Compression::fast());
+    write(&mut gz, entries)?;
+    gz.finish()?.flush()?;
+    std::fs::rename(&tmp, out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -132,25 +132,8 @@ fn pack_initramfs(agent: &Path, out: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     let data = fs::read(agent)?;
-    let entries = [
-        Entry::Dir {
-            path: "dev",
-            mode: 0o755,
-        },
-        Entry::CharDev {
-            path: "dev/console",
-            mode: 0o600,
-            major: 5,
-            minor: 1,
-        },
-        Entry::Dir {
-            path: "proc",
-            mode: 0o555,
-        },
-        Entry::Dir {
-            path: "sys",
-            mode: 0o555,
-        },
+    let mut entries = cpio::base_entries();
+    entries.extend([
         Entry::Dir {
             path: "run",
             mode: 0o755,
@@ -164,14 +147,8 @@ fn pack_initramfs(agent: &Path, out: &Path) -> anyhow::Result<()> {
             mode: 0o755,
             data: &data,
         },
-    ];
-    let tmp = out.with_extension(format!("tmp.{}", std::process::id()));
-    let file = fs::File::create(&tmp)?;
-    let mut gz =
-        flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::fast());
-    cpio::write(&mut gz, &entries)?;
-    gz.finish()?;
-    fs::rename(&tmp, out)?;
+    ]);
+    cpio::write_gz(out, &entries)?;
     Ok(())
 }
 

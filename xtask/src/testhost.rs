@@ -69,7 +69,8 @@ pub fn build() -> anyhow::Result<(PathBuf, PathBuf)> {
     let busybox = fs::read("/bin/busybox").context("read /bin/busybox (Debian busybox-static)")?;
     let init = fs::read(here.join("init"))?;
     let stage2 = fs::read(here.join("stage2"))?;
-    let entries = [
+    let mut entries = cpio::base_entries();
+    entries.extend([
         Entry::Dir {
             path: "bin",
             mode: 0o755,
@@ -78,24 +79,6 @@ pub fn build() -> anyhow::Result<(PathBuf, PathBuf)> {
             path: "bin/busybox",
             mode: 0o755,
             data: &busybox,
-        },
-        Entry::Dir {
-            path: "dev",
-            mode: 0o755,
-        },
-        Entry::CharDev {
-            path: "dev/console",
-            mode: 0o600,
-            major: 5,
-            minor: 1,
-        },
-        Entry::Dir {
-            path: "proc",
-            mode: 0o555,
-        },
-        Entry::Dir {
-            path: "sys",
-            mode: 0o555,
         },
         Entry::File {
             path: "init",
@@ -107,13 +90,8 @@ pub fn build() -> anyhow::Result<(PathBuf, PathBuf)> {
             mode: 0o644,
             data: &stage2,
         },
-    ];
-    let tmp = initramfs.with_extension(format!("tmp.{}", std::process::id()));
-    let mut gz =
-        flate2::write::GzEncoder::new(fs::File::create(&tmp)?, flate2::Compression::fast());
-    cpio::write(&mut gz, &entries)?;
-    gz.finish()?;
-    fs::rename(&tmp, &initramfs)?;
+    ]);
+    cpio::write_gz(&initramfs, &entries)?;
     Ok((kernel, initramfs))
 }
 
