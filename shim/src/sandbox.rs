@@ -213,12 +213,18 @@ impl Sandbox {
             }
         }
         let backend: Box<dyn Hypervisor> = match kind {
-            HypervisorKind::Qemu | HypervisorKind::Auto | HypervisorKind::Builtin => {
-                Box::new(Qemu {
-                    qemu_path: config.hypervisor.qemu_path.clone(),
-                    vhost_vsock_path: config.vsock.vhost_device_vsock_path.clone(),
-                    accel: hypervisor::qemu_accel(config.hypervisor.accel, &host)?,
-                })
+            HypervisorKind::Qemu => Box::new(Qemu {
+                qemu_path: config.hypervisor.qemu_path.clone(),
+                vhost_vsock_path: config.vsock.vhost_device_vsock_path.clone(),
+                accel: hypervisor::qemu_accel(config.hypervisor.accel, &host)?,
+            }),
+            // `resolve` names a backend this build lacks: refuse rather than boot another one.
+            other => {
+                return Err(HypervisorError::Unsupported {
+                    kind: other,
+                    reason: "no backend of this kind in this build".into(),
+                }
+                .into())
             }
         };
 

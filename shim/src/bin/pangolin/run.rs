@@ -73,16 +73,6 @@ fn check_args(args: &RunArgs) -> anyhow::Result<()> {
     if !args.rootfs.is_dir() {
         bail!("--rootfs {}: not a directory", args.rootfs.display());
     }
-    if let Some(cpus) = args.cpus {
-        if !(1..=16).contains(&cpus) {
-            bail!("--cpus: must be in 1..=16, got {cpus}");
-        }
-    }
-    if let Some(mem) = args.memory {
-        if !(64..=65536).contains(&mem) {
-            bail!("--memory: must be in 64..=65536 MiB, got {mem}");
-        }
-    }
     if args.command.is_empty() {
         bail!("no command given (pangolin run --rootfs DIR -- CMD...)");
     }
@@ -103,6 +93,8 @@ pub async fn run(config_file: Option<&Path>, args: RunArgs) -> anyhow::Result<u8
     if let Some(mem) = args.memory {
         config.hypervisor.memory_mib = mem;
     }
+    // The configuration's own limits apply to the overrides (--cpus: hypervisor.vcpus, ...).
+    config.validate().context("--hypervisor/--cpus/--memory")?;
     let spec = container_spec(&RunSpec {
         args: args.command.clone(),
         terminal: args.tty,
