@@ -1,0 +1,3 @@
+//! x86_64 machine setup: memory layout, boot protocol, CPU state.
+
+pub mod layout;

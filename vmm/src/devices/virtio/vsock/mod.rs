@@ -1,0 +1,1 @@
+//! virtio-vsock (not yet implemented).
