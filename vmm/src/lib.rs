@@ -2,7 +2,12 @@
 //! with a serial console, i8042 reset and virtio-mmio devices (vsock, fs, net, blk, rng).
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod arch;
+pub mod builder;
 pub mod bus;
+pub mod config;
 pub mod devices;
+pub mod lifecycle;
 pub mod memory;
+pub mod vstate;

@@ -1,0 +1,272 @@
+//! Assembles a VMM from a [`VmConfig`]: memory, KVM VM, devices, boot image, vCPU threads, and
+//! the event loop that runs until the guest or the host stops it.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::net::UnixListener;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::layout::{COM1_IRQ, COM1_PORT, I8042_PORT};
+use crate::arch::{boot, cpuid, mptable, regs};
+use crate::bus::Bus;
+use crate::config::{ConfigError, VmConfig};
+use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::serial::SerialConsole;
+use crate::devices::legacy::EventFdTrigger;
+use crate::lifecycle::{self, Lifecycle};
+use crate::memory::{self, GuestMemoryMmap};
+use crate::vstate::control::{Control, ExitReason};
+use crate::vstate::vcpu::{self, VcpuHandle};
+use crate::vstate::vm::Vm;
+
+/// The event loop's subscriber type.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Building the VMM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A file the configuration names could not be opened.
+    #[error("{what} {path}")]
+    Open {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// KVM VM setup.
+    #[error(transparent)]
+    Vm(#[from] crate::vstate::vm::VmError),
+    /// vCPU setup.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    /// Kernel/initramfs loading.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// MP table.
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    /// Boot tables.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// CPUID.
+    #[error(transparent)]
+    Cpuid(#[from] cpuid::CpuidError),
+    /// Bus layout.
+    #[error(transparent)]
+    Bus(#[from] crate::bus::BusError),
+    /// The event loop.
+    #[error("event loop: {0:?}")]
+    EventLoop(event_manager::Error),
+    /// Run control or signals.
+    #[error(transparent)]
+    Control(#[from] crate::vstate::control::ControlError),
+    /// Signals.
+    #[error(transparent)]
+    Signal(#[from] lifecycle::SignalError),
+    /// An eventfd, irqfd or ioeventfd.
+    #[error("{0}")]
+    Event(&'static str, #[source] std::io::Error),
+    /// A virtio device.
+    #[error("virtio device {0}")]
+    Device(
+        &'static str,
+        #[source] Box<dyn std::error::Error + Send + Sync>,
+    ),
+}
+
+/// A booted VM and its event loop.
+pub struct Vmm {
+    control: Arc<Control>,
+    vcpus: Arc<Vec<VcpuHandle>>,
+    events: EventManager<Subscriber>,
+    serial: Arc<Mutex<SerialConsole<File>>>,
+    _mem: GuestMemoryMmap,
+    _vm: Vm,
+}
+
+fn open_err(
+    what: &'static str,
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> BuildError {
+    let path = path.to_path_buf();
+    move |source| BuildError::Open { what, path, source }
+}
+
+/// Devices being attached: the buses, the growing command line, the event loop.
+pub struct Attach<'a> {
+    /// Guest memory.
+    pub mem: &'a GuestMemoryMmap,
+    /// The VM (irqfd/ioeventfd registration).
+    pub vm: &'a Vm,
+    /// MMIO bus.
+    pub mmio: &'a mut Bus,
+    /// Kernel command line being built.
+    pub cmdline: &'a mut String,
+    /// The event loop.
+    pub events: &'a mut EventManager<Subscriber>,
+    /// Index of the next virtio-mmio slot.
+    pub next_slot: u32,
+}
+
+/// Builds and boots the VM described by `config`; vCPUs run when this returns.
+///
+/// # Errors
+/// [`BuildError`] naming what failed.
+pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
+    let started = Instant::now();
+    config.validate()?;
+    let signals = lifecycle::termination_signalfd()?;
+    vcpu::install_kick_handler()?;
+    let mut kernel = File::open(&config.kernel).map_err(open_err("kernel", &config.kernel))?;
+    let mut initramfs = match &config.initramfs {
+        Some(p) => Some(File::open(p).map_err(open_err("initramfs", p))?),
+        None => None,
+    };
+    let console = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&config.console_log)
+        .map_err(open_err("console log", &config.console_log))?;
+    let api = match &config.api_socket {
+        Some(p) => {
+            let l = UnixListener::bind(p).map_err(open_err("control socket", p))?;
+            l.set_nonblocking(true)
+                .map_err(open_err("control socket", p))?;
+            Some(l)
+        }
+        None => None,
+    };
+
+    let mem = memory::create(u64::from(config.memory_mib))?;
+    let vm = Vm::new(&mem)?;
+    let mut events: EventManager<Subscriber> =
+        EventManager::new().map_err(BuildError::EventLoop)?;
+    let control = Arc::new(Control::new()?);
+
+    let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(|e| BuildError::Event("eventfd", e));
+    let mut pio = Bus::default();
+    let serial_irq = new_evt()?;
+    vm.fd
+        .register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(|e| BuildError::Event("irqfd", e.into()))?;
+    let serial = Arc::new(Mutex::new(SerialConsole::new(
+        EventFdTrigger(serial_irq),
+        console,
+    )));
+    pio.insert(serial.clone(), COM1_PORT, 8)?;
+    let reset_evt = new_evt()?;
+    let reset_for_dev = reset_evt
+        .try_clone()
+        .map_err(|e| BuildError::Event("eventfd", e))?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(EventFdTrigger(reset_for_dev)))),
+        I8042_PORT,
+        5,
+    )?;
+
+    let mut mmio = Bus::default();
+    let mut cmdline = config.cmdline.clone();
+    let mut attach = Attach {
+        mem: &mem,
+        vm: &vm,
+        mmio: &mut mmio,
+        cmdline: &mut cmdline,
+        events: &mut events,
+        next_slot: 0,
+    };
+    crate::devices::attach_all(&mut attach, config)?;
+
+    let entry = boot::load(&mem, &mut kernel, initramfs.as_mut(), &cmdline)?;
+    mptable::write(&mem, config.vcpus)?;
+    let gdt = regs::write_tables(&mem, entry)?;
+    let base_cpuid = cpuid::supported(&vm.kvm)?;
+    let mut fds = Vec::with_capacity(usize::from(config.vcpus));
+    for id in 0..config.vcpus {
+        fds.push(vcpu::create(
+            &vm,
+            &base_cpuid,
+            id,
+            config.vcpus,
+            entry,
+            &gdt,
+        )?);
+    }
+    let mut handles = Vec::with_capacity(fds.len());
+    for (id, fd) in (0u8..).zip(fds) {
+        handles.push(vcpu::spawn(
+            id,
+            fd,
+            pio.clone(),
+            mmio.clone(),
+            control.clone(),
+        )?);
+    }
+    let vcpus = Arc::new(handles);
+    tracing::info!(
+        setup_ms = started.elapsed().as_millis(),
+        vcpus = config.vcpus,
+        memory_mib = config.memory_mib,
+        ?entry,
+        "guest started"
+    );
+    let lifecycle = Lifecycle::new(
+        control.clone(),
+        reset_evt,
+        signals,
+        api,
+        vcpus.clone(),
+        started,
+    );
+    events.add_subscriber(Arc::new(Mutex::new(lifecycle)));
+    Ok(Vmm {
+        control,
+        vcpus,
+        events,
+        serial,
+        _mem: mem,
+        _vm: vm,
+    })
+}
+
+impl Vmm {
+    /// Runs the event loop until something stops the VM; returns why.
+    pub fn run(mut self) -> ExitReason {
+        let reason = loop {
+            if let Some(reason) = self.control.exit_reason() {
+                break reason;
+            }
+            if let Err(e) = self.events.run_with_timeout(500) {
+                tracing::error!(error = ?e, "event loop");
+                self.control.exit(ExitReason::Failed("event loop"));
+            }
+        };
+        // vCPUs see Stopping once out of KVM_RUN; kick them out and give them a moment.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while self.vcpus.iter().any(|v| !v.is_finished()) && Instant::now() < deadline {
+            self.vcpus.iter().for_each(VcpuHandle::kick);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if let Ok(mut serial) = self.serial.lock() {
+            serial.flush();
+        }
+        tracing::info!(?reason, "VMM stopping");
+        reason
+    }
+
+    /// The run control (tests and embedders).
+    pub fn control(&self) -> Arc<Control> {
+        self.control.clone()
+    }
+}

@@ -1,0 +1,247 @@
+//! What one VMM process boots: a plain, serialisable description passed by the host side as JSON.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::layout::{IRQ_MAX, VIRTIO_IRQ_BASE};
+use crate::arch::mptable::MAX_VCPUS;
+
+/// Smallest guest RAM accepted, in MiB.
+pub const MIN_MEMORY_MIB: u32 = 32;
+/// Largest guest RAM accepted, in MiB.
+pub const MAX_MEMORY_MIB: u32 = 256 * 1024;
+
+/// The VM to run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// ELF vmlinux.
+    pub kernel: PathBuf,
+    /// Initramfs, if any.
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line; the VMM appends its `virtio_mmio.device=` entries.
+    pub cmdline: String,
+    /// vCPUs, 1 to 16.
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// Where the serial console goes.
+    pub console_log: PathBuf,
+    /// Control socket (pause, resume, stop, status), if wanted.
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
+    /// Hybrid vsock device.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    /// virtio-fs devices (vhost-user).
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
+    /// virtio-net devices.
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
+    /// virtio-blk devices.
+    #[serde(default)]
+    pub blk: Vec<BlkConfig>,
+    /// Whether to add a virtio-rng device.
+    #[serde(default)]
+    pub rng: bool,
+}
+
+/// Hybrid vsock: host connections arrive on `uds_path`, guest connections to port P go to
+/// `<uds_path>_P`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub guest_cid: u64,
+    /// The Unix socket to listen on.
+    pub uds_path: PathBuf,
+}
+
+/// A virtio-fs share served by a vhost-user daemon.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The daemon's vhost-user socket.
+    pub socket: PathBuf,
+    /// Mount tag the guest uses.
+    pub tag: String,
+}
+
+/// A network card on a tap device.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Tap interface name (opened in the VMM's network namespace).
+    pub tap: String,
+    /// Guest MAC address, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+}
+
+/// A disk on a raw file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BlkConfig {
+    /// Image file.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A configuration value is out of range.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Named field and what is wrong with it.
+    #[error("{field}: {problem}")]
+    Invalid {
+        /// Dotted field name.
+        field: &'static str,
+        /// What is wrong.
+        problem: &'static str,
+    },
+}
+
+fn invalid(field: &'static str, problem: &'static str) -> ConfigError {
+    ConfigError::Invalid { field, problem }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut out {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+impl VmConfig {
+    /// Number of virtio-mmio devices this configuration asks for.
+    pub fn virtio_device_count(&self) -> usize {
+        usize::from(self.vsock.is_some())
+            + self.fs.len()
+            + self.net.len()
+            + self.blk.len()
+            + usize::from(self.rng)
+    }
+
+    /// Checks every field's range.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first bad field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(invalid("vcpus", "must be 1 to 16"));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(invalid("memory_mib", "must be 32 to 262144"));
+        }
+        let slots = usize::try_from(IRQ_MAX - VIRTIO_IRQ_BASE + 1).unwrap_or(0);
+        if self.virtio_device_count() > slots {
+            return Err(invalid(
+                "devices",
+                "more virtio devices than interrupt lines (19)",
+            ));
+        }
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX) {
+                return Err(invalid("vsock.guest_cid", "must be 3 to 4294967295"));
+            }
+        }
+        for fs in &self.fs {
+            if fs.tag.is_empty() || fs.tag.len() > 36 {
+                return Err(invalid("fs.tag", "must be 1 to 36 bytes"));
+            }
+        }
+        for net in &self.net {
+            if parse_mac(&net.mac).is_none() {
+                return Err(invalid("net.mac", "must look like aa:bb:cc:dd:ee:ff"));
+            }
+            if net.tap.is_empty() || net.tap.len() > 15 {
+                return Err(invalid("net.tap", "must be 1 to 15 bytes"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> VmConfig {
+        VmConfig {
+            kernel: "/k".into(),
+            initramfs: None,
+            cmdline: "console=ttyS0".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            console_log: "/c".into(),
+            api_socket: None,
+            vsock: None,
+            fs: vec![],
+            net: vec![],
+            blk: vec![],
+            rng: false,
+        }
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        assert!(base().validate().is_ok());
+        let field = |c: VmConfig| match c.validate() {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            Ok(()) => "ok",
+        };
+        assert_eq!(field(VmConfig { vcpus: 0, ..base() }), "vcpus");
+        assert_eq!(
+            field(VmConfig {
+                vcpus: 17,
+                ..base()
+            }),
+            "vcpus"
+        );
+        assert_eq!(
+            field(VmConfig {
+                memory_mib: 8,
+                ..base()
+            }),
+            "memory_mib"
+        );
+        let vsock = Some(VsockConfig {
+            guest_cid: 2,
+            uds_path: "/v".into(),
+        });
+        assert_eq!(field(VmConfig { vsock, ..base() }), "vsock.guest_cid");
+        let net = vec![NetConfig {
+            tap: "tap0".into(),
+            mac: "zz".into(),
+        }];
+        assert_eq!(field(VmConfig { net, ..base() }), "net.mac");
+        let blk = vec![
+            BlkConfig {
+                path: "/b".into(),
+                read_only: true
+            };
+            20
+        ];
+        assert_eq!(field(VmConfig { blk, ..base() }), "devices");
+    }
+
+    #[test]
+    fn json_rejects_unknown_fields_and_parses_macs() {
+        let bad = r#"{"kernel":"/k","cmdline":"","vcpus":1,"memory_mib":64,"console_log":"/c","bogus":1}"#;
+        assert!(serde_json::from_str::<VmConfig>(bad).is_err());
+        assert_eq!(parse_mac("02:00:00:00:00:0a"), Some([2, 0, 0, 0, 0, 10]));
+        assert_eq!(parse_mac("02:00:00:00:00"), None);
+        assert_eq!(parse_mac("02:00:00:00:00:0a:01"), None);
+        assert_eq!(parse_mac("2:00:00:00:00:0a"), None);
+    }
+}

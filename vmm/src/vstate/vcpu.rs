@@ -1,0 +1,163 @@
+//! vCPU threads: configure each vCPU (CPUID, MSRs, FPU, LAPIC, boot registers), then run it,
+//! dispatching port-I/O and MMIO exits to the buses until the guest or the VMM stops.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_bindings::CpuId;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use super::control::{Control, ExitReason};
+use super::vm::Vm;
+use crate::arch::regs::{self, BootEntry, RegsError};
+use crate::arch::{cpuid, msr};
+use crate::bus::Bus;
+
+/// A vCPU could not be set up or started.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM vCPU ioctl failed.
+    #[error("{0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// Register setup failed.
+    #[error(transparent)]
+    Regs(#[from] RegsError),
+    /// The MSR list could not be built.
+    #[error("building the MSR list")]
+    Msrs,
+    /// KVM accepted fewer MSRs than given.
+    #[error("KVM set {0} of the boot MSRs")]
+    MsrsPartial(usize),
+    /// The thread could not be spawned.
+    #[error("spawning the vCPU thread")]
+    Spawn(#[source] std::io::Error),
+    /// The kick signal handler could not be installed.
+    #[error("installing the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+}
+
+/// The signal that knocks a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the no-op kick handler (KVM_RUN then returns EINTR).
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(VcpuError::Signal)
+}
+
+/// Creates and configures vCPU `id` of `count`; the boot vCPU (0) also gets `entry`'s registers.
+pub fn create(
+    vm: &Vm,
+    base_cpuid: &CpuId,
+    id: u8,
+    count: u8,
+    entry: BootEntry,
+    gdt: &[u64],
+) -> Result<VcpuFd, VcpuError> {
+    let fd = vm
+        .fd
+        .create_vcpu(u64::from(id))
+        .map_err(|e| VcpuError::Kvm("KVM_CREATE_VCPU", e))?;
+    fd.set_cpuid2(&cpuid::for_vcpu(base_cpuid, id, count))
+        .map_err(|e| VcpuError::Kvm("KVM_SET_CPUID2", e))?;
+    let msrs = msr::boot_msrs().map_err(|_| VcpuError::Msrs)?;
+    let set = fd
+        .set_msrs(&msrs)
+        .map_err(|e| VcpuError::Kvm("KVM_SET_MSRS", e))?;
+    if set != msrs.as_slice().len() {
+        return Err(VcpuError::MsrsPartial(set));
+    }
+    regs::setup_fpu(&fd)?;
+    regs::setup_lapic(&fd)?;
+    if id == 0 {
+        regs::setup_boot_vcpu(&fd, gdt, entry)?;
+    }
+    Ok(fd)
+}
+
+/// A running vCPU thread.
+pub struct VcpuHandle {
+    thread: JoinHandle<()>,
+}
+
+impl VcpuHandle {
+    /// Sends the kick signal so the thread leaves KVM_RUN and checks the run state.
+    pub fn kick(&self) {
+        // SAFETY: the pthread handle belongs to a thread we spawned and have not joined.
+        unsafe {
+            libc::pthread_kill(self.thread.as_pthread_t(), kick_signal());
+        }
+    }
+
+    /// Whether the thread returned.
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+}
+
+/// Starts vCPU `id` on its own thread.
+pub fn spawn(
+    id: u8,
+    fd: VcpuFd,
+    pio: Bus,
+    mmio: Bus,
+    control: Arc<Control>,
+) -> Result<VcpuHandle, VcpuError> {
+    let thread = std::thread::Builder::new()
+        .name(format!("vcpu{id}"))
+        .spawn(move || run(id, fd, &pio, &mmio, &control))
+        .map_err(VcpuError::Spawn)?;
+    Ok(VcpuHandle { thread })
+}
+
+fn run(id: u8, mut fd: VcpuFd, pio: &Bus, mmio: &Bus, control: &Control) {
+    while control.vcpu_checkpoint() {
+        match fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                pio.write(u64::from(port), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !mmio.read(addr, data) {
+                    tracing::debug!(vcpu = id, addr, "MMIO read of an unmapped address");
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !mmio.write(addr, data) {
+                    tracing::debug!(vcpu = id, addr, "MMIO write to an unmapped address");
+                }
+            }
+            Ok(VcpuExit::Shutdown) | Ok(VcpuExit::SystemEvent(..)) | Ok(VcpuExit::Hlt) => {
+                tracing::info!(vcpu = id, "guest shut down");
+                control.exit(ExitReason::GuestShutdown);
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                tracing::error!(vcpu = id, reason, cpu, "KVM entry failed");
+                control.exit(ExitReason::Failed("KVM entry failed"));
+            }
+            Ok(VcpuExit::InternalError) => {
+                tracing::error!(vcpu = id, "KVM internal error");
+                control.exit(ExitReason::Failed("KVM internal error"));
+            }
+            Ok(other) => {
+                tracing::error!(vcpu = id, exit = ?other, "unexpected vCPU exit");
+                control.exit(ExitReason::Failed("unexpected vCPU exit"));
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => {
+                tracing::error!(vcpu = id, error = %e, "KVM_RUN");
+                control.exit(ExitReason::Failed("KVM_RUN failed"));
+            }
+        }
+    }
+    tracing::debug!(vcpu = id, "vCPU thread done");
+}
