@@ -1,1 +1,0 @@
-//! virtio-mmio transport (not yet implemented).
