@@ -78,7 +78,8 @@ mod tests {
         for region in mem.iter() {
             assert!(region.file_offset().is_some());
         }
-        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000)).expect("write");
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .expect("write");
         let v: u32 = mem.read_obj(GuestAddress(0x1000)).expect("read");
         assert_eq!(v, 0xdead_beef);
         let ranges = ram_ranges(4 << 30);
