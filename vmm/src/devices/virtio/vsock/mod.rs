@@ -27,7 +27,7 @@ mod test_utils;
 mod unix;
 
 pub use device::Vsock;
-pub use event_handler::FdRegistry;
+pub use event_handler::{FdRegistry, RegistryError};
 
 /// The host's context id (virtio 1.2 section 5.10.4).
 pub const VSOCK_HOST_CID: u64 = 2;
