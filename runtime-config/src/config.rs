@@ -163,6 +163,8 @@ pub struct HypervisorConfig {
     pub boot_timeout_ms: u64,
     /// QEMU is installed in different places by different distributions.
     pub qemu_path: PathBuf,
+    /// The built-in VMM is its own small binary, so a compromised VMM holds nothing of the shim's.
+    pub vmm_path: PathBuf,
     /// Lets QEMU run without KVM (nested/CI hosts) at the cost of speed.
     pub accel: Accel,
 }
@@ -178,6 +180,7 @@ impl Default for HypervisorConfig {
             memory_mib: 256,
             boot_timeout_ms: 20_000,
             qemu_path: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            vmm_path: PathBuf::from("/usr/libexec/pangolin/pangolin-vmm"),
             accel: Accel::Auto,
         }
     }

@@ -31,6 +31,7 @@ impl Config {
             100..=600_000,
         )?;
         absolute("hypervisor.qemu_path", &h.qemu_path)?;
+        absolute("hypervisor.vmm_path", &h.vmm_path)?;
 
         absolute("virtiofs.virtiofsd_path", &self.virtiofs.virtiofsd_path)?;
 

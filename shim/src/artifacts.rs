@@ -3,7 +3,8 @@
 //! Order: an explicit config file (`--config` or `PANGOLIN_CONFIG`) wins entirely. Otherwise
 //! `/etc/pangolin/configuration.toml` if installed, else built-in defaults; and when the binary
 //! runs from a checkout (`<checkout>/target/<profile>/`), the guest kernel and initramfs built
-//! there by `cargo xtask guest` (`target/guest/`) are used, since they match that binary.
+//! there by `cargo xtask guest` (`target/guest/`) are used, since they match that binary, and so
+//! is the `pangolin-vmm` built beside it.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,8 @@ pub const CONFIG_ENV: &str = "PANGOLIN_CONFIG";
 pub const KERNEL_NAME: &str = "vmlinux";
 /// Initramfs file name inside a guest artifact directory.
 pub const INITRAMFS_NAME: &str = "initramfs.cpio.gz";
+/// The built-in VMM's binary name.
+pub const VMM_NAME: &str = "pangolin-vmm";
 
 /// The loaded configuration and where it came from.
 #[derive(Debug, Clone)]
@@ -37,6 +40,16 @@ pub fn checkout_guest_dir() -> Option<PathBuf> {
         .take(4)
         .map(|dir| dir.join("guest"))
         .find(|guest| guest.join(KERNEL_NAME).is_file() && guest.join(INITRAMFS_NAME).is_file())
+}
+
+/// The `pangolin-vmm` built beside this binary in a checkout (`target/<profile>/`), if any.
+pub fn checkout_vmm() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(VMM_NAME))
+        .find(|vmm| vmm.is_file())
 }
 
 /// Loads the configuration as described in the module docs.
@@ -61,6 +74,9 @@ pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
     if let Some(dir) = &checkout_guest {
         config.hypervisor.kernel = dir.join(KERNEL_NAME);
         config.hypervisor.initramfs = dir.join(INITRAMFS_NAME);
+        if let Some(vmm) = checkout_vmm() {
+            config.hypervisor.vmm_path = vmm;
+        }
     }
     Ok(Loaded {
         config,

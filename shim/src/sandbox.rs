@@ -17,7 +17,9 @@ use tokio::net::UnixListener;
 use crate::agent::{AgentClient, AgentError};
 use crate::daemon::{resolve_program, Daemon, DaemonError};
 use crate::host::HostInfo;
-use crate::hypervisor::{self, qemu::Qemu, Hypervisor, HypervisorError, Vm, VmSpec};
+use crate::hypervisor::{
+    self, builtin::Builtin, qemu::Qemu, Hypervisor, HypervisorError, Vm, VmSpec,
+};
 
 /// virtio-fs tag of the sandbox share.
 pub const SHARE_TAG: &str = "pangolin";
@@ -218,7 +220,10 @@ impl Sandbox {
                 vhost_vsock_path: config.vsock.vhost_device_vsock_path.clone(),
                 accel: hypervisor::qemu_accel(config.hypervisor.accel, &host)?,
             }),
-            // `resolve` names a backend this build lacks: refuse rather than boot another one.
+            HypervisorKind::Builtin => Box::new(Builtin {
+                vmm_path: config.hypervisor.vmm_path.clone(),
+            }),
+            // `resolve` never returns Auto: refuse rather than guess.
             other => {
                 return Err(HypervisorError::Unsupported {
                     kind: other,

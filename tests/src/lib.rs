@@ -80,6 +80,7 @@ impl TestEnv {
         let mut config = Config::default();
         config.hypervisor.kernel = artifact("target/guest/vmlinux");
         config.hypervisor.initramfs = artifact("target/guest/initramfs.cpio.gz");
+        config.hypervisor.vmm_path = pangolin_bin().with_file_name("pangolin-vmm");
         config.runtime.state_dir = state.clone();
         // Emulated (TCG) boots on a loaded 2-core machine can take several seconds.
         config.hypervisor.boot_timeout_ms = 60_000;

@@ -44,7 +44,8 @@ fn nested_test_host_has_hardware_kvm_and_pangolin_picks_it() {
         text.contains("hardware virtualisation (VT-x/AMD-V)"),
         "KVM kind inside the test host:\n{text}"
     );
-    assert!(text.contains("auto picks qemu (accel kvm)"), "{text}");
+    assert!(text.contains("auto picks builtin"), "{text}");
+    assert!(text.contains("pangolin-vmm"), "{text}");
     assert!(text.contains("Pangolin can run here."), "{text}");
 }
 

@@ -134,10 +134,18 @@ mod tests {
         b.read_to_string(&mut out).expect("read");
         assert!(out.starts_with("{\"state\":\"running\""));
         let (a, mut b) = UnixStream::pair().expect("pair");
-        b.write_all(&[b'x'; 200]).expect("write");
+        b.write_all(b"bogus\n").expect("write");
         serve(a, &c, &[], Instant::now());
         let mut out = String::new();
         b.read_to_string(&mut out).expect("read");
         assert_eq!(out, "error: unknown request\n");
+        // An overlong line is cut at MAX_LINE: refused (the peer may see a reset instead).
+        let (a, mut b) = UnixStream::pair().expect("pair");
+        b.write_all(&[b'x'; 200]).expect("write");
+        serve(a, &c, &[], Instant::now());
+        let mut out = String::new();
+        if b.read_to_string(&mut out).is_ok() {
+            assert_eq!(out, "error: unknown request\n");
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! is exactly what this checks; on hardware-virtualisation KVM the same test passes in a second.
 //! Needs `/dev/kvm` and `target/guest/vmlinux` (`cargo xtask guest`); without either it fails
 //! saying so.
+#![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -35,7 +36,11 @@ fn guest_kernel_reaches_console_setup_with_our_cmdline_e820_and_mptable() {
         "this test needs /dev/kvm: the built-in VMM runs on KVM only"
     );
     let kernel = guest_dir().join("vmlinux");
-    assert!(kernel.exists(), "{} missing: run `cargo xtask guest`", kernel.display());
+    assert!(
+        kernel.exists(),
+        "{} missing: run `cargo xtask guest`",
+        kernel.display()
+    );
     let dir = std::env::temp_dir().join(format!("pangolin-vmm-early-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -84,16 +89,35 @@ fn guest_kernel_reaches_console_setup_with_our_cmdline_e820_and_mptable() {
     let _ = std::fs::remove_dir_all(&dir);
 
     eprintln!("console [ttyS0] enabled after {elapsed:?}");
-    assert!(log.contains("console [ttyS0] enabled"), "no console within 90 s:\n{log}");
-    assert!(log.contains(&format!("Command line: console=ttyS0 {PVM_SAFE}")), "{log}");
+    assert!(
+        log.contains("console [ttyS0] enabled"),
+        "no console within 90 s:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("Command line: console=ttyS0 {PVM_SAFE}")),
+        "{log}"
+    );
     assert!(log.contains(&marker), "{log}");
-    assert!(log.contains("BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable"), "{log}");
-    assert!(log.contains("BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable"), "{log}");
+    assert!(
+        log.contains("BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable"),
+        "{log}"
+    );
+    assert!(
+        log.contains("BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable"),
+        "{log}"
+    );
     assert!(log.contains("MPTABLE: OEM ID: PANGOLIN"), "{log}");
     assert!(log.contains("Processor #1"), "{log}");
     assert!(log.contains("smpboot: Allowing 2 CPUs"), "{log}");
-    assert!(status_line.starts_with("{\"state\":\"running\",\"vcpus\":2"), "{status_line}");
-    assert_eq!(status.code(), Some(3), "stop request exit status; stderr:\n{stderr}");
+    assert!(
+        status_line.starts_with("{\"state\":\"running\",\"vcpus\":2"),
+        "{status_line}"
+    );
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "stop request exit status; stderr:\n{stderr}"
+    );
     assert!(stderr.contains("guest started"), "{stderr}");
 }
 

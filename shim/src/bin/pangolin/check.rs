@@ -68,6 +68,10 @@ pub async fn check(config_file: Option<&Path>) -> anyhow::Result<u8> {
         }
         Err(err) => ok &= line(false, "hypervisor", &err.to_string()),
     }
+    if matches!(backend, Ok(HypervisorKind::Builtin)) {
+        let (v_ok, v) = file(&config.hypervisor.vmm_path);
+        ok &= line(v_ok, "pangolin-vmm", &v);
+    }
     if matches!(backend, Ok(HypervisorKind::Qemu)) {
         let (q_ok, q) = file(&config.hypervisor.qemu_path);
         ok &= line(q_ok, "QEMU", &q);

@@ -1,0 +1,178 @@
+//! The built-in VMM backend: one `pangolin-vmm` process per sandbox, configured by a JSON file
+//! in the sandbox's workdir, with vsock served by the VMM itself (no helper daemon) and a control
+//! socket for pause/resume/stop.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pangolin_runtime_config::HypervisorKind;
+use pangolin_vmm::config::{FsConfig, VmConfig, VsockConfig};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use super::{Hypervisor, HypervisorError, Vm, VmSpec};
+use crate::daemon::{log_tail, Daemon};
+
+/// How long a control request may take.
+const API_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Boots VMs with `pangolin-vmm`.
+#[derive(Debug, Clone)]
+pub struct Builtin {
+    /// The VMM binary.
+    pub vmm_path: PathBuf,
+}
+
+/// The VMM configuration for `spec`, with the control socket at `api`.
+pub fn vm_config(spec: &VmSpec, api: PathBuf) -> VmConfig {
+    VmConfig {
+        kernel: spec.kernel.clone(),
+        initramfs: Some(spec.initramfs.clone()),
+        cmdline: spec.cmdline.clone(),
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        console_log: spec.console_log.clone(),
+        api_socket: Some(api),
+        vsock: Some(VsockConfig {
+            guest_cid: u64::from(spec.guest_cid),
+            uds_path: spec.vsock_uds.clone(),
+        }),
+        fs: spec
+            .fs
+            .iter()
+            .map(|(socket, tag)| FsConfig {
+                socket: socket.clone(),
+                tag: tag.clone(),
+            })
+            .collect(),
+        net: Vec::new(),
+        blk: Vec::new(),
+        rng: true,
+    }
+}
+
+#[async_trait]
+impl Hypervisor for Builtin {
+    fn kind(&self) -> HypervisorKind {
+        HypervisorKind::Builtin
+    }
+
+    async fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, HypervisorError> {
+        if !self.vmm_path.is_file() {
+            return Err(HypervisorError::Missing {
+                what: "pangolin-vmm",
+                path: self.vmm_path.clone(),
+                key: "hypervisor.vmm_path",
+            });
+        }
+        let api = spec.workdir.join("vmm-api.sock");
+        let config = vm_config(spec, api.clone());
+        let config_file = spec.workdir.join("vmm.json");
+        let json = serde_json::to_vec_pretty(&config)
+            .map_err(std::io::Error::other)
+            .map_err(|e| HypervisorError::Io("writing the VMM config", e))?;
+        std::fs::write(&config_file, json)
+            .map_err(|e| HypervisorError::Io("writing the VMM config", e))?;
+        let args = vec!["--config".to_string(), config_file.display().to_string()];
+        let log = spec.workdir.join("vmm.log");
+        let vmm = Daemon::spawn("pangolin-vmm", &self.vmm_path, &args, &log)?;
+        Ok(Box::new(BuiltinVm {
+            vmm,
+            api,
+            console: spec.console_log.clone(),
+            log,
+        }))
+    }
+}
+
+struct BuiltinVm {
+    vmm: Daemon,
+    api: PathBuf,
+    console: PathBuf,
+    log: PathBuf,
+}
+
+impl BuiltinVm {
+    /// Sends one control request; returns the answer line.
+    async fn request(&self, line: &str) -> std::io::Result<String> {
+        let exchange = async {
+            let mut stream = tokio::net::UnixStream::connect(&self.api).await?;
+            stream.write_all(format!("{line}\n").as_bytes()).await?;
+            let mut answer = String::new();
+            BufReader::new(stream).read_line(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer.trim_end().to_string())
+        };
+        tokio::time::timeout(API_TIMEOUT, exchange)
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "VMM control socket"))?
+    }
+}
+
+#[async_trait]
+impl Vm for BuiltinVm {
+    fn pid(&self) -> Option<u32> {
+        self.vmm.pid()
+    }
+
+    fn check_alive(&mut self) -> Result<(), HypervisorError> {
+        match self.vmm.exited() {
+            None => Ok(()),
+            Some(status) => {
+                let mut tail = log_tail(&self.console, 5);
+                let vmm_log = log_tail(&self.log, 3);
+                if vmm_log != "(empty)" {
+                    tail = format!("{tail}; vmm: {vmm_log}");
+                }
+                Err(HypervisorError::Exited {
+                    status,
+                    console: self.console.clone(),
+                    tail,
+                })
+            }
+        }
+    }
+
+    async fn shutdown(&mut self, grace: Duration) {
+        if tokio::time::timeout(grace, self.vmm.wait()).await.is_ok() {
+            return;
+        }
+        tracing::debug!("VMM still running after guest power-off; asking it to stop");
+        if self.request("stop").await.is_ok()
+            && tokio::time::timeout(Duration::from_millis(500), self.vmm.wait())
+                .await
+                .is_ok()
+        {
+            return;
+        }
+        self.vmm.stop(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_carries_the_spec() {
+        let spec = VmSpec {
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/k/initramfs.cpio.gz".into(),
+            cmdline: "console=ttyS0".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            workdir: "/run/p/s1".into(),
+            console_log: "/run/p/s1/console.log".into(),
+            fs: Some(("/run/p/s1/fs.sock".into(), "pangolin".into())),
+            guest_cid: 3,
+            vsock_uds: "/run/p/s1/vm.vsock".into(),
+        };
+        let c = vm_config(&spec, "/run/p/s1/api.sock".into());
+        assert!(c.validate().is_ok());
+        assert_eq!(c.vsock.as_ref().map(|v| v.guest_cid), Some(3));
+        assert_eq!(c.fs[0].tag, "pangolin");
+        assert_eq!(
+            c.initramfs.as_deref(),
+            Some(std::path::Path::new("/k/initramfs.cpio.gz"))
+        );
+    }
+}
