@@ -1,4 +1,8 @@
-//! `cargo xtask bench`: cold-start figures of `pangolin run`, printed as median/min/max.
+//! `cargo xtask bench`: cold-start figures of `pangolin run`, printed as median/min/max, and
+//! the built-in VMM against QEMU on this host's KVM.
+
+mod tiny_elf;
+mod vmm;
 
 use std::process::Command;
 use std::time::Instant;
@@ -72,6 +76,52 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
     stats("  of which guest boot (guest clock)", &mut guest);
     stats("container create+start", &mut create);
     stats("teardown", &mut teardown);
+    vmm_figures(runs, &pangolin)
+}
+
+/// Built-in VMM vs QEMU microvm on the local KVM, alternating.
+fn vmm_figures(runs: usize, pangolin: &std::path::Path) -> anyhow::Result<()> {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        println!("VMM comparison: not run (no /dev/kvm on this host)");
+        return Ok(());
+    }
+    let vmm_bin = pangolin.with_file_name("pangolin-vmm");
+    let dir = vmm::scratch()?;
+    let kernel = dir.join("tiny-pvh.elf");
+    std::fs::write(&kernel, tiny_elf::image())?;
+    let (mut b_first, mut q_first, mut b_pss, mut q_pss) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..runs.min(5) {
+        let b = vmm::builtin(&vmm_bin, &kernel, &dir)?;
+        let q = vmm::qemu(&kernel, &dir)?;
+        b_first.push(b.first_output_ms);
+        q_first.push(q.first_output_ms);
+        b_pss.push(b.pss_kib as f64 / 1024.0);
+        q_pss.push(q.pss_kib as f64 / 1024.0);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    println!();
+    println!(
+        "VMM exec to first guest instruction (a PVH stub's first OUT to COM1), this host's KVM ({}), {} runs each, alternating",
+        if std::path::Path::new("/sys/module/kvm_pvm").exists() { "PVM" } else { "hardware" },
+        b_first.len()
+    );
+    stats("builtin (pangolin-vmm)", &mut b_first.clone());
+    stats("QEMU microvm", &mut q_first.clone());
+    let (bf, qf) = (median(&mut b_first), median(&mut q_first));
+    println!(
+        "{:<28} {:.2}x (target <= 0.2x)",
+        "ratio builtin/QEMU",
+        bf / qf
+    );
+    let (bp, qp) = (median(&mut b_pss), median(&mut q_pss));
+    println!(
+        "{:<28} builtin {bp:.1} MiB, QEMU {qp:.1} MiB (target builtin <= 5 MiB)",
+        "VMM PSS without guest RAM"
+    );
     Ok(())
 }
 
