@@ -202,3 +202,11 @@ pub fn stdout(out: &Output) -> String {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// Whether this host's `/dev/kvm` is hardware virtualisation (VT-x/AMD-V), where the built-in VMM
+/// boots Linux at full speed (not PVM, whose guest kernel code is emulated).
+pub fn host_has_hardware_kvm() -> bool {
+    Path::new("/dev/kvm").exists()
+        && (Path::new("/sys/module/kvm_amd").exists()
+            || Path::new("/sys/module/kvm_intel").exists())
+}

@@ -310,7 +310,12 @@ fn check_reports_the_host_and_the_backend() {
         text.contains("KVM") && text.contains("guest kernel") && text.contains("virtiofsd"),
         "{text}"
     );
-    assert!(text.contains("auto picks qemu"), "{text}");
+    let expected = if pangolin_e2e::host_has_hardware_kvm() {
+        "auto picks builtin"
+    } else {
+        "auto picks qemu"
+    };
+    assert!(text.contains(expected), "{text}");
     assert!(text.contains("Pangolin can run here."), "{text}");
     // A missing kernel is a MISS line and a non-zero exit.
     let broken = TestEnv::with("checkbad", |c| {
@@ -329,11 +334,18 @@ fn check_reports_the_host_and_the_backend() {
     env.finish();
 }
 
+/// The built-in backend's plumbing and cleanup on this host's KVM. On PVM the guest cannot reach
+/// its agent in usable time (see the nested test host tests for the full run), so a short boot
+/// timeout must end the run with a clear error and leave no VMM, socket or directory behind.
 #[test]
-fn builtin_backend_is_a_clear_error_until_it_exists() {
-    let env = TestEnv::new("builtin");
+fn builtin_backend_times_out_cleanly_where_the_guest_cannot_boot() {
+    if pangolin_e2e::host_has_hardware_kvm() {
+        eprintln!("hardware KVM here: the builtin run suite covers this host instead");
+        return;
+    }
+    let env = TestEnv::with("builtin", |c| c.hypervisor.boot_timeout_ms = 1500);
     let out = env.run(&["--hypervisor", "builtin"], &["true"]);
-    assert_eq!(out.status.code(), Some(125));
-    assert!(stderr(&out).contains("built-in VMM"), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert!(stderr(&out).contains("did not answer"), "{}", stderr(&out));
     env.finish();
 }
