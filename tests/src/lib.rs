@@ -84,6 +84,12 @@ impl TestEnv {
         config.runtime.state_dir = state.clone();
         // Emulated (TCG) boots on a loaded 2-core machine can take several seconds.
         config.hypervisor.boot_timeout_ms = 60_000;
+        // The same suite runs on either backend (e.g. builtin inside the nested test host).
+        if let Ok(kind) = std::env::var(HYPERVISOR_ENV) {
+            config.hypervisor.kind = kind
+                .parse()
+                .expect("PANGOLIN_TEST_HYPERVISOR: auto|qemu|builtin");
+        }
         edit(&mut config);
         let config_file = dir.join("configuration.toml");
         std::fs::write(&config_file, toml_of(&config)).expect("write config");
@@ -202,6 +208,9 @@ pub fn stdout(out: &Output) -> String {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// Environment variable choosing the backend the suites run on (`auto` by default).
+pub const HYPERVISOR_ENV: &str = "PANGOLIN_TEST_HYPERVISOR";
 
 /// Whether this host's `/dev/kvm` is hardware virtualisation (VT-x/AMD-V), where the built-in VMM
 /// boots Linux at full speed (not PVM, whose guest kernel code is emulated).

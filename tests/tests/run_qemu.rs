@@ -221,6 +221,7 @@ fn corrupt_config_names_the_key() {
 #[test]
 fn missing_qemu_is_named_with_its_key() {
     let env = TestEnv::with("noqemu", |c| {
+        c.hypervisor.kind = pangolin_runtime_config::HypervisorKind::Qemu;
         c.hypervisor.qemu_path = "/nonexistent/qemu-system-x86_64".into()
     });
     let out = env.run(&[], &["true"]);
@@ -279,10 +280,10 @@ fn killing_the_vmm_ends_the_run_and_cleans_up() {
     let qemu: Vec<u32> = env
         .leftover_processes()
         .into_iter()
-        .filter(|(_, cmdline)| cmdline.contains("qemu-system"))
+        .filter(|(_, cmdline)| cmdline.contains("qemu-system") || cmdline.contains("pangolin-vmm"))
         .map(|(pid, _)| pid)
         .collect();
-    assert_eq!(qemu.len(), 1, "one QEMU per run");
+    assert_eq!(qemu.len(), 1, "one VMM per run");
     std::process::Command::new("kill")
         .arg("-9")
         .arg(qemu[0].to_string())

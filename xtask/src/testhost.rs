@@ -120,6 +120,26 @@ fn command_script(cwd: &Path, command: &[String]) -> String {
     script
 }
 
+/// This machine's TSC rate in kHz, measured against the monotonic clock over 100 ms.
+fn host_tsc_khz() -> Option<u64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let t0 = Instant::now();
+        // SAFETY: RDTSC reads a counter; it has no memory effects or preconditions.
+        let c0 = unsafe { std::arch::x86_64::_rdtsc() };
+        std::thread::sleep(Duration::from_millis(100));
+        // SAFETY: as above.
+        let c1 = unsafe { std::arch::x86_64::_rdtsc() };
+        let ns = t0.elapsed().as_nanos();
+        let khz = u128::from(c1.checked_sub(c0)?) * 1_000_000 / ns.max(1);
+        u64::try_from(khz).ok().filter(|&k| k > 0)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
 /// Runs the command in a test host; returns its exit status.
 pub fn run(args: &[String]) -> anyhow::Result<i32> {
     let opts = parse(args)?;
@@ -136,11 +156,19 @@ pub fn run(args: &[String]) -> anyhow::Result<i32> {
         command_script(&cwd, &opts.command),
     )?;
 
-    let cmdline = format!(
+    let mut cmdline = format!(
         "console=ttyS0 reboot=t panic=-1 quiet pangolin.checkout={} pangolin.rundir={}",
         checkout.display(),
         rundir.display()
     );
+    // Under TCG the test host's TSC is this machine's (QEMU's RDTSC reads the host TSC), but
+    // its kernel often fails to calibrate it (PIT polling is too jittery under emulation, and
+    // microvm,acpi=off has no HPET/PM timer): it then runs with tsc_khz = 0, and its KVM never
+    // enters a guest (kvm_guest_time_update() re-requests KVM_REQ_CLOCK_UPDATE forever, the
+    // vCPU spins in KVM_RUN and the guest prints nothing). Tell it the rate instead.
+    if let Some(khz) = host_tsc_khz() {
+        cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+    }
     let mem = format!("{}M", opts.memory_mib);
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args([
