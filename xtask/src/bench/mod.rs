@@ -76,7 +76,59 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
     stats("  of which guest boot (guest clock)", &mut guest);
     stats("container create+start", &mut create);
     stats("teardown", &mut teardown);
-    vmm_figures(runs, &pangolin)
+    vmm_figures(runs, &pangolin)?;
+    nested_figures(runs.min(3), &pangolin, &g.rootfs)
+}
+
+/// Boot to agent ready for both backends on the nested test host's hardware-virt KVM.
+fn nested_figures(
+    runs: usize,
+    pangolin: &std::path::Path,
+    rootfs: &std::path::Path,
+) -> anyhow::Result<()> {
+    crate::testhost::build()?;
+    let one = |kind: &str| {
+        format!(
+            "{} run --hypervisor {kind} --timings --rootfs {} -- true 2>&1 | sed -n 's/^pangolin-timings: /{kind} /p'",
+            pangolin.display(),
+            rootfs.display()
+        )
+    };
+    let mut script = String::new();
+    for _ in 0..runs {
+        script.push_str(&one("builtin"));
+        script.push_str("; ");
+        script.push_str(&one("qemu"));
+        script.push_str("; ");
+    }
+    script.push_str("true");
+    let xtask = std::env::current_exe().context("xtask path")?;
+    let out = Command::new(xtask)
+        .args(["testhost", "--timeout", "600", "--", "sh", "-c", &script])
+        .output()
+        .context("running the test host")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!();
+    println!("Nested test host (TCG + emulated SVM, hardware-virt KVM inside), {runs} runs each, alternating");
+    for kind in ["builtin", "qemu"] {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(kind).map(str::trim))
+            .filter(|l| l.starts_with('{'))
+            .collect();
+        if lines.is_empty() {
+            println!("{kind:<28} no result (test host: {})", out.status);
+            continue;
+        }
+        let mut boot: Vec<f64> = lines.iter().filter_map(|l| field(l, "boot_ms")).collect();
+        let mut guest: Vec<f64> = lines
+            .iter()
+            .filter_map(|l| field(l, "guest_agent_ready_ms"))
+            .collect();
+        stats(&format!("{kind}: VM start to agent"), &mut boot);
+        stats(&format!("{kind}:   guest clock"), &mut guest);
+    }
+    Ok(())
 }
 
 /// Built-in VMM vs QEMU microvm on the local KVM, alternating.

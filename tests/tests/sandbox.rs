@@ -1,4 +1,4 @@
-//! The agent API end to end through the host library: one sandbox (real VM on QEMU), a
+//! The agent API end to end through the host library: one sandbox (real VM, either backend), a
 //! long-running container, and exec, pause/resume, stats, update, process list and removal.
 
 #![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
