@@ -78,7 +78,7 @@ fn suite_binary(name: &str) -> std::path::PathBuf {
 #[test]
 fn builtin_vmm_passes_the_run_and_sandbox_suites_in_the_nested_test_host() {
     let script = format!(
-        "export {}=builtin; {} --test-threads=1 && {} --test-threads=1 && \
+        "export {}=builtin; {} --test-threads=1 --color never && {} --test-threads=1 --color never && \
          echo \"leftover-vmm=$(pgrep -c pangolin-vmm)\"",
         pangolin_e2e::HYPERVISOR_ENV,
         suite_binary("run").display(),
