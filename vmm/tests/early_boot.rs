@@ -31,17 +31,44 @@ fn request(sock: &Path, line: &str) -> String {
 
 #[test]
 fn guest_kernel_reaches_console_setup_with_our_cmdline_e820_and_mptable() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "this test needs /dev/kvm: the built-in VMM runs on KVM only"
-    );
     let kernel = guest_dir().join("vmlinux");
     assert!(
         kernel.exists(),
         "{} missing: run `cargo xtask guest`",
         kernel.display()
     );
-    let dir = std::env::temp_dir().join(format!("pangolin-vmm-early-{}", std::process::id()));
+    early_boot(&kernel, "pvh", "Pvh");
+}
+
+/// The same kernel without its PVH note boots through the Linux 64-bit boot protocol (zero page,
+/// identity-mapped long mode).
+#[test]
+fn kernel_without_pvh_note_boots_through_the_64_bit_protocol() {
+    let kernel = guest_dir().join("vmlinux");
+    assert!(
+        kernel.exists(),
+        "{} missing: run `cargo xtask guest`",
+        kernel.display()
+    );
+    let stripped =
+        std::env::temp_dir().join(format!("pangolin-vmlinux-nopvh-{}", std::process::id()));
+    let status = Command::new("objcopy")
+        .args(["-R", ".notes"])
+        .arg(&kernel)
+        .arg(&stripped)
+        .status()
+        .expect("objcopy (binutils) is needed to strip the PVH note");
+    assert!(status.success(), "objcopy failed");
+    early_boot(&stripped, "linux64", "Linux64");
+    let _ = std::fs::remove_file(&stripped);
+}
+
+fn early_boot(kernel: &Path, tag: &str, entry: &str) {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "this test needs /dev/kvm: the built-in VMM runs on KVM only"
+    );
+    let dir = std::env::temp_dir().join(format!("pangolin-vmm-early-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     let console = dir.join("console.log");
@@ -119,6 +146,7 @@ fn guest_kernel_reaches_console_setup_with_our_cmdline_e820_and_mptable() {
         "stop request exit status; stderr:\n{stderr}"
     );
     assert!(stderr.contains("guest started"), "{stderr}");
+    assert!(stderr.contains(&format!("entry={entry}")), "{stderr}");
 }
 
 #[test]
