@@ -8,5 +8,6 @@ pub mod daemon;
 pub mod host;
 pub mod hypervisor;
 pub mod sandbox;
+pub mod shimv2;
 pub mod spec;
 pub mod vsock;

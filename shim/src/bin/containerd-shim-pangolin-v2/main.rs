@@ -1,0 +1,18 @@
+//! `containerd-shim-pangolin-v2`: the containerd shim v2 binary (runtime `io.containerd.pangolin.v2`).
+//! Everything is in `pangolin_shim::shimv2`.
+
+use pangolin_shim::shimv2::{service::Service, RUNTIME_ID};
+
+#[tokio::main]
+async fn main() {
+    if std::env::args()
+        .skip(1)
+        .any(|a| a == "-v" || a == "--version" || a == "-version")
+    {
+        println!("containerd-shim-pangolin-v2:");
+        println!("  Runtime: {RUNTIME_ID}");
+        println!("  Version: {}", env!("CARGO_PKG_VERSION"));
+        return;
+    }
+    containerd_shim::asynchronous::run::<Service>(RUNTIME_ID, None).await;
+}

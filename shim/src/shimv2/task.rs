@@ -1,0 +1,253 @@
+//! The ttrpc Task service: thin, maps each request onto [`Pod`] and errors onto ttrpc codes.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::protos::api::{
+    CheckpointTaskRequest, CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest,
+    CreateTaskResponse, DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest,
+    PauseRequest, PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest,
+    StartRequest, StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse,
+    UpdateTaskRequest, WaitRequest, WaitResponse,
+};
+use containerd_shim::protos::shim_async::Task;
+use containerd_shim::protos::ttrpc::{self, r#async::TtrpcContext, Code};
+
+use super::io::StdioPaths;
+use super::pod::{Pod, PodError};
+
+/// The task service of one shim.
+pub struct TaskService {
+    pod: Arc<Pod>,
+    exit: Arc<ExitSignal>,
+}
+
+impl TaskService {
+    /// Service over `pod`; `exit` ends the shim.
+    pub fn new(pod: Arc<Pod>, exit: Arc<ExitSignal>) -> Self {
+        Self { pod, exit }
+    }
+}
+
+/// One mapping from pod errors to ttrpc status codes.
+fn status(e: PodError) -> ttrpc::Error {
+    let code = match &e {
+        PodError::NotFound(_) => Code::NOT_FOUND,
+        PodError::Exists(_) => Code::ALREADY_EXISTS,
+        PodError::State(_) => Code::FAILED_PRECONDITION,
+        PodError::Invalid { .. } => Code::INVALID_ARGUMENT,
+        PodError::Agent(a) => a.code().unwrap_or(Code::INTERNAL),
+        _ => Code::INTERNAL,
+    };
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    tracing::warn!(%msg, "request failed");
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
+}
+
+fn ts(ns: u64) -> protobuf::MessageField<protobuf::well_known_types::timestamp::Timestamp> {
+    let mut t = protobuf::well_known_types::timestamp::Timestamp::new();
+    t.seconds = i64::try_from(ns / 1_000_000_000).unwrap_or(i64::MAX);
+    t.nanos = i32::try_from(ns % 1_000_000_000).unwrap_or(0);
+    protobuf::MessageField::some(t)
+}
+
+#[async_trait]
+impl Task for TaskService {
+    async fn create(
+        &self,
+        _: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> ttrpc::Result<CreateTaskResponse> {
+        tracing::info!(id = %req.id, bundle = %req.bundle, "create");
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        self.pod
+            .create(&req.id, &req.bundle, &req.rootfs, stdio)
+            .await
+            .map_err(status)?;
+        let mut resp = CreateTaskResponse::new();
+        resp.pid = std::process::id();
+        Ok(resp)
+    }
+
+    async fn start(&self, _: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
+        let pid = self
+            .pod
+            .start(&req.id, &req.exec_id)
+            .await
+            .map_err(status)?;
+        let mut resp = StartResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    async fn delete(&self, _: &TtrpcContext, req: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
+        let (pid, exit) = self
+            .pod
+            .delete(&req.id, &req.exec_id)
+            .await
+            .map_err(status)?;
+        let mut resp = DeleteResponse::new();
+        resp.pid = pid;
+        resp.exit_status = exit.status;
+        resp.exited_at = ts(exit.at_unix_ns);
+        Ok(resp)
+    }
+
+    async fn pids(&self, _: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
+        let pids = self.pod.pids(&req.id).await.map_err(status)?;
+        let mut resp = PidsResponse::new();
+        resp.processes = pids
+            .into_iter()
+            .map(|pid| {
+                let mut p = containerd_shim::protos::api::ProcessInfo::new();
+                p.pid = pid;
+                p
+            })
+            .collect();
+        Ok(resp)
+    }
+
+    async fn pause(&self, _: &TtrpcContext, req: PauseRequest) -> ttrpc::Result<Empty> {
+        self.pod.set_paused(&req.id, true).await.map_err(status)?;
+        Ok(Empty::new())
+    }
+
+    async fn resume(&self, _: &TtrpcContext, req: ResumeRequest) -> ttrpc::Result<Empty> {
+        self.pod.set_paused(&req.id, false).await.map_err(status)?;
+        Ok(Empty::new())
+    }
+
+    async fn checkpoint(&self, _: &TtrpcContext, _: CheckpointTaskRequest) -> ttrpc::Result<Empty> {
+        Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+            Code::UNIMPLEMENTED,
+            "checkpoint is not supported by the pangolin runtime yet",
+        )))
+    }
+
+    async fn kill(&self, _: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
+        self.pod
+            .kill(&req.id, &req.exec_id, req.signal, req.all)
+            .await
+            .map_err(status)?;
+        Ok(Empty::new())
+    }
+
+    async fn exec(&self, _: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
+        let json = String::from_utf8(spec).map_err(|_| {
+            status(PodError::Invalid {
+                what: "exec spec",
+                why: "not UTF-8 JSON".into(),
+            })
+        })?;
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        self.pod
+            .add_exec(&req.id, &req.exec_id, json, stdio)
+            .await
+            .map_err(status)?;
+        Ok(Empty::new())
+    }
+
+    async fn resize_pty(&self, _: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        let rows = u16::try_from(req.height).unwrap_or(u16::MAX);
+        let cols = u16::try_from(req.width).unwrap_or(u16::MAX);
+        self.pod
+            .resize(&req.id, &req.exec_id, rows, cols)
+            .await
+            .map_err(status)?;
+        Ok(Empty::new())
+    }
+
+    async fn close_io(&self, _: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
+        if req.stdin {
+            self.pod
+                .close_stdin(&req.id, &req.exec_id)
+                .await
+                .map_err(status)?;
+        }
+        Ok(Empty::new())
+    }
+
+    async fn update(&self, _: &TtrpcContext, req: UpdateTaskRequest) -> ttrpc::Result<Empty> {
+        let json = req
+            .resources
+            .as_ref()
+            .map(|a| String::from_utf8_lossy(&a.value).into_owned())
+            .unwrap_or_default();
+        self.pod.update(&req.id, json).await.map_err(status)?;
+        Ok(Empty::new())
+    }
+
+    async fn wait(&self, _: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
+        let exit = self.pod.wait(&req.id, &req.exec_id).await.map_err(status)?;
+        let mut resp = WaitResponse::new();
+        resp.exit_status = exit.status;
+        resp.exited_at = ts(exit.at_unix_ns);
+        Ok(resp)
+    }
+
+    async fn state(&self, _: &TtrpcContext, req: StateRequest) -> ttrpc::Result<StateResponse> {
+        let v = self.pod.view(&req.id, &req.exec_id).map_err(status)?;
+        let mut resp = StateResponse::new();
+        resp.id = req.id.clone();
+        resp.exec_id = req.exec_id.clone();
+        resp.bundle = v.bundle;
+        resp.pid = v.pid;
+        resp.status = v.status.into();
+        resp.stdin = v.stdio.stdin;
+        resp.stdout = v.stdio.stdout;
+        resp.stderr = v.stdio.stderr;
+        resp.terminal = v.stdio.terminal;
+        if let Some(exit) = v.exit {
+            resp.exit_status = exit.status;
+            resp.exited_at = ts(exit.at_unix_ns);
+        }
+        Ok(resp)
+    }
+
+    async fn stats(&self, _: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
+        let stats = self.pod.stats(&req.id).await.map_err(status)?;
+        let mut resp = StatsResponse::new();
+        resp.stats = protobuf::MessageField::some(super::metrics::to_any(&stats).map_err(status)?);
+        Ok(resp)
+    }
+
+    async fn connect(
+        &self,
+        _: &TtrpcContext,
+        req: ConnectRequest,
+    ) -> ttrpc::Result<ConnectResponse> {
+        let mut resp = ConnectResponse::new();
+        resp.shim_pid = std::process::id();
+        resp.task_pid = self.pod.view(&req.id, "").map(|v| v.pid).unwrap_or(0);
+        Ok(resp)
+    }
+
+    async fn shutdown(&self, _: &TtrpcContext, _: ShutdownRequest) -> ttrpc::Result<Empty> {
+        if self.pod.is_empty() {
+            self.pod.stop_vm().await;
+            self.exit.signal();
+        }
+        Ok(Empty::new())
+    }
+}
