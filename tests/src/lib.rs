@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use pangolin_runtime_config::Config;
 
+pub mod containerd;
+
 /// The checkout's root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

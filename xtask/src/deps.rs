@@ -20,6 +20,10 @@ const APT: &[(&str, &str)] = &[
     ("/bin/busybox", "busybox-static"),
     ("/usr/bin/make", "make"),
     ("/usr/bin/xz", "xz-utils"),
+    // containerd + ctr for the containerd e2e tests (never started as a service: each test runs
+    // a private instance) and runc, the reference runtime those tests compare with.
+    ("/usr/bin/containerd", "containerd"),
+    ("/usr/sbin/runc", "runc"),
 ];
 
 /// vhost-device-vsock, pinned: its CLI is part of our QEMU backend's contract.

@@ -1,6 +1,10 @@
 //! `cargo xtask <command>`: guest | test | demo | bench. See README.md.
 
 mod bench;
+/// The e2e tests' private containerd, shared as source (xtask does not depend on the e2e crate).
+#[path = "../../tests/src/containerd.rs"]
+#[allow(dead_code)]
+mod containerd;
 mod cpio;
 mod deps;
 mod guest;
@@ -11,12 +15,17 @@ use std::process::{Command, ExitCode};
 
 use anyhow::Context;
 
-const USAGE: &str = "usage: cargo xtask <guest|test|demo|bench> [args]
+const USAGE: &str = "usage: cargo xtask <guest|test|demo|bench|ctr|testhost> [args]
   guest   build target/guest/{vmlinux,initramfs.cpio.gz}, the test host's kernel and initramfs,
           and target/rootfs/busybox
   test    install what is missing, build the guest, run every test (real VMs)
   demo    run a container in a microVM and show what happened and how long it took
   bench   time `pangolin run -- true` over repeated runs (median/min/max)
+  ctr ARGS...
+          build the host binaries, start a private containerd (containerd-shim-pangolin-v2 from
+          target/debug on its PATH), import busybox as pangolin.local/busybox:latest, run
+          `ctr ARGS` against it, stop it; e.g. `cargo xtask ctr run --rm --runtime
+          io.containerd.pangolin.v2 pangolin.local/busybox:latest c1 echo hello`
   testhost [--timeout SECS] [--memory MIB] -- CMD...
           run CMD as root in a nested test host (TCG VM with emulated SVM: real KVM inside)";
 
@@ -124,6 +133,40 @@ fn demo() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `cargo xtask ctr ARGS`: one `ctr` command against a private containerd with busybox imported.
+fn ctr(args: &[String]) -> anyhow::Result<ExitCode> {
+    if args.is_empty() {
+        anyhow::bail!("usage: cargo xtask ctr ARGS... (e.g. `image ls`)");
+    }
+    deps::ensure()?;
+    let rootfs = guest::busybox_rootfs(&guest::root().join("target/rootfs/busybox"))?;
+    let pangolin = build_host(false)?;
+    let shim_dir = pangolin.parent().context("target dir")?;
+    let dir =
+        std::env::temp_dir().join(format!("pangolin-xtask-containerd-{}", std::process::id()));
+    let ctrd = containerd::PrivateContainerd::start(&dir, shim_dir)?;
+    ctrd.import_busybox(&rootfs, containerd::BUSYBOX_IMAGE)?;
+    eprintln!(
+        "xtask: private containerd {} (namespace {}, log {})",
+        ctrd.socket.display(),
+        containerd::NAMESPACE,
+        ctrd.log.display()
+    );
+    let status = ctrd
+        .ctr(args)
+        .stdin(std::process::Stdio::inherit())
+        .status()
+        .context("running ctr")?;
+    ctrd.stop()?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(ExitCode::from(
+        status
+            .code()
+            .and_then(|c| u8::try_from(c).ok())
+            .unwrap_or(1),
+    ))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -131,6 +174,12 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
         Some("bench") => bench::bench(&args[1..]),
+        Some("ctr") => {
+            return ctr(&args[1..]).unwrap_or_else(|err| {
+                eprintln!("xtask: {err:#}");
+                ExitCode::FAILURE
+            });
+        }
         Some("testhost") => {
             return match deps::ensure().and_then(|()| testhost::run(&args[1..])) {
                 Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)),
