@@ -46,6 +46,8 @@ pub struct Options {
     pub cri: bool,
     /// TOML appended to the generated configuration (extra plugin sections).
     pub extra_config: String,
+    /// Extra environment for containerd (and so for the shims it starts), e.g. PANGOLIN_CONFIG.
+    pub env: Vec<(String, String)>,
 }
 
 /// A running private containerd; stopped (and its files removed) on drop or [`Self::stop`].
@@ -97,6 +99,7 @@ impl PrivateContainerd {
             .arg("--config")
             .arg(&config_file)
             .env("PATH", path)
+            .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
