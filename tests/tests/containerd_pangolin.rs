@@ -257,3 +257,65 @@ fn killing_the_vmm_makes_the_task_exit() {
     assert!(ctr(&ctrd, &["container", "rm", "vk1"]).status.success());
     finish(ctrd, env);
 }
+
+#[test]
+fn annotations_and_limits_shape_the_vm_and_bad_ones_are_named() {
+    let env = TestEnv::new("ctr-annot");
+    let ctrd = containerd(&env);
+    let out = ctr(
+        &ctrd,
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            PANGOLIN_RUNTIME,
+            "--annotation",
+            "io.pangolin.vcpus=2",
+            "--annotation",
+            "io.pangolin.not-a-knob=whatever",
+            "--memory-limit",
+            "536870912",
+            BUSYBOX_IMAGE,
+            "annot1",
+            "sh",
+            "-c",
+            "echo cpus=$(nproc) mem=$(free -m | awk '/Mem:/{print $2}')",
+        ],
+    );
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        stderr(&out),
+        ctrd.log_tail(20)
+    );
+    assert!(text.contains("cpus=2"), "{text}");
+    let mem: u32 = text
+        .split("mem=")
+        .nth(1)
+        .and_then(|m| m.trim().parse().ok())
+        .expect("mem figure");
+    assert!(mem > 512, "a 512 MiB limit must fit the VM: {text}");
+    let out = ctr(
+        &ctrd,
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            PANGOLIN_RUNTIME,
+            "--annotation",
+            "io.pangolin.vcpus=lots",
+            BUSYBOX_IMAGE,
+            "annot2",
+            "true",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("io.pangolin.vcpus"),
+        "{}",
+        stderr(&out)
+    );
+    let _ = ctr(&ctrd, &["container", "rm", "annot2"]);
+    finish(ctrd, env);
+}

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod pod;
 pub mod rootfs;
 pub mod service;
+pub mod sizing;
 pub mod task;
 
 /// The runtime type containerd knows this shim by.

@@ -163,14 +163,21 @@ impl Pod {
             .ok_or(PodError::State("the pod's VM is not running"))
     }
 
-    /// Boots the VM unless it runs; returns its agent.
-    async fn ensure_vm(self: &Arc<Self>) -> Result<AgentClient, PodError> {
+    /// Boots the VM (shaped by the first task's `spec`) unless it runs; returns its agent.
+    async fn ensure_vm(self: &Arc<Self>, spec: &Spec) -> Result<AgentClient, PodError> {
         let mut vm = self.vm.lock().await;
         if let Some(vm) = vm.as_ref() {
             return Ok(vm.agent.clone());
         }
+        let config = super::sizing::vm_config(&self.config, spec)?;
+        tracing::info!(
+            vcpus = config.hypervisor.vcpus,
+            memory_mib = config.hypervisor.memory_mib,
+            kind = %config.hypervisor.kind,
+            "booting the pod VM"
+        );
         rootfs::prepare_shared(&self.shared)?;
-        let sandbox = match Sandbox::start(&self.id, &self.config, Some(&self.shared)).await {
+        let sandbox = match Sandbox::start(&self.id, &config, Some(&self.shared)).await {
             Ok(s) => s,
             Err(e) => {
                 rootfs::remove_shared(&self.shared);
@@ -246,8 +253,8 @@ impl Pod {
             .as_ref()
             .map(|r| Path::new(bundle).join(r.path()))
             .unwrap_or_else(|| Path::new(bundle).join("rootfs"));
+        let agent = self.ensure_vm(&spec).await?;
         let spec_json = guest_spec(spec)?;
-        let agent = self.ensure_vm().await?;
         rootfs::mount_container(&self.shared, id, &root, mounts).await?;
         let guest_rootfs = format!("{GUEST_SHARED_DIR}/{id}/rootfs");
         if let Err(e) = agent

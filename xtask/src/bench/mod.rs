@@ -76,6 +76,7 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
     stats("  of which guest boot (guest clock)", &mut guest);
     stats("container create+start", &mut create);
     stats("teardown", &mut teardown);
+    containerd_figures(runs, &pangolin, &g.rootfs)?;
     vmm_figures(runs, &pangolin)?;
     nested_figures(runs.min(3), &pangolin, &g.rootfs)
 }
@@ -184,4 +185,65 @@ fn pangolin_host_summary() -> String {
     } else {
         "backend auto".into()
     }
+}
+
+/// P1: `ctr run --rm busybox true` with the pangolin runtime and with runc, alternating.
+fn containerd_figures(
+    runs: usize,
+    pangolin: &std::path::Path,
+    rootfs: &std::path::Path,
+) -> anyhow::Result<()> {
+    use crate::containerd::{PrivateContainerd, BUSYBOX_IMAGE, PANGOLIN_RUNTIME};
+    let shim_dir = pangolin.parent().context("target dir")?;
+    let dir =
+        std::env::temp_dir().join(format!("pangolin-bench-containerd-{}", std::process::id()));
+    let ctrd = PrivateContainerd::start(&dir, shim_dir)?;
+    ctrd.import_busybox(rootfs, BUSYBOX_IMAGE)?;
+    let (mut pg, mut rc) = (vec![], vec![]);
+    for i in 0..runs {
+        for (runtime, out) in [
+            (PANGOLIN_RUNTIME, &mut pg),
+            ("io.containerd.runc.v2", &mut rc),
+        ] {
+            let id = format!(
+                "bench-{i}-{}",
+                if runtime == PANGOLIN_RUNTIME {
+                    "pg"
+                } else {
+                    "runc"
+                }
+            );
+            let t = Instant::now();
+            let status = ctrd
+                .ctr([
+                    "run",
+                    "--rm",
+                    "--runtime",
+                    runtime,
+                    BUSYBOX_IMAGE,
+                    &id,
+                    "true",
+                ])
+                .status()
+                .context("ctr run")?;
+            if !status.success() {
+                bail!(
+                    "ctr run --runtime {runtime} failed ({status}); log: {}",
+                    ctrd.log_tail(20)
+                );
+            }
+            out.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    ctrd.stop()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    println!();
+    println!(
+        "ctr run --rm busybox true through a private containerd, {runs} runs each, alternating"
+    );
+    stats("pangolin (io.containerd.pangolin.v2)", &mut pg);
+    stats("runc (io.containerd.runc.v2)", &mut rc);
+    let med = |v: &[f64]| v[v.len() / 2];
+    println!("{:<28} {:.1}x", "ratio pangolin/runc", med(&pg) / med(&rc));
+    Ok(())
 }
