@@ -137,15 +137,21 @@ fn fuse_init_round_trip_through_virtiofsd() {
         // The guest's kick, as KVM would deliver it through the ioeventfd.
         dev.queue_events()[1].write(1).expect("kick");
     }
+    // Wait for the reply itself: virtiofsd may also signal a queue's call eventfd when it starts
+    // serving it, so an interrupt alone does not mean the request completed.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while interrupt.status() & VIRTIO_MMIO_INT_VRING == 0 {
-        assert!(Instant::now() < deadline, "no interrupt from virtiofsd");
+    let used_idx = |mem: &GuestMemoryMmap| -> u16 {
+        mem.read_obj(request.used_addr().unchecked_add(2))
+            .expect("used idx")
+    };
+    while used_idx(&mem) == 0 || interrupt.status() & VIRTIO_MMIO_INT_VRING == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no reply and interrupt from virtiofsd"
+        );
         ev.run_with_timeout(100).expect("event loop");
     }
-    let used_idx: u16 = mem
-        .read_obj(request.used_addr().unchecked_add(2))
-        .expect("used idx");
-    assert_eq!(used_idx, 1);
+    assert_eq!(used_idx(&mem), 1);
     let mut out = [0u8; 24];
     mem.read_slice(&mut out, GuestAddress(REPLY_BUF))
         .expect("reply");
