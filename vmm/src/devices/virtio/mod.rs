@@ -16,6 +16,7 @@ pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+pub mod single_queue;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};

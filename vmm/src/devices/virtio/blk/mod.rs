@@ -11,19 +11,15 @@ pub mod request;
 
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::{debug, warn};
-use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 pub use self::backend::{DiskBackend, FileDisk, ID_BYTES};
 use self::request::{DiskInfo, SECTOR_SIZE};
-use super::{
-    device_type, ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
-};
-use crate::memory::GuestMemoryMmap;
+use super::single_queue::SingleQueue;
+use super::{device_type, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -41,9 +37,6 @@ const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 const SCRATCH_BYTES: usize = 64 * 1024;
 const CONFIG_LEN: usize = 16;
 
-const ACTIVATE_TOKEN: u32 = 0;
-const QUEUE_TOKEN: u32 = 1;
-
 /// The device could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
@@ -55,32 +48,14 @@ pub enum BlockError {
     EventFd(#[source] io::Error),
 }
 
-/// Device lifecycle.
-enum State {
-    /// Waiting for the driver to set DRIVER_OK (or reset since).
-    Inactive,
-    /// Activated: the queue and memory the driver gave us.
-    Active {
-        /// Guest memory.
-        mem: GuestMemoryMmap,
-        /// The interrupt line.
-        interrupt: Arc<Interrupt>,
-        /// The request queue.
-        queue: Queue,
-    },
-}
-
 /// The virtio-blk device, generic over its disk.
 pub struct Block<D: DiskBackend = FileDisk> {
     disk: D,
     info: DiskInfo,
     config: [u8; CONFIG_LEN],
     scratch: Vec<u8>,
-    queue_evts: [EventFd; 1],
-    activate_evt: EventFd,
+    queue: SingleQueue,
     acked_features: u64,
-    queue_registered: bool,
-    state: State,
 }
 
 impl Block<FileDisk> {
@@ -118,17 +93,13 @@ impl<D: DiskBackend> Block<D> {
         if let Some(seg_max) = rest.get_mut(4..8) {
             seg_max.copy_from_slice(&SEG_MAX.to_le_bytes());
         }
-        let evt = || EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd);
         Ok(Self {
             disk,
             info,
             config,
             scratch: vec![0; SCRATCH_BYTES],
-            queue_evts: [evt()?],
-            activate_evt: evt()?,
+            queue: SingleQueue::new("virtio-blk").map_err(BlockError::EventFd)?,
             acked_features: 0,
-            queue_registered: false,
-            state: State::Inactive,
         })
     }
 
@@ -139,32 +110,9 @@ impl<D: DiskBackend> Block<D> {
 
     /// Serves every available request, then raises the interrupt if any completed.
     fn process_queue(&mut self) {
-        let State::Active {
-            mem,
-            interrupt,
-            queue,
-        } = &mut self.state
-        else {
-            return;
-        };
-        let mut completed = false;
-        while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-            let head = chain.head_index();
-            let result = request::handle(mem, chain, &mut self.disk, self.info, &mut self.scratch);
-            let len = result.unwrap_or_else(|e| {
-                warn!(head, error = %e, "virtio-blk: malformed request");
-                0
-            });
-            match queue.add_used(&*mem, head, len) {
-                Ok(()) => completed = true,
-                Err(e) => warn!(head, error = %e, "virtio-blk: cannot return buffer"),
-            }
-        }
-        if completed {
-            if let Err(e) = interrupt.signal_used_queue() {
-                warn!(error = %e, "virtio-blk: raising the interrupt");
-            }
-        }
+        let (disk, info, scratch) = (&mut self.disk, self.info, &mut self.scratch);
+        self.queue
+            .serve(|mem, chain| request::handle(mem, chain, &mut *disk, info, &mut *scratch));
     }
 }
 
@@ -178,7 +126,7 @@ impl<D: DiskBackend> VirtioDevice for Block<D> {
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        self.queue.queue_events()
     }
 
     fn avail_features(&self) -> u64 {
@@ -206,24 +154,15 @@ impl<D: DiskBackend> VirtioDevice for Block<D> {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let got = ctx.queues.len();
-        let Ok([queue]) = <[Queue; 1]>::try_from(ctx.queues) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        self.state = State::Active {
-            mem: ctx.mem,
-            interrupt: ctx.interrupt,
-            queue,
-        };
-        self.activate_evt.write(1).map_err(ActivateError::Event)
+        self.queue.activate(ctx)
     }
 
     fn is_activated(&self) -> bool {
-        matches!(self.state, State::Active { .. })
+        self.queue.is_activated()
     }
 
     fn reset(&mut self) -> bool {
-        self.state = State::Inactive;
+        self.queue.reset();
         self.acked_features = 0;
         true
     }
@@ -231,38 +170,25 @@ impl<D: DiskBackend> VirtioDevice for Block<D> {
 
 impl<D: DiskBackend> MutEventSubscriber for Block<D> {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            ACTIVATE_TOKEN => {
-                let _ = self.activate_evt.read();
-                if self.is_activated() && !self.queue_registered {
-                    let [queue_evt] = &self.queue_evts;
-                    match ops.add(Events::with_data(queue_evt, QUEUE_TOKEN, EventSet::IN)) {
-                        Ok(()) => self.queue_registered = true,
-                        Err(e) => warn!(error = ?e, "virtio-blk: registering the queue eventfd"),
-                    }
-                }
-            }
-            QUEUE_TOKEN => {
-                let [queue_evt] = &self.queue_evts;
-                let _ = queue_evt.read();
-                self.process_queue();
-            }
-            other => debug!(token = other, "virtio-blk: unexpected event"),
+        if self.queue.process(events, ops) {
+            self.process_queue();
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        let evt = Events::with_data(&self.activate_evt, ACTIVATE_TOKEN, EventSet::IN);
-        if let Err(e) = ops.add(evt) {
-            warn!(error = ?e, "virtio-blk: registering the activation eventfd");
-        }
+        self.queue.init(ops);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    use crate::devices::virtio::Interrupt;
+    use crate::memory::GuestMemoryMmap;
     use std::sync::Mutex;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     use event_manager::{EventManager, SubscriberOps};
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};

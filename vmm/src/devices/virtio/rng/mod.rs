@@ -9,19 +9,17 @@
 mod entropy;
 
 use std::io;
-use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use tracing::{debug, warn};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use tracing::debug;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestMemoryBackend};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 pub use self::entropy::{EntropySource, OsEntropy};
-use super::{
-    device_type, ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
-};
+use super::single_queue::SingleQueue;
+use super::{device_type, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::memory::GuestMemoryMmap;
 
 /// Size of the request queue.
@@ -29,8 +27,6 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Most bytes handed out for one request.
 pub const MAX_REQUEST_BYTES: u32 = 64 * 1024;
 
-const ACTIVATE_TOKEN: u32 = 0;
-const QUEUE_TOKEN: u32 = 1;
 const CHUNK: usize = 4096;
 
 /// The device could not be created.
@@ -61,29 +57,11 @@ enum RequestError {
     Memory(#[source] vm_memory::GuestMemoryError),
 }
 
-/// Device lifecycle.
-enum State {
-    /// Waiting for the driver to set DRIVER_OK (or reset since).
-    Inactive,
-    /// Activated: the queue and memory the driver gave us.
-    Active {
-        /// Guest memory.
-        mem: GuestMemoryMmap,
-        /// The interrupt line.
-        interrupt: Arc<Interrupt>,
-        /// The request queue.
-        queue: Queue,
-    },
-}
-
 /// The virtio-rng device, generic over its entropy source.
 pub struct Rng<E: EntropySource = OsEntropy> {
     entropy: E,
-    queue_evts: [EventFd; 1],
-    activate_evt: EventFd,
+    queue: SingleQueue,
     acked_features: u64,
-    queue_registered: bool,
-    state: State,
 }
 
 impl Rng<OsEntropy> {
@@ -102,44 +80,18 @@ impl<E: EntropySource> Rng<E> {
     /// # Errors
     /// [`RngError`] if an eventfd cannot be created.
     pub fn with_source(entropy: E) -> Result<Self, RngError> {
-        let evt = || EventFd::new(EFD_NONBLOCK).map_err(RngError::EventFd);
         Ok(Self {
             entropy,
-            queue_evts: [evt()?],
-            activate_evt: evt()?,
+            queue: SingleQueue::new("virtio-rng").map_err(RngError::EventFd)?,
             acked_features: 0,
-            queue_registered: false,
-            state: State::Inactive,
         })
     }
 
     /// Serves every available request, then raises the interrupt if any completed.
     fn process_queue(&mut self) {
-        let State::Active {
-            mem,
-            interrupt,
-            queue,
-        } = &mut self.state
-        else {
-            return;
-        };
-        let mut completed = false;
-        while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-            let head = chain.head_index();
-            let len = fill_chain(mem, chain, &mut self.entropy).unwrap_or_else(|e| {
-                warn!(head, error = %e, "virtio-rng: bad request");
-                0
-            });
-            match queue.add_used(&*mem, head, len) {
-                Ok(()) => completed = true,
-                Err(e) => warn!(head, error = %e, "virtio-rng: cannot return buffer"),
-            }
-        }
-        if completed {
-            if let Err(e) = interrupt.signal_used_queue() {
-                warn!(error = %e, "virtio-rng: raising the interrupt");
-            }
-        }
+        let entropy = &mut self.entropy;
+        self.queue
+            .serve(|mem, chain| fill_chain(mem, chain, &mut *entropy));
     }
 }
 
@@ -204,7 +156,7 @@ impl<E: EntropySource> VirtioDevice for Rng<E> {
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        self.queue.queue_events()
     }
 
     fn avail_features(&self) -> u64 {
@@ -224,24 +176,15 @@ impl<E: EntropySource> VirtioDevice for Rng<E> {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let got = ctx.queues.len();
-        let Ok([queue]) = <[Queue; 1]>::try_from(ctx.queues) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        self.state = State::Active {
-            mem: ctx.mem,
-            interrupt: ctx.interrupt,
-            queue,
-        };
-        self.activate_evt.write(1).map_err(ActivateError::Event)
+        self.queue.activate(ctx)
     }
 
     fn is_activated(&self) -> bool {
-        matches!(self.state, State::Active { .. })
+        self.queue.is_activated()
     }
 
     fn reset(&mut self) -> bool {
-        self.state = State::Inactive;
+        self.queue.reset();
         self.acked_features = 0;
         true
     }
@@ -249,38 +192,24 @@ impl<E: EntropySource> VirtioDevice for Rng<E> {
 
 impl<E: EntropySource> MutEventSubscriber for Rng<E> {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            ACTIVATE_TOKEN => {
-                let _ = self.activate_evt.read();
-                if self.is_activated() && !self.queue_registered {
-                    let [queue_evt] = &self.queue_evts;
-                    match ops.add(Events::with_data(queue_evt, QUEUE_TOKEN, EventSet::IN)) {
-                        Ok(()) => self.queue_registered = true,
-                        Err(e) => warn!(error = ?e, "virtio-rng: registering the queue eventfd"),
-                    }
-                }
-            }
-            QUEUE_TOKEN => {
-                let [queue_evt] = &self.queue_evts;
-                let _ = queue_evt.read();
-                self.process_queue();
-            }
-            other => debug!(token = other, "virtio-rng: unexpected event"),
+        if self.queue.process(events, ops) {
+            self.process_queue();
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        let evt = Events::with_data(&self.activate_evt, ACTIVATE_TOKEN, EventSet::IN);
-        if let Err(e) = ops.add(evt) {
-            warn!(error = ?e, "virtio-rng: registering the activation eventfd");
-        }
+        self.queue.init(ops);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    use crate::devices::virtio::Interrupt;
     use std::sync::Mutex;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     use event_manager::{EventManager, SubscriberOps};
     use virtio_queue::desc::RawDescriptor;
@@ -331,10 +260,7 @@ mod tests {
     }
 
     fn irq_status(rng: &Rng<Counter>) -> u32 {
-        match &rng.state {
-            State::Active { interrupt, .. } => interrupt.status(),
-            State::Inactive => 0,
-        }
+        rng.queue.interrupt().map_or(0, |i| i.status())
     }
 
     #[test]
