@@ -46,6 +46,22 @@ fn ctr(ctrd: &PrivateContainerd, args: &[&str]) -> std::process::Output {
     run_bounded(ctrd.ctr(args), Duration::from_secs(180))
 }
 
+/// Runs `cmd` with `input` on its stdin (then closed); returns its output.
+fn with_input(mut cmd: std::process::Command, input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn ctr");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write stdin");
+    child.wait_with_output().expect("wait for ctr")
+}
+
 fn finish(ctrd: PrivateContainerd, env: TestEnv) {
     ctrd.stop()
         .expect("containerd stopped cleanly with nothing left");
@@ -86,7 +102,7 @@ fn ctr_run_rm_prints_output_and_returns_the_exit_code() {
     assert!(text.contains("-pangolin"), "guest kernel: {text}");
     assert_eq!(out.status.code(), Some(3), "stderr: {}", stderr(&out));
     // stdin through the FIFO, closed by CloseIO
-    let mut cmd = ctrd.ctr([
+    let cmd = ctrd.ctr([
         "run",
         "--rm",
         "--runtime",
@@ -95,16 +111,7 @@ fn ctr_run_rm_prints_output_and_returns_the_exit_code() {
         "run2",
         "cat",
     ]);
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("ctr");
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(b"piped-through\n").expect("write");
-    }
-    let out = child.wait_with_output().expect("wait");
+    let out = with_input(cmd, b"piped-through\n");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "piped-through\n",
@@ -140,7 +147,7 @@ fn ctr_task_exec_ps_pause_resume_metrics_kill_delete() {
     let ls = stdout(&ctr(&ctrd, &["task", "ls"]));
     assert!(ls.contains("task1") && ls.contains("RUNNING"), "{ls}");
 
-    let mut cmd = ctrd.ctr([
+    let cmd = ctrd.ctr([
         "task",
         "exec",
         "--exec-id",
@@ -150,16 +157,7 @@ fn ctr_task_exec_ps_pause_resume_metrics_kill_delete() {
         "-c",
         "cat; echo exec-done",
     ]);
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("ctr exec");
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(b"into-exec\n").expect("write");
-    }
-    let out = child.wait_with_output().expect("wait");
+    let out = with_input(cmd, b"into-exec\n");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "into-exec\nexec-done\n",

@@ -151,26 +151,21 @@ fn early_boot(kernel: &Path, tag: &str, entry: &str) {
 
 #[test]
 fn bad_config_is_refused_naming_the_field() {
-    let config = serde_json::json!({
-        "kernel": "/nonexistent", "cmdline": "", "vcpus": 0, "memory_mib": 128,
-        "console_log": "/dev/null",
-    });
-    let out = Command::new(env!("CARGO_BIN_EXE_pangolin-vmm"))
-        .arg("--config-json")
-        .arg(config.to_string())
-        .output()
-        .expect("run");
+    let run = |vcpus: u8| {
+        let config = serde_json::json!({
+            "kernel": "/nonexistent", "cmdline": "", "vcpus": vcpus, "memory_mib": 128,
+            "console_log": "/dev/null",
+        });
+        Command::new(env!("CARGO_BIN_EXE_pangolin-vmm"))
+            .arg("--config-json")
+            .arg(config.to_string())
+            .output()
+            .expect("run")
+    };
+    let out = run(0);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("vcpus"));
-    let config = serde_json::json!({
-        "kernel": "/nonexistent", "cmdline": "", "vcpus": 1, "memory_mib": 128,
-        "console_log": "/dev/null",
-    });
-    let out = Command::new(env!("CARGO_BIN_EXE_pangolin-vmm"))
-        .arg("--config-json")
-        .arg(config.to_string())
-        .output()
-        .expect("run");
+    let out = run(1);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("kernel /nonexistent"));
 }

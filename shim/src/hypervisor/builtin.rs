@@ -11,7 +11,7 @@ use pangolin_vmm::config::{FsConfig, VmConfig, VsockConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use super::{Hypervisor, HypervisorError, Vm, VmSpec};
-use crate::daemon::{log_tail, Daemon};
+use crate::daemon::Daemon;
 
 /// How long a control request may take.
 const API_TIMEOUT: Duration = Duration::from_secs(3);
@@ -80,7 +80,6 @@ impl Hypervisor for Builtin {
             vmm,
             api,
             console: spec.console_log.clone(),
-            log,
         }))
     }
 }
@@ -89,7 +88,6 @@ struct BuiltinVm {
     vmm: Daemon,
     api: PathBuf,
     console: PathBuf,
-    log: PathBuf,
 }
 
 impl BuiltinVm {
@@ -115,21 +113,7 @@ impl Vm for BuiltinVm {
     }
 
     fn check_alive(&mut self) -> Result<(), HypervisorError> {
-        match self.vmm.exited() {
-            None => Ok(()),
-            Some(status) => {
-                let mut tail = log_tail(&self.console, 5);
-                let vmm_log = log_tail(&self.log, 3);
-                if vmm_log != "(empty)" {
-                    tail = format!("{tail}; vmm: {vmm_log}");
-                }
-                Err(HypervisorError::Exited {
-                    status,
-                    console: self.console.clone(),
-                    tail,
-                })
-            }
-        }
+        super::check_vmm(&mut self.vmm, &self.console, "vmm")
     }
 
     async fn shutdown(&mut self, grace: Duration) {

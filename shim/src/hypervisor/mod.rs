@@ -8,13 +8,13 @@
 pub mod builtin;
 pub mod qemu;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pangolin_runtime_config::{Accel, HypervisorKind};
 
-use crate::daemon::DaemonError;
+use crate::daemon::{log_tail, Daemon, DaemonError};
 use crate::host::HostInfo;
 
 /// What to boot.
@@ -100,6 +100,23 @@ pub trait Hypervisor: Send + Sync {
     fn kind(&self) -> HypervisorKind;
     /// Starts the VMM; returns once it runs (not once the guest booted).
     async fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, HypervisorError>;
+}
+
+/// Ok while `vmm` runs; once it exited, the exit with the console's and the VMM log's last lines.
+pub fn check_vmm(vmm: &mut Daemon, console: &Path, label: &str) -> Result<(), HypervisorError> {
+    let Some(status) = vmm.exited() else {
+        return Ok(());
+    };
+    let mut tail = log_tail(console, 5);
+    let vmm_log = log_tail(&vmm.log, 3);
+    if vmm_log != "(empty)" {
+        tail = format!("{tail}; {label}: {vmm_log}");
+    }
+    Err(HypervisorError::Exited {
+        status,
+        console: console.to_path_buf(),
+        tail,
+    })
 }
 
 /// Picks the backend for a configured kind on this host.

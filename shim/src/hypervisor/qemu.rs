@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use pangolin_runtime_config::{Accel, HypervisorKind};
 
 use super::{Hypervisor, HypervisorError, Vm, VmSpec};
-use crate::daemon::{log_tail, resolve_program, Daemon};
+use crate::daemon::{resolve_program, Daemon};
 
 /// How long the vsock daemon may take to create its socket.
 const DAEMON_READY: Duration = Duration::from_secs(10);
@@ -155,21 +155,7 @@ impl Vm for QemuVm {
     }
 
     fn check_alive(&mut self) -> Result<(), HypervisorError> {
-        match self.qemu.exited() {
-            None => Ok(()),
-            Some(status) => {
-                let mut tail = log_tail(&self.console, 5);
-                let qemu_log = log_tail(&self.qemu.log, 3);
-                if qemu_log != "(empty)" {
-                    tail = format!("{tail}; qemu: {qemu_log}");
-                }
-                Err(HypervisorError::Exited {
-                    status,
-                    console: self.console.clone(),
-                    tail,
-                })
-            }
-        }
+        super::check_vmm(&mut self.qemu, &self.console, "qemu")
     }
 
     async fn shutdown(&mut self, grace: Duration) {

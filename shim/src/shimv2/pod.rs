@@ -60,6 +60,18 @@ pub struct Exit {
     pub at_unix_ns: u64,
 }
 
+impl Exit {
+    /// The exit time as containerd's messages carry it.
+    pub fn exited_at(
+        &self,
+    ) -> protobuf::MessageField<protobuf::well_known_types::timestamp::Timestamp> {
+        let mut t = protobuf::well_known_types::timestamp::Timestamp::new();
+        t.seconds = i64::try_from(self.at_unix_ns / 1_000_000_000).unwrap_or(i64::MAX);
+        t.nanos = i32::try_from(self.at_unix_ns % 1_000_000_000).unwrap_or(0);
+        protobuf::MessageField::some(t)
+    }
+}
+
 /// One process (a container's init, or an exec).
 struct Process {
     pid: u32,
@@ -105,12 +117,6 @@ pub struct ProcessView {
     pub exit: Option<Exit>,
 }
 
-/// The VM of the pod, once booted.
-struct Vm {
-    sandbox: Sandbox,
-    agent: AgentClient,
-}
-
 /// Everything one shim process manages.
 pub struct Pod {
     /// Group id: the CRI sandbox id, or the task id for a plain `ctr run`.
@@ -119,7 +125,8 @@ pub struct Pod {
     shared: PathBuf,
     events: Events,
     state: Mutex<HashMap<String, Container>>,
-    vm: tokio::sync::Mutex<Option<Vm>>,
+    /// The pod's VM once booted; also serialises boot and shutdown.
+    vm: tokio::sync::Mutex<Option<Sandbox>>,
     agent: Mutex<Option<AgentClient>>,
 }
 
@@ -127,13 +134,6 @@ fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
-fn timestamp(ns: u64) -> protobuf::well_known_types::timestamp::Timestamp {
-    let mut t = protobuf::well_known_types::timestamp::Timestamp::new();
-    t.seconds = i64::try_from(ns / 1_000_000_000).unwrap_or(i64::MAX);
-    t.nanos = i32::try_from(ns % 1_000_000_000).unwrap_or(0);
-    t
 }
 
 impl Pod {
@@ -166,8 +166,8 @@ impl Pod {
     /// Boots the VM (shaped by the first task's `spec`) unless it runs; returns its agent.
     async fn ensure_vm(self: &Arc<Self>, spec: &Spec) -> Result<AgentClient, PodError> {
         let mut vm = self.vm.lock().await;
-        if let Some(vm) = vm.as_ref() {
-            return Ok(vm.agent.clone());
+        if let Some(sandbox) = vm.as_ref() {
+            return Ok(sandbox.agent().clone());
         }
         let config = super::sizing::vm_config(&self.config, spec)?;
         tracing::info!(
@@ -185,10 +185,7 @@ impl Pod {
             }
         };
         let agent = sandbox.agent().clone();
-        *vm = Some(Vm {
-            sandbox,
-            agent: agent.clone(),
-        });
+        *vm = Some(sandbox);
         *self.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(agent.clone());
         let pod = self.clone();
         tokio::spawn(async move { pod.watch_vmm().await });
@@ -203,8 +200,8 @@ impl Pod {
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let mut vm = self.vm.lock().await;
-            let Some(v) = vm.as_mut() else { return };
-            if v.sandbox.check_alive().is_ok() {
+            let Some(sandbox) = vm.as_mut() else { return };
+            if sandbox.check_alive().is_ok() {
                 continue;
             }
             tracing::error!("the pod's VMM exited; failing its processes");
@@ -390,6 +387,7 @@ impl Pod {
     }
 
     async fn record_exit(&self, id: &str, exec_id: &str, status: u32, at_unix_ns: u64) {
+        let exit = Exit { status, at_unix_ns };
         let pid = {
             let mut state = self.lock();
             let Some(p) = process_mut(&mut state, id, exec_id) else {
@@ -399,7 +397,7 @@ impl Pod {
                 return;
             }
             p.status = Status::STOPPED;
-            p.exit.send_replace(Some(Exit { status, at_unix_ns }));
+            p.exit.send_replace(Some(exit));
             p.pid
         };
         let mut e = containerd_shim::protos::events::task::TaskExit::new();
@@ -411,7 +409,7 @@ impl Pod {
         };
         e.pid = pid;
         e.exit_status = status;
-        e.exited_at = protobuf::MessageField::some(timestamp(at_unix_ns));
+        e.exited_at = exit.exited_at();
         self.events.send(Event::Exit(e)).await;
     }
 
@@ -508,7 +506,7 @@ impl Pod {
         e.container_id = id.into();
         e.pid = view.pid;
         e.exit_status = exit.status;
-        e.exited_at = protobuf::MessageField::some(timestamp(exit.at_unix_ns));
+        e.exited_at = exit.exited_at();
         self.events.send(Event::Delete(e)).await;
         if id == self.id {
             self.stop_vm().await;
@@ -520,8 +518,8 @@ impl Pod {
     pub async fn stop_vm(&self) {
         *self.agent.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let vm = self.vm.lock().await.take();
-        if let Some(vm) = vm {
-            vm.sandbox.shutdown().await;
+        if let Some(sandbox) = vm {
+            sandbox.shutdown().await;
         }
         rootfs::remove_shared(&self.shared);
     }

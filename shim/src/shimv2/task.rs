@@ -50,13 +50,6 @@ fn status(e: PodError) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
 }
 
-fn ts(ns: u64) -> protobuf::MessageField<protobuf::well_known_types::timestamp::Timestamp> {
-    let mut t = protobuf::well_known_types::timestamp::Timestamp::new();
-    t.seconds = i64::try_from(ns / 1_000_000_000).unwrap_or(i64::MAX);
-    t.nanos = i32::try_from(ns % 1_000_000_000).unwrap_or(0);
-    protobuf::MessageField::some(t)
-}
-
 #[async_trait]
 impl Task for TaskService {
     async fn create(
@@ -100,7 +93,7 @@ impl Task for TaskService {
         let mut resp = DeleteResponse::new();
         resp.pid = pid;
         resp.exit_status = exit.status;
-        resp.exited_at = ts(exit.at_unix_ns);
+        resp.exited_at = exit.exited_at();
         Ok(resp)
     }
 
@@ -202,7 +195,7 @@ impl Task for TaskService {
         let exit = self.pod.wait(&req.id, &req.exec_id).await.map_err(status)?;
         let mut resp = WaitResponse::new();
         resp.exit_status = exit.status;
-        resp.exited_at = ts(exit.at_unix_ns);
+        resp.exited_at = exit.exited_at();
         Ok(resp)
     }
 
@@ -220,7 +213,7 @@ impl Task for TaskService {
         resp.terminal = v.stdio.terminal;
         if let Some(exit) = v.exit {
             resp.exit_status = exit.status;
-            resp.exited_at = ts(exit.at_unix_ns);
+            resp.exited_at = exit.exited_at();
         }
         Ok(resp)
     }
