@@ -43,6 +43,9 @@ pub enum SandboxError {
     /// The sandbox's directory could not be prepared.
     #[error("sandbox directory {0}")]
     Workdir(PathBuf, #[source] std::io::Error),
+    /// Unix socket paths under the sandbox directory would exceed the kernel's limit.
+    #[error("runtime.state_dir {0} is too long: sockets under it would exceed {max} bytes", max = SOCKET_PATH_MAX)]
+    StateDirTooLong(PathBuf),
     /// The id is taken by a live or leaked sandbox.
     #[error("sandbox {0} already exists ({1} is present)")]
     Exists(String, PathBuf),
@@ -112,6 +115,27 @@ impl Drop for Parts {
             remove_workdir(&self.workdir);
         }
     }
+}
+
+/// The longest Unix socket path the kernel accepts (`sun_path` is 108 bytes with the NUL).
+const SOCKET_PATH_MAX: usize = 107;
+/// The longest socket name a sandbox creates in its directory (the vsock UDS plus `_<port>`).
+const LONGEST_SOCKET_NAME: usize = "/vhost-vsock.sock".len() + "_4294967295".len();
+/// Ids up to this length name their sandbox directory as they are.
+const MAX_DIR_ID: usize = 32;
+
+/// The sandbox directory of `id` under `state_dir`. Long ids (CRI's are 64 hex digits) become a
+/// 15-character prefix plus a 64-bit FNV-1a hash, so socket paths stay under the kernel's limit
+/// and a dead shim's cleanup finds the same directory.
+pub fn workdir_of(state_dir: &Path, id: &str) -> PathBuf {
+    if id.len() <= MAX_DIR_ID {
+        return state_dir.join(id);
+    }
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let prefix: String = id.chars().take(15).collect();
+    state_dir.join(format!("{prefix}-{hash:016x}"))
 }
 
 fn remove_workdir(dir: &Path) {
@@ -233,7 +257,12 @@ impl Sandbox {
             }
         };
 
-        let workdir = config.runtime.state_dir.join(id);
+        let workdir = workdir_of(&config.runtime.state_dir, id);
+        if workdir.as_os_str().len() + LONGEST_SOCKET_NAME > SOCKET_PATH_MAX {
+            return Err(SandboxError::StateDirTooLong(
+                config.runtime.state_dir.clone(),
+            ));
+        }
         std::fs::create_dir_all(&config.runtime.state_dir)
             .map_err(|e| SandboxError::Workdir(config.runtime.state_dir.clone(), e))?;
         match std::fs::create_dir(&workdir) {
@@ -415,6 +444,22 @@ impl Sandbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_ids_get_short_stable_distinct_directories() {
+        let state = Path::new("/run/pangolin");
+        assert_eq!(workdir_of(state, "c1"), state.join("c1"));
+        let a = "750644d8c45717e00f833ca4a2d6c6f2a034ce708627d9a87788c4693697e392";
+        let b = "750644d8c45717e00f833ca4a2d6c6f2a034ce708627d9a87788c4693697e393";
+        let (da, db) = (workdir_of(state, a), workdir_of(state, b));
+        assert_eq!(da, workdir_of(state, a), "stable");
+        assert_ne!(da, db, "distinct");
+        let name = da.file_name().map(|n| n.len()).unwrap_or_default();
+        assert_eq!(name, 15 + 1 + 16);
+        assert!(da
+            .to_string_lossy()
+            .starts_with("/run/pangolin/750644d8c45717e-"));
+    }
 
     #[test]
     fn cmdline_carries_share_log_level_and_extra_params() {

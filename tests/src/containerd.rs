@@ -22,6 +22,8 @@ use sha2::{Digest, Sha256};
 
 /// The containerd namespace every [`PrivateContainerd::ctr`] command uses.
 pub const NAMESPACE: &str = "pangolin-test";
+/// The namespace CRI works in (the only one it sees).
+pub const CRI_NAMESPACE: &str = "k8s.io";
 /// The runtime type of Pangolin's shim (containerd looks for `containerd-shim-pangolin-v2`).
 pub const PANGOLIN_RUNTIME: &str = "io.containerd.pangolin.v2";
 /// The CRI runtime handler name configured for Pangolin.
@@ -166,11 +168,20 @@ impl PrivateContainerd {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
+        self.ctr_in(NAMESPACE, args)
+    }
+
+    /// [`Self::ctr`] in another containerd namespace.
+    pub fn ctr_in<I, S>(&self, namespace: &str, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
         let mut cmd = Command::new("ctr");
         cmd.arg("--address")
             .arg(&self.socket)
             .arg("--namespace")
-            .arg(NAMESPACE)
+            .arg(namespace)
             .args(args)
             .stdin(Stdio::null());
         cmd
@@ -182,36 +193,37 @@ impl PrivateContainerd {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let mut cmd = self.ctr(args);
-        let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-        if !out.status.success() {
-            bail!(
-                "{cmd:?} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        run_ctr(self.ctr(args))
     }
 
     /// Builds an OCI image layout tarball of `rootfs` (one uncompressed layer, `Cmd ["sh"]`)
     /// named `name` and imports it (`ctr image import`, unpacked for the default snapshotter).
     pub fn import_busybox(&self, rootfs: &Path, name: &str) -> Result<()> {
+        self.import_image(NAMESPACE, rootfs, name, &["sh"])
+    }
+
+    /// Imports `rootfs` as image `name` with command `cmd` into `namespace`.
+    pub fn import_image(
+        &self,
+        namespace: &str,
+        rootfs: &Path,
+        name: &str,
+        cmd: &[&str],
+    ) -> Result<()> {
         let file_name: String = name
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
         let tarball = self.dir.join(format!("{file_name}.oci.tar"));
-        write_oci_archive(rootfs, name, &tarball)?;
+        write_oci_archive(rootfs, name, cmd, &tarball)?;
         let import = [
             std::ffi::OsStr::new("image"),
             "import".as_ref(),
             tarball.as_os_str(),
         ];
-        self.ctr_output(import)
-            .with_context(|| format!("importing {name}"))?;
+        run_ctr(self.ctr_in(namespace, import)).with_context(|| format!("importing {name}"))?;
         let _ = fs::remove_file(&tarball);
-        let listed = self.ctr_output(["image", "ls", "-q"])?;
+        let listed = run_ctr(self.ctr_in(namespace, ["image", "ls", "-q"]))?;
         if !listed.lines().any(|l| l.trim() == name) {
             bail!("{name} missing from `ctr image ls` after the import: {listed}");
         }
@@ -233,28 +245,31 @@ impl PrivateContainerd {
     /// Returns what it found, for the error of [`Self::stop`].
     fn remove_tasks_and_containers(&self) -> Vec<String> {
         let mut found = Vec::new();
-        let list = |what: &str| -> Vec<String> {
-            self.ctr_bounded(&[what, "ls", "-q"])
-                .map(|out| out.split_whitespace().map(str::to_string).collect())
-                .unwrap_or_default()
-        };
-        for id in list("task") {
-            found.push(format!("task {id} left running: killed and deleted"));
-            let _ = self.ctr_bounded(&["task", "kill", "--signal", "SIGKILL", "--all", &id]);
-            let _ = self.ctr_bounded(&["task", "delete", "--force", &id]);
-        }
-        for id in list("container") {
-            found.push(format!("container {id} left: deleted"));
-            let _ = self.ctr_bounded(&["container", "delete", &id]);
+        for ns in [NAMESPACE, CRI_NAMESPACE] {
+            let list = |what: &str| -> Vec<String> {
+                self.ctr_bounded(ns, &[what, "ls", "-q"])
+                    .map(|out| out.split_whitespace().map(str::to_string).collect())
+                    .unwrap_or_default()
+            };
+            for id in list("task") {
+                found.push(format!("task {ns}/{id} left running: killed and deleted"));
+                let _ =
+                    self.ctr_bounded(ns, &["task", "kill", "--signal", "SIGKILL", "--all", &id]);
+                let _ = self.ctr_bounded(ns, &["task", "delete", "--force", &id]);
+            }
+            for id in list("container") {
+                found.push(format!("container {ns}/{id} left: deleted"));
+                let _ = self.ctr_bounded(ns, &["container", "delete", &id]);
+            }
         }
         found
     }
 
     /// A `ctr` command with a time limit ([`CLEANUP_TIMEOUT`]; a broken shim must not hang a
     /// test's cleanup); its stdout.
-    fn ctr_bounded(&self, args: &[&str]) -> Result<String> {
+    fn ctr_bounded(&self, namespace: &str, args: &[&str]) -> Result<String> {
         let mut child = self
-            .ctr(args)
+            .ctr_in(namespace, args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
@@ -351,6 +366,19 @@ impl Drop for PrivateContainerd {
     }
 }
 
+/// Runs a `ctr` command to completion, failing with its stderr; returns its stdout.
+fn run_ctr(mut cmd: Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// `<grpc socket>.ttrpc`, what containerd 1.6 also passes shims as `TTRPC_ADDRESS`.
 fn ttrpc_address(socket: &Path) -> PathBuf {
     let mut s = socket.as_os_str().to_owned();
@@ -396,7 +424,7 @@ pub fn config_toml(dir: &Path, options: &Options) -> String {
 
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{PANGOLIN_HANDLER}]
   runtime_type = "{PANGOLIN_RUNTIME}"
-  pod_annotations = ["io.pangolin/*"]
+  pod_annotations = ["io.pangolin.*"]
 "#
     );
     toml.push_str(&options.extra_config);
@@ -536,8 +564,8 @@ fn append_tree(b: &mut tar::Builder<Vec<u8>>, root: &Path, rel: &Path) -> Result
 }
 
 /// Writes an OCI image layout tarball (oci-layout, index.json, blobs/sha256/...) of `rootfs`
-/// as image `name` (`registry/repo:tag`) for linux/amd64 with `Cmd ["sh"]`.
-pub fn write_oci_archive(rootfs: &Path, name: &str, out: &Path) -> Result<()> {
+/// as image `name` (`registry/repo:tag`) for linux/amd64 with command `cmd`.
+pub fn write_oci_archive(rootfs: &Path, name: &str, cmd: &[&str], out: &Path) -> Result<()> {
     let layer = layer_tar(rootfs)?;
     let layer_digest = format!("sha256:{}", sha256_hex(&layer));
     let config = serde_json::to_vec(&serde_json::json!({
@@ -545,7 +573,7 @@ pub fn write_oci_archive(rootfs: &Path, name: &str, out: &Path) -> Result<()> {
         "os": "linux",
         "config": {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["sh"],
+            "Cmd": cmd,
             "WorkingDir": "/",
         },
         "rootfs": { "type": "layers", "diff_ids": [layer_digest] },

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use pangolin_runtime_config::Config;
 
 pub mod containerd;
+pub mod cri;
 
 /// The checkout's root.
 pub fn root() -> PathBuf {
@@ -149,6 +150,47 @@ impl TestEnv {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// target/<profile>, where the workspace's binaries (the shim among them) are built.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .expect("target dir")
+}
+
+/// A private containerd (in `<env>/containerd`) whose pangolin shims use `env`'s configuration;
+/// `options.env` gets `PANGOLIN_CONFIG`.
+pub fn pangolin_containerd(
+    env: &TestEnv,
+    mut options: containerd::Options,
+) -> containerd::PrivateContainerd {
+    let shim = target_dir().join("containerd-shim-pangolin-v2");
+    assert!(
+        shim.exists(),
+        "{} missing: build the workspace",
+        shim.display()
+    );
+    options.env.push((
+        "PANGOLIN_CONFIG".into(),
+        env.config_file.display().to_string(),
+    ));
+    containerd::PrivateContainerd::start_with(&env.dir.join("containerd"), &target_dir(), &options)
+        .expect("start containerd")
+}
+
+/// Stops `ctrd` (failing on anything it had to clean up), asserts nothing is mounted under the
+/// test directory, then [`TestEnv::finish`].
+pub fn finish_containerd(ctrd: containerd::PrivateContainerd, env: TestEnv) {
+    ctrd.stop()
+        .expect("containerd stopped cleanly with nothing left");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let needle = env.dir.to_string_lossy().to_string();
+    let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&needle)).collect();
+    assert!(left.is_empty(), "left mounted: {left:?}");
+    env.finish();
 }
 
 /// Serialises a configuration to TOML.

@@ -4,39 +4,17 @@
 
 #![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
 
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use pangolin_e2e::containerd::{Options, PrivateContainerd, BUSYBOX_IMAGE, PANGOLIN_RUNTIME};
-use pangolin_e2e::{busybox, run_bounded, stderr, stdout, TestEnv};
-
-/// target/<profile>, where `containerd-shim-pangolin-v2` is built.
-fn shim_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .expect("target dir")
-}
+use pangolin_e2e::{
+    busybox, finish_containerd, pangolin_containerd, run_bounded, stderr, stdout, TestEnv,
+};
 
 /// A private containerd whose shims use `env`'s configuration, with busybox imported.
 fn containerd(env: &TestEnv) -> PrivateContainerd {
-    let shim = shim_dir().join("containerd-shim-pangolin-v2");
-    assert!(
-        shim.exists(),
-        "{} missing: build the workspace",
-        shim.display()
-    );
-    let options = Options {
-        env: vec![(
-            "PANGOLIN_CONFIG".into(),
-            env.config_file.display().to_string(),
-        )],
-        ..Options::default()
-    };
-    let ctrd = PrivateContainerd::start_with(&env.dir.join("containerd"), &shim_dir(), &options)
-        .expect("start containerd");
+    let ctrd = pangolin_containerd(env, Options::default());
     ctrd.import_busybox(&busybox(), BUSYBOX_IMAGE)
         .expect("import busybox");
     ctrd
@@ -60,16 +38,6 @@ fn with_input(mut cmd: std::process::Command, input: &[u8]) -> std::process::Out
         .write_all(input)
         .expect("write stdin");
     child.wait_with_output().expect("wait for ctr")
-}
-
-fn finish(ctrd: PrivateContainerd, env: TestEnv) {
-    ctrd.stop()
-        .expect("containerd stopped cleanly with nothing left");
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let needle = env.dir.to_string_lossy().to_string();
-    let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&needle)).collect();
-    assert!(left.is_empty(), "left mounted: {left:?}");
-    env.finish();
 }
 
 #[test]
@@ -118,7 +86,7 @@ fn ctr_run_rm_prints_output_and_returns_the_exit_code() {
         "{}",
         stderr(&out)
     );
-    finish(ctrd, env);
+    finish_containerd(ctrd, env);
 }
 
 #[test]
@@ -207,7 +175,7 @@ fn ctr_task_exec_ps_pause_resume_metrics_kill_delete() {
     }
     assert!(ctr(&ctrd, &["task", "delete", "task1"]).status.success());
     assert!(ctr(&ctrd, &["container", "rm", "task1"]).status.success());
-    finish(ctrd, env);
+    finish_containerd(ctrd, env);
 }
 
 #[test]
@@ -253,7 +221,7 @@ fn killing_the_vmm_makes_the_task_exit() {
     );
     assert!(ctr(&ctrd, &["task", "delete", "vk1"]).status.success());
     assert!(ctr(&ctrd, &["container", "rm", "vk1"]).status.success());
-    finish(ctrd, env);
+    finish_containerd(ctrd, env);
 }
 
 #[test]
@@ -315,5 +283,5 @@ fn annotations_and_limits_shape_the_vm_and_bad_ones_are_named() {
         stderr(&out)
     );
     let _ = ctr(&ctrd, &["container", "rm", "annot2"]);
-    finish(ctrd, env);
+    finish_containerd(ctrd, env);
 }

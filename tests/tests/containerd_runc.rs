@@ -115,8 +115,8 @@ fn the_image_archive_is_reproducible() {
     let dir = test_dir("containerd-oci");
     std::fs::create_dir_all(&dir).expect("mkdir");
     let (a, b) = (dir.join("a.tar"), dir.join("b.tar"));
-    containerd::write_oci_archive(&busybox(), BUSYBOX_IMAGE, &a).expect("archive a");
-    containerd::write_oci_archive(&busybox(), BUSYBOX_IMAGE, &b).expect("archive b");
+    containerd::write_oci_archive(&busybox(), BUSYBOX_IMAGE, &["sh"], &a).expect("archive a");
+    containerd::write_oci_archive(&busybox(), BUSYBOX_IMAGE, &["sh"], &b).expect("archive b");
     assert_eq!(
         std::fs::read(&a).expect("read a"),
         std::fs::read(&b).expect("read b")

@@ -24,6 +24,10 @@ const APT: &[(&str, &str)] = &[
     // a private instance) and runc, the reference runtime those tests compare with.
     ("/usr/bin/containerd", "containerd"),
     ("/usr/sbin/runc", "runc"),
+    // protoc for the CRI client the e2e tests build (k8s-cri generates its code at build time),
+    // and the CNI plugins CRI pods get their network from (bridge + host-local).
+    ("/usr/bin/protoc", "protobuf-compiler"),
+    ("/usr/lib/cni/bridge", "containernetworking-plugins"),
 ];
 
 /// vhost-device-vsock, pinned: its CLI is part of our QEMU backend's contract.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use containerd_shim::protos::api::{Mount, Status};
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Spec};
 use pangolin_protocols::GUEST_SHARED_DIR;
 use pangolin_runtime_config::Config;
 use tokio::sync::watch;
@@ -623,15 +623,25 @@ fn process_mut<'a>(
 }
 
 /// The bundle's spec as the guest should see it: host namespace paths and hooks dropped (they
-/// name host objects), host bind mounts dropped until volumes are shared (pod volumes issue).
+/// name host objects), a private cgroup namespace (the guest is cgroup v2, where containerd and
+/// Docker give each container its own, so `/sys/fs/cgroup` shows the container's limits), host
+/// bind mounts dropped until volumes are shared (pod volumes issue).
 pub fn guest_spec(mut spec: Spec) -> Result<String, PodError> {
     spec.set_hooks(None);
     if let Some(linux) = spec.linux_mut() {
-        if let Some(namespaces) = linux.namespaces_mut() {
-            for ns in namespaces.iter_mut() {
-                ns.set_path(None);
-            }
+        let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+        for ns in &mut namespaces {
+            ns.set_path(None);
         }
+        if !namespaces
+            .iter()
+            .any(|ns| ns.typ() == LinuxNamespaceType::Cgroup)
+        {
+            let mut cgroup = LinuxNamespace::default();
+            cgroup.set_typ(LinuxNamespaceType::Cgroup);
+            namespaces.push(cgroup);
+        }
+        linux.set_namespaces(Some(namespaces));
     }
     if let Some(mounts) = spec.mounts_mut() {
         mounts.retain(|m| {
@@ -647,4 +657,41 @@ pub fn guest_spec(mut spec: Spec) -> Result<String, PodError> {
         what: "bundle config.json",
         why: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_spec_drops_host_objects_and_adds_a_cgroup_namespace() {
+        let spec: Spec = serde_json::from_str(
+            r#"{"ociVersion":"1.0.2",
+                "hooks":{"createRuntime":[{"path":"/usr/bin/true"}]},
+                "mounts":[{"destination":"/proc","type":"proc","source":"proc"},
+                          {"destination":"/etc/hosts","type":"bind","source":"/var/lib/x/hosts","options":["rbind","ro"]}],
+                "linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1"}]}}"#,
+        )
+        .expect("spec");
+        let out: serde_json::Value =
+            serde_json::from_str(&guest_spec(spec).expect("guest spec")).expect("json");
+        assert!(
+            out.get("hooks").is_none_or(serde_json::Value::is_null),
+            "{out}"
+        );
+        let mounts = out["mounts"].as_array().expect("mounts");
+        assert_eq!(mounts.len(), 1, "host bind mount dropped: {mounts:?}");
+        let nss = out["linux"]["namespaces"].as_array().expect("namespaces");
+        let types: Vec<&str> = nss.iter().filter_map(|n| n["type"].as_str()).collect();
+        assert_eq!(types, ["pid", "network", "cgroup"]);
+        assert!(nss.iter().all(|n| n.get("path").is_none()), "{nss:?}");
+
+        // An existing cgroup namespace is kept, not doubled.
+        let spec: Spec = serde_json::from_str(
+            r#"{"ociVersion":"1.0.2","linux":{"namespaces":[{"type":"cgroup"}]}}"#,
+        )
+        .expect("spec");
+        let out = guest_spec(spec).expect("guest spec");
+        assert_eq!(out.matches("\"cgroup\"").count(), 1, "{out}");
+    }
 }

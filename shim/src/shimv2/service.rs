@@ -79,7 +79,10 @@ impl Shim for Service {
             super::rootfs::unmount_container(&shared, &self.id);
             if group == self.id {
                 super::rootfs::remove_shared(&shared);
-                let _ = std::fs::remove_dir_all(loaded.config.runtime.state_dir.join(&group));
+                let _ = std::fs::remove_dir_all(crate::sandbox::workdir_of(
+                    &loaded.config.runtime.state_dir,
+                    &group,
+                ));
             }
         }
         let mut resp = DeleteResponse::new();

@@ -1,0 +1,275 @@
+//! A Kubernetes CRI client (the `k8s-cri` crate's v1 API over containerd's gRPC socket) and
+//! what a CRI pod needs on this machine without a cluster: a bridge CNI network of its own, a
+//! pause image, pod and container configurations.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, ImageSpec, LinuxContainerConfig, LinuxContainerResources,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListPodSandboxRequest, NamespaceMode,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest,
+    StopPodSandboxRequest,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::containerd::{PrivateContainerd, BUSYBOX_IMAGE, CRI_NAMESPACE, PAUSE_IMAGE};
+
+/// The two CRI services of one containerd.
+pub struct Cri {
+    /// Pods and containers.
+    pub runtime: RuntimeServiceClient<Channel>,
+    /// Images (status, list).
+    pub images: ImageServiceClient<Channel>,
+}
+
+impl Cri {
+    /// Connects to containerd's gRPC socket (where its CRI plugin serves).
+    pub async fn connect(socket: &Path) -> Result<Cri> {
+        let path = socket.to_path_buf();
+        let channel = Endpoint::try_from("http://[::]:0")?
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .with_context(|| format!("connecting to CRI at {}", socket.display()))?;
+        Ok(Cri {
+            runtime: RuntimeServiceClient::new(channel.clone()),
+            images: ImageServiceClient::new(channel),
+        })
+    }
+}
+
+/// Stops and removes every pod CRI knows (a failed test's leftovers: their network
+/// namespaces and CNI leases are only released through CRI). Returns the ids it found.
+pub async fn remove_all_pods(socket: &Path) -> Vec<String> {
+    let Ok(mut cri) = Cri::connect(socket).await else {
+        return Vec::new();
+    };
+    let pods = cri
+        .runtime
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .map(|r| r.into_inner().items)
+        .unwrap_or_default();
+    let mut found = Vec::new();
+    for pod in pods {
+        let _ = cri
+            .runtime
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.id.clone(),
+            })
+            .await;
+        let _ = cri
+            .runtime
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod.id.clone(),
+            })
+            .await;
+        found.push(pod.id);
+    }
+    found
+}
+
+/// A private bridge network for CRI pods: a CNI config in containerd's CNI config directory
+/// (`<containerd dir>/cni`, see [`crate::containerd::config_toml`]), IPAM state in the same
+/// directory, its own bridge and subnet, no masquerade. Removes the bridge on drop (the bridge
+/// plugin creates it and never deletes it).
+pub struct BridgeNetwork {
+    /// The Linux bridge the plugin creates (at most 15 bytes).
+    pub bridge: String,
+    /// The pod subnet (`10.x.y.0/24`).
+    pub subnet: String,
+    /// Where host-local keeps its leases.
+    pub ipam_dir: PathBuf,
+}
+
+impl BridgeNetwork {
+    /// Writes the network for a containerd that will live in `containerd_dir`; `tag` (1-255)
+    /// makes the bridge name and subnet unique among concurrent tests.
+    pub fn create(containerd_dir: &Path, name: &str, tag: u8) -> Result<BridgeNetwork> {
+        let bridge = format!("pgn-cri{tag}");
+        let subnet = format!("10.231.{tag}.0/24");
+        let ipam_dir = containerd_dir.join("cni-ipam");
+        let conf_dir = containerd_dir.join("cni");
+        fs::create_dir_all(&conf_dir)?;
+        let conflist = serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": name,
+            "plugins": [{
+                "type": "bridge",
+                "bridge": bridge,
+                "isGateway": true,
+                "ipMasq": false,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{ "subnet": subnet }]],
+                    "routes": [{ "dst": "0.0.0.0/0" }],
+                    "dataDir": ipam_dir,
+                },
+            }],
+        });
+        fs::write(
+            conf_dir.join("10-pangolin-test.conflist"),
+            serde_json::to_vec_pretty(&conflist)?,
+        )?;
+        Ok(BridgeNetwork {
+            bridge,
+            subnet,
+            ipam_dir,
+        })
+    }
+
+    /// Leases host-local still holds (one file per allocated IP).
+    pub fn leases(&self) -> Vec<String> {
+        let Ok(dirs) = fs::read_dir(&self.ipam_dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for net in dirs.flatten() {
+            for f in fs::read_dir(net.path()).into_iter().flatten().flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if name.contains('.') && !name.starts_with("last_reserved_ip") {
+                    out.push(name);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for BridgeNetwork {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "delete", &self.bridge])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Imports busybox (`sh`) and the pause image (busybox sleeping) into CRI's namespace.
+pub fn import_images(ctrd: &PrivateContainerd, busybox: &Path) -> Result<()> {
+    ctrd.import_image(CRI_NAMESPACE, busybox, BUSYBOX_IMAGE, &["sh"])?;
+    ctrd.import_image(
+        CRI_NAMESPACE,
+        busybox,
+        PAUSE_IMAGE,
+        &["sleep", "2147483647"],
+    )
+}
+
+/// A pod in its own network namespace (CNI), pid and ipc namespaces per pod.
+pub fn pod_config(
+    name: &str,
+    log_directory: &Path,
+    annotations: HashMap<String, String>,
+) -> PodSandboxConfig {
+    let pod = NamespaceMode::Pod as i32;
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "pangolin-test".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: log_directory.display().to_string(),
+        annotations,
+        linux: Some(LinuxPodSandboxConfig {
+            cgroup_parent: "/pangolin-test".into(),
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: pod,
+                    pid: pod,
+                    ipc: pod,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A busybox container running `command`, logging to `<pod log dir>/<name>.log`.
+pub fn container_config(name: &str, command: &[&str]) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: BUSYBOX_IMAGE.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| (*s).to_string()).collect(),
+        log_path: format!("{name}.log"),
+        linux: Some(LinuxContainerConfig {
+            resources: Some(LinuxContainerResources::default()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The `stdout`/`stderr` lines of a CRI log file (`<RFC3339Nano> <stream> <P|F> <text>`), as
+/// `(stream, text)`; a malformed line is an error.
+pub fn parse_log(path: &Path) -> Result<Vec<(String, String)>> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(4, ' ');
+        let (Some(ts), Some(stream), Some(tag), Some(msg)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            bail!("malformed CRI log line {line:?}");
+        };
+        if !ts.contains('T') || !matches!(tag, "P" | "F") {
+            bail!("malformed CRI log line {line:?}");
+        }
+        out.push((stream.to_string(), msg.to_string()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cri_log_lines_parse_and_bad_ones_are_errors() {
+        let dir = std::env::temp_dir().join(format!("cri-log-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("mkdir");
+        let f = dir.join("c.log");
+        fs::write(
+            &f,
+            "2026-11-23T20:00:00.123456789Z stdout F hello world\n\
+             2026-11-23T20:00:00.2Z stderr P part\n",
+        )
+        .expect("write");
+        let lines = parse_log(&f).expect("parse");
+        assert_eq!(
+            lines,
+            vec![
+                ("stdout".into(), "hello world".into()),
+                ("stderr".into(), "part".into())
+            ]
+        );
+        fs::write(&f, "hello\n").expect("write");
+        assert!(parse_log(&f).is_err());
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,440 @@
+//! Kubernetes CRI pods on the pangolin runtime handler, through a real CRI client (`k8s-cri`)
+//! against a real private containerd with a bridge CNI network: one microVM per pod shared by
+//! its containers, ExecSync, CRI logs, stats, resource updates, status, stop and removal with
+//! nothing left behind.
+
+#![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1::{
+    ContainerConfig, ContainerState, ContainerStatsRequest, ContainerStatusRequest,
+    CreateContainerRequest, ExecSyncRequest, LinuxContainerResources, ListContainersRequest,
+    ListPodSandboxRequest, PodSandboxConfig, PodSandboxState, PodSandboxStatusRequest,
+    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopContainerRequest, StopPodSandboxRequest, UpdateContainerResourcesRequest,
+};
+use pangolin_e2e::containerd::{Options, PANGOLIN_HANDLER};
+use pangolin_e2e::cri::{self, BridgeNetwork, Cri};
+use pangolin_e2e::{
+    busybox, finish_containerd, pangolin_containerd, processes_mentioning, TestEnv,
+};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Output of an ExecSync: stdout, stderr, exit code.
+async fn exec(cri: &mut Cri, id: &str, cmd: &[&str]) -> (String, String, i32) {
+    let resp = cri
+        .runtime
+        .exec_sync(ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| (*s).to_string()).collect(),
+            timeout: 60,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {id}: {e}"))
+        .into_inner();
+    (
+        String::from_utf8_lossy(&resp.stdout).into_owned(),
+        String::from_utf8_lossy(&resp.stderr).into_owned(),
+        resp.exit_code,
+    )
+}
+
+/// CreateContainer + StartContainer in `pod`; the container id.
+async fn create_start(
+    cri: &mut Cri,
+    pod: &str,
+    pod_config: &PodSandboxConfig,
+    config: ContainerConfig,
+) -> String {
+    let name = config.metadata.as_ref().map(|m| m.name.clone());
+    let t = Instant::now();
+    let id = cri
+        .runtime
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(config),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer {name:?}: {e}"))
+        .into_inner()
+        .container_id;
+    let created = t.elapsed();
+    cri.runtime
+        .start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer {name:?}: {e}"));
+    eprintln!(
+        "{name:?}: CreateContainer {created:?}, StartContainer {:?}",
+        t.elapsed() - created
+    );
+    id
+}
+
+async fn container_state(cri: &mut Cri, id: &str) -> (i32, i32) {
+    let st = cri
+        .runtime
+        .container_status(ContainerStatusRequest {
+            container_id: id.into(),
+            verbose: false,
+        })
+        .await
+        .expect("ContainerStatus")
+        .into_inner()
+        .status
+        .expect("status");
+    (st.state, st.exit_code)
+}
+
+/// The pod's network namespace path, from the verbose sandbox status (containerd's `info`).
+fn netns_of(info: &HashMap<String, String>) -> String {
+    let raw = info.get("info").expect("verbose status has info");
+    let v: serde_json::Value = serde_json::from_str(raw).expect("info is JSON");
+    v["runtimeSpec"]["linux"]["namespaces"]
+        .as_array()
+        .and_then(|nss| {
+            nss.iter()
+                .find(|ns| ns["type"] == "network")
+                .and_then(|ns| ns["path"].as_str())
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no network namespace path in {raw}"))
+}
+
+/// VMM processes (QEMU or pangolin-vmm) under a test's state directory.
+fn vmms(state: &Path) -> Vec<String> {
+    processes_mentioning(state)
+        .into_iter()
+        .map(|(_, cmd)| cmd)
+        .filter(|cmd| cmd.contains("qemu-system") || cmd.contains("pangolin-vmm"))
+        .collect()
+}
+
+/// Waits until the CRI log at `path` holds `want` (stream, text) lines; the parsed log.
+async fn wait_log(path: &Path, want: &[(&str, &str)]) -> Vec<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lines = cri::parse_log(path).unwrap_or_default();
+        let has = |(s, t): &(&str, &str)| lines.iter().any(|(ls, lt)| ls == s && lt == t);
+        if want.iter().all(has) || Instant::now() > deadline {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
+    let env = TestEnv::new("cri-pod");
+    let net = Arc::new(
+        BridgeNetwork::create(&env.dir.join("containerd"), "pangolin-cri-pod", 1)
+            .expect("CNI config"),
+    );
+    let ctrd = pangolin_containerd(
+        &env,
+        Options {
+            cri: true,
+            ..Options::default()
+        },
+    );
+    cri::import_images(&ctrd, &busybox()).expect("import images");
+    let logs = env.dir.join("pod-logs");
+    let host_boot_id =
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("host boot id");
+    let (socket, state, containerd_log) =
+        (ctrd.socket.clone(), env.state.clone(), ctrd.log.clone());
+    let net2 = Arc::clone(&net);
+    let log_tail = move || {
+        let text = std::fs::read_to_string(&containerd_log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    };
+
+    let body = async move {
+        let net = net2;
+        let mut cri = Cri::connect(&socket).await.expect("CRI connect");
+        // io.pangolin.* pod annotations pass through (pod_annotations) and shape the VM.
+        let annotations = HashMap::from([("io.pangolin.vcpus".to_string(), "2".to_string())]);
+        let pod_config = cri::pod_config("pod1", &logs, annotations);
+        let t = Instant::now();
+        let pod = cri
+            .runtime
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(pod_config.clone()),
+                runtime_handler: PANGOLIN_HANDLER.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", log_tail()))
+            .into_inner()
+            .pod_sandbox_id;
+        eprintln!("RunPodSandbox {:?}", t.elapsed());
+
+        let st = cri
+            .runtime
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: true,
+            })
+            .await
+            .expect("PodSandboxStatus")
+            .into_inner();
+        let status = st.status.clone().expect("status");
+        assert_eq!(status.state, PodSandboxState::SandboxReady as i32);
+        let ip = status.network.map(|n| n.ip).unwrap_or_default();
+        let prefix = net.subnet.trim_end_matches("0/24");
+        assert!(
+            ip.starts_with(prefix),
+            "pod IP {ip:?} not in {}",
+            net.subnet
+        );
+        let netns = netns_of(&st.info);
+        assert!(Path::new(&netns).exists(), "netns {netns} missing");
+        assert_eq!(vmms(&state).len(), 1, "one VM for the sandbox");
+
+        let c1 = create_start(
+            &mut cri,
+            &pod,
+            &pod_config,
+            cri::container_config(
+                "c1",
+                &[
+                    "sh",
+                    "-c",
+                    "echo hello-cri; echo oops-cri >&2; exec sleep 3600",
+                ],
+            ),
+        )
+        .await;
+        let c2 = create_start(
+            &mut cri,
+            &pod,
+            &pod_config,
+            cri::container_config("c2", &["sleep", "3600"]),
+        )
+        .await;
+
+        // Both containers run in the pod's one VM: same guest boot id, not the host's.
+        let (boot1, _, code) =
+            exec(&mut cri, &c1, &["cat", "/proc/sys/kernel/random/boot_id"]).await;
+        assert_eq!(code, 0);
+        let (boot2, _, _) = exec(&mut cri, &c2, &["cat", "/proc/sys/kernel/random/boot_id"]).await;
+        assert_eq!(boot1, boot2, "containers of one pod share the VM");
+        assert_ne!(boot1, host_boot_id, "container runs in a VM");
+        let vms = vmms(&state);
+        assert_eq!(vms.len(), 1, "one VM per pod: {vms:?}");
+        let (kernel, _, _) = exec(&mut cri, &c2, &["uname", "-r"]).await;
+        assert!(kernel.contains("-pangolin"), "guest kernel: {kernel}");
+        let (nproc, _, _) = exec(&mut cri, &c1, &["nproc"]).await;
+        assert_eq!(nproc.trim(), "2", "io.pangolin.vcpus reached the shim");
+
+        // ExecSync: separate streams and the exit code.
+        let (out, err, code) = exec(
+            &mut cri,
+            &c1,
+            &["sh", "-c", "echo to-out; echo to-err >&2; exit 7"],
+        )
+        .await;
+        assert_eq!(
+            (out.as_str(), err.as_str(), code),
+            ("to-out\n", "to-err\n", 7)
+        );
+
+        // Container output lands in the CRI log file containerd writes.
+        let log = logs.join("c1.log");
+        let lines = wait_log(&log, &[("stdout", "hello-cri"), ("stderr", "oops-cri")]).await;
+        assert!(
+            lines.contains(&("stdout".into(), "hello-cri".into()))
+                && lines.contains(&("stderr".into(), "oops-cri".into())),
+            "CRI log {}: {lines:?}",
+            log.display()
+        );
+
+        // ContainerStats from the guest's cgroup.
+        let stats = cri
+            .runtime
+            .container_stats(ContainerStatsRequest {
+                container_id: c1.clone(),
+            })
+            .await
+            .expect("ContainerStats")
+            .into_inner()
+            .stats
+            .expect("stats");
+        let mem = stats
+            .memory
+            .and_then(|m| m.working_set_bytes)
+            .map_or(0, |v| v.value);
+        let cpu = stats
+            .cpu
+            .and_then(|c| c.usage_core_nano_seconds)
+            .map_or(0, |v| v.value);
+        eprintln!("ContainerStats c1: working set {mem} B, cpu {cpu} ns");
+        assert!(mem > 0, "memory working set: {mem}");
+        assert!(cpu > 0, "cpu usage: {cpu}");
+
+        // UpdateContainerResources reaches the container's cgroup in the guest.
+        cri.runtime
+            .update_container_resources(UpdateContainerResourcesRequest {
+                container_id: c1.clone(),
+                linux: Some(LinuxContainerResources {
+                    memory_limit_in_bytes: 96 << 20,
+                    cpu_period: 100_000,
+                    cpu_quota: 50_000,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("UpdateContainerResources");
+        let (limits, err, _) = exec(
+            &mut cri,
+            &c1,
+            &[
+                "sh",
+                "-c",
+                "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max",
+            ],
+        )
+        .await;
+        assert_eq!(
+            limits,
+            format!("{}\n50000 100000\n", 96 << 20),
+            "guest cgroup limits (stderr {err})"
+        );
+
+        // Stop (SIGTERM ignored by a PID 1 sleep, then SIGKILL) and remove one container.
+        assert_eq!(
+            container_state(&mut cri, &c2).await.0,
+            ContainerState::ContainerRunning as i32
+        );
+        cri.runtime
+            .stop_container(StopContainerRequest {
+                container_id: c2.clone(),
+                timeout: 1,
+            })
+            .await
+            .expect("StopContainer");
+        assert_eq!(
+            container_state(&mut cri, &c2).await,
+            (ContainerState::ContainerExited as i32, 137)
+        );
+        cri.runtime
+            .remove_container(RemoveContainerRequest {
+                container_id: c2.clone(),
+            })
+            .await
+            .expect("RemoveContainer");
+        let left = cri
+            .runtime
+            .list_containers(ListContainersRequest::default())
+            .await
+            .expect("ListContainers")
+            .into_inner()
+            .containers;
+        assert_eq!(
+            left.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+            vec![c1.as_str()]
+        );
+
+        // Stopping the pod stops its containers and its VM; removal frees everything.
+        let t = Instant::now();
+        cri.runtime
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .expect("StopPodSandbox");
+        eprintln!("StopPodSandbox {:?}", t.elapsed());
+        assert_eq!(
+            container_state(&mut cri, &c1).await.0,
+            ContainerState::ContainerExited as i32
+        );
+        let st = cri
+            .runtime
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: false,
+            })
+            .await
+            .expect("PodSandboxStatus")
+            .into_inner()
+            .status
+            .expect("status");
+        assert_eq!(st.state, PodSandboxState::SandboxNotready as i32);
+        assert!(vmms(&state).is_empty(), "VM stopped with the pod");
+        cri.runtime
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .expect("RemovePodSandbox");
+        let pods = cri
+            .runtime
+            .list_pod_sandbox(ListPodSandboxRequest::default())
+            .await
+            .expect("ListPodSandbox")
+            .into_inner()
+            .items;
+        assert!(pods.is_empty(), "pods left: {pods:?}");
+        assert!(!Path::new(&netns).exists(), "netns {netns} left");
+        assert!(
+            net.leases().is_empty(),
+            "IP leases left: {:?}",
+            net.leases()
+        );
+
+        // A malformed allow-listed annotation fails RunPodSandbox, naming it.
+        let bad = cri::pod_config(
+            "pod-bad",
+            &logs,
+            HashMap::from([("io.pangolin.memory_mib".to_string(), "lots".to_string())]),
+        );
+        let err = cri
+            .runtime
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(bad),
+                runtime_handler: PANGOLIN_HANDLER.into(),
+            })
+            .await
+            .expect_err("malformed annotation");
+        assert!(
+            err.message().contains("io.pangolin.memory_mib"),
+            "error names the annotation: {err}"
+        );
+        let pods = cri
+            .runtime
+            .list_pod_sandbox(ListPodSandboxRequest::default())
+            .await
+            .expect("ListPodSandbox")
+            .into_inner()
+            .items;
+        assert!(pods.is_empty(), "failed pod left: {pods:?}");
+    };
+    let rt = runtime();
+    let task = rt.spawn(body);
+    let outcome = rt.block_on(async { tokio::time::timeout(Duration::from_secs(600), task).await });
+    // Whatever happened, pods go through CRI (network namespaces, CNI leases) before containerd
+    // stops; on success there is nothing left to remove.
+    let leftovers = rt.block_on(cri::remove_all_pods(&ctrd.socket));
+    match outcome {
+        Err(_) => panic!("CRI test did not finish within 10 minutes"),
+        Ok(Err(join)) => std::panic::resume_unwind(join.into_panic()),
+        Ok(Ok(())) => {}
+    }
+    assert!(leftovers.is_empty(), "pods left: {leftovers:?}");
+    finish_containerd(ctrd, env);
+    drop(net);
+}
