@@ -285,3 +285,120 @@ fn annotations_and_limits_shape_the_vm_and_bad_ones_are_named() {
     let _ = ctr(&ctrd, &["container", "rm", "annot2"]);
     finish_containerd(ctrd, env);
 }
+
+/// Runs `cmd` with a new pseudo-terminal (`rows` x `cols`) as stdin, stdout and stderr, as a
+/// user's shell would; returns what it wrote and its exit code.
+fn run_in_pty(mut cmd: std::process::Command, rows: u16, cols: u16) -> (String, Option<i32>) {
+    use std::io::Read;
+    let size = nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&size), None).expect("openpty");
+    let fd = |f: &std::os::fd::OwnedFd| Stdio::from(f.try_clone().expect("dup pty"));
+    cmd.stdin(fd(&pty.slave))
+        .stdout(fd(&pty.slave))
+        .stderr(fd(&pty.slave));
+    let mut child = cmd.spawn().expect("spawn in pty");
+    drop(cmd);
+    drop(pty.slave);
+    let reader = std::thread::spawn(move || {
+        let mut master = std::fs::File::from(pty.master);
+        let mut out = Vec::new();
+        // EIO once the last slave descriptor closes: the command and its children are gone.
+        let _ = master.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).replace('\r', "")
+    });
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("command in pty did not finish within 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (reader.join().expect("pty reader"), status.code())
+}
+
+#[test]
+fn ctr_run_tty_and_an_oom_kill_reports_the_oom_event() {
+    let env = TestEnv::new("ctr-tty-oom");
+    let ctrd = containerd(&env);
+    // containerd's event stream, as a subscriber sees it.
+    let events_file = env.dir.join("events.txt");
+    let mut events = ctrd
+        .ctr(["events"])
+        .stdout(std::fs::File::create(&events_file).expect("events file"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ctr events");
+
+    let (text, code) = run_in_pty(
+        ctrd.ctr([
+            "run",
+            "-t",
+            "--rm",
+            "--runtime",
+            PANGOLIN_RUNTIME,
+            BUSYBOX_IMAGE,
+            "tty1",
+            "sh",
+            "-c",
+            "tty; stty size; test -t 0 && echo stdin-is-a-tty",
+        ]),
+        30,
+        100,
+    );
+    assert!(text.contains("/dev/pts/"), "no terminal: {text:?}");
+    assert!(
+        text.contains("30 100"),
+        "window size not forwarded: {text:?}"
+    );
+    assert!(text.contains("stdin-is-a-tty"), "{text:?}");
+    assert_eq!(code, Some(0), "{text:?}");
+
+    // A container that outgrows its 32 MiB limit is OOM-killed in the guest: exit 137 and a
+    // /tasks/oom event for it.
+    let out = ctr(
+        &ctrd,
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            PANGOLIN_RUNTIME,
+            "--memory-limit",
+            "33554432",
+            BUSYBOX_IMAGE,
+            "oom1",
+            "tail",
+            "/dev/zero",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let oom = loop {
+        let seen = std::fs::read_to_string(&events_file).unwrap_or_default();
+        let oom: Vec<String> = seen
+            .lines()
+            .filter(|l| l.contains("/tasks/oom"))
+            .map(str::to_string)
+            .collect();
+        if !oom.is_empty() || Instant::now() > deadline {
+            break (oom, seen);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = events.kill();
+    let _ = events.wait();
+    assert!(
+        oom.0.iter().any(|l| l.contains("\"oom1\"")),
+        "no /tasks/oom event for oom1; events:\n{}",
+        oom.1
+    );
+    finish_containerd(ctrd, env);
+}

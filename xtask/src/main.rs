@@ -1,4 +1,4 @@
-//! `cargo xtask <command>`: guest | test | demo | bench. See README.md.
+//! `cargo xtask <command>`: guest | test | demo | bench | install | ctr | testhost. See README.md.
 
 mod bench;
 /// The e2e tests' private containerd, shared as source (xtask does not depend on the e2e crate).
@@ -8,6 +8,7 @@ mod containerd;
 mod cpio;
 mod deps;
 mod guest;
+mod install;
 mod testhost;
 
 use std::path::PathBuf;
@@ -15,12 +16,14 @@ use std::process::{Command, ExitCode};
 
 use anyhow::Context;
 
-const USAGE: &str = "usage: cargo xtask <guest|test|demo|bench|ctr|testhost> [args]
+const USAGE: &str = "usage: cargo xtask <guest|test|demo|bench|install|ctr|testhost> [args]
   guest   build target/guest/{vmlinux,initramfs.cpio.gz}, the test host's kernel and initramfs,
           and target/rootfs/busybox
   test    install what is missing, build the guest, run every test (real VMs)
   demo    run a container in a microVM and show what happened and how long it took
   bench   time `pangolin run -- true` over repeated runs (median/min/max)
+  install [--destdir DIR] [--debug]
+          install the shim, CLI, VMM, guest kernel/initramfs and /etc/pangolin/configuration.toml
   ctr ARGS...
           build the host binaries, start a private containerd (containerd-shim-pangolin-v2 from
           target/debug on its PATH), import busybox as pangolin.local/busybox:latest, run
@@ -225,6 +228,7 @@ fn main() -> ExitCode {
         Some("guest") => deps::ensure().and_then(|()| build_guests().map(|_| ())),
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
+        Some("install") => install::install(&args[1..]),
         Some("bench") => bench::bench(&args[1..]),
         Some("ctr") => {
             return ctr(&args[1..]).unwrap_or_else(|err| {
