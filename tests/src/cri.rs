@@ -170,6 +170,21 @@ pub fn import_images(ctrd: &PrivateContainerd, busybox: &Path) -> Result<()> {
     )
 }
 
+/// The host cgroup parent of test pods (runc creates its containers' cgroups under it).
+pub const CGROUP_PARENT: &str = "pangolin-test";
+
+/// Removes the (empty) [`CGROUP_PARENT`] directories runc pods leave in every hierarchy.
+pub fn remove_cgroup_parent() {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut dirs = vec![root.join(CGROUP_PARENT)];
+    for hierarchy in fs::read_dir(root).into_iter().flatten().flatten() {
+        dirs.push(hierarchy.path().join(CGROUP_PARENT));
+    }
+    for dir in dirs {
+        let _ = fs::remove_dir(dir);
+    }
+}
+
 /// A pod in its own network namespace (CNI), pid and ipc namespaces per pod.
 pub fn pod_config(
     name: &str,
@@ -188,7 +203,7 @@ pub fn pod_config(
         log_directory: log_directory.display().to_string(),
         annotations,
         linux: Some(LinuxPodSandboxConfig {
-            cgroup_parent: "/pangolin-test".into(),
+            cgroup_parent: format!("/{CGROUP_PARENT}"),
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(NamespaceOption {
                     network: pod,

@@ -77,6 +77,7 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
     stats("container create+start", &mut create);
     stats("teardown", &mut teardown);
     containerd_figures(runs, &pangolin, &g.rootfs)?;
+    cri_figures(runs, &pangolin, &g.rootfs)?;
     vmm_figures(runs, &pangolin)?;
     nested_figures(runs.min(3), &pangolin, &g.rootfs)
 }
@@ -128,6 +129,41 @@ fn nested_figures(
             .collect();
         stats(&format!("{kind}: VM start to agent"), &mut boot);
         stats(&format!("{kind}:   guest clock"), &mut guest);
+    }
+    Ok(())
+}
+
+/// P1 through CRI: RunPodSandbox + CreateContainer + StartContainer, pangolin vs runc. The CRI
+/// client lives in the e2e crate's `cri_bench` binary (its code is generated with protoc).
+fn cri_figures(
+    runs: usize,
+    pangolin: &std::path::Path,
+    rootfs: &std::path::Path,
+) -> anyhow::Result<()> {
+    let mut build = crate::cargo();
+    build.current_dir(guest::root()).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "pangolin-e2e",
+        "--bin",
+        "cri_bench",
+    ]);
+    guest::run(&mut build)?;
+    let shim_dir = pangolin.parent().context("target dir")?;
+    println!();
+    let status = Command::new(shim_dir.join("cri_bench"))
+        .arg("--runs")
+        .arg(runs.to_string())
+        .arg("--shim-dir")
+        .arg(shim_dir)
+        .arg("--busybox")
+        .arg(rootfs)
+        .status()
+        .context("running cri_bench")?;
+    if !status.success() {
+        bail!("cri_bench failed ({status})");
     }
     Ok(())
 }
