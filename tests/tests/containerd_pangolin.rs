@@ -1,6 +1,7 @@
 //! The pangolin runtime through a real (private) containerd and `ctr`: each task in its own
 //! microVM on the configured backend, containerd's rootfs, FIFOs, exit codes, exec, pause/resume,
-//! metrics, kill, and cleanup (no process, mount or directory left).
+//! metrics, kill, TTY, OOM events, bind mounts (volumes), and cleanup (no process, mount or
+//! directory left).
 
 #![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
 
@@ -400,5 +401,80 @@ fn ctr_run_tty_and_an_oom_kill_reports_the_oom_event() {
         "no /tasks/oom event for oom1; events:\n{}",
         oom.1
     );
+    finish_containerd(ctrd, env);
+}
+
+#[test]
+fn bind_mounts_reach_the_guest_rw_ro_and_file_and_a_missing_source_is_named() {
+    let env = TestEnv::new("ctr-volumes");
+    let ctrd = containerd(&env);
+    let rw = env.dir.join("rw-volume");
+    let ro = env.dir.join("ro-volume");
+    std::fs::create_dir_all(&rw).expect("mkdir rw");
+    std::fs::create_dir_all(&ro).expect("mkdir ro");
+    std::fs::write(ro.join("seed.txt"), "from-the-host\n").expect("seed");
+    let greeting = env.dir.join("greeting.txt");
+    std::fs::write(&greeting, "hello-file-mount\n").expect("file");
+    let mount = |src: &std::path::Path, dst: &str, opts: &str| {
+        format!("type=bind,src={},dst={dst},options={opts}", src.display())
+    };
+    let out = ctr(
+        &ctrd,
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            PANGOLIN_RUNTIME,
+            "--mount",
+            &mount(&rw, "/data", "rbind:rw"),
+            "--mount",
+            &mount(&ro, "/seed", "rbind:ro"),
+            "--mount",
+            &mount(&greeting, "/etc/greeting", "rbind:ro"),
+            BUSYBOX_IMAGE,
+            "vol1",
+            "sh",
+            "-c",
+            "echo written-in-guest > /data/out.txt; cat /seed/seed.txt /etc/greeting; \
+             touch /seed/nope 2>/dev/null || echo ro-refused",
+        ],
+    );
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "{text}\n{}\n{}",
+        stderr(&out),
+        ctrd.log_tail(20)
+    );
+    assert_eq!(text, "from-the-host\nhello-file-mount\nro-refused\n");
+    assert_eq!(
+        std::fs::read_to_string(rw.join("out.txt")).expect("written through the volume"),
+        "written-in-guest\n"
+    );
+    assert!(!ro.join("nope").exists());
+
+    let out = ctr(
+        &ctrd,
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            PANGOLIN_RUNTIME,
+            "--mount",
+            "type=bind,src=/nonexistent/pangolin-volume,dst=/data,options=rbind:rw",
+            BUSYBOX_IMAGE,
+            "vol2",
+            "true",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("mount /data: host path /nonexistent/pangolin-volume does not exist"),
+        "{}",
+        stderr(&out)
+    );
+    let _ = ctr(&ctrd, &["container", "rm", "vol2"]);
+    // The volumes' host files survive the container's cleanup.
+    assert!(rw.join("out.txt").exists() && ro.join("seed.txt").exists() && greeting.exists());
     finish_containerd(ctrd, env);
 }

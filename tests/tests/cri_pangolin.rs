@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::{
     ContainerConfig, ContainerState, ContainerStatsRequest, ContainerStatusRequest,
     CreateContainerRequest, ExecSyncRequest, LinuxContainerResources, ListContainersRequest,
-    ListPodSandboxRequest, PodSandboxConfig, PodSandboxState, PodSandboxStatusRequest,
+    ListPodSandboxRequest, Mount, PodSandboxConfig, PodSandboxState, PodSandboxStatusRequest,
     RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
     StopContainerRequest, StopPodSandboxRequest, UpdateContainerResourcesRequest,
 };
@@ -152,6 +152,9 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
     );
     cri::import_images(&ctrd, &busybox()).expect("import images");
     let logs = env.dir.join("pod-logs");
+    let volume = env.dir.join("host-volume");
+    std::fs::create_dir_all(&volume).expect("mkdir volume");
+    let volume_check = volume.clone();
     let host_boot_id =
         std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("host boot id");
     let (socket, state, containerd_log) =
@@ -204,20 +207,21 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
         assert!(Path::new(&netns).exists(), "netns {netns} missing");
         assert_eq!(vmms(&state).len(), 1, "one VM for the sandbox");
 
-        let c1 = create_start(
-            &mut cri,
-            &pod,
-            &pod_config,
-            cri::container_config(
-                "c1",
-                &[
-                    "sh",
-                    "-c",
-                    "echo hello-cri; echo oops-cri >&2; exec sleep 3600",
-                ],
-            ),
-        )
-        .await;
+        let mut c1_config = cri::container_config(
+            "c1",
+            &[
+                "sh",
+                "-c",
+                "echo hello-cri; echo oops-cri >&2; exec sleep 3600",
+            ],
+        );
+        c1_config.mounts.push(Mount {
+            container_path: "/vol".into(),
+            host_path: volume.display().to_string(),
+            readonly: false,
+            ..Default::default()
+        });
+        let c1 = create_start(&mut cri, &pod, &pod_config, c1_config).await;
         let c2 = create_start(
             &mut cri,
             &pod,
@@ -239,6 +243,20 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
         assert!(kernel.contains("-pangolin"), "guest kernel: {kernel}");
         let (nproc, _, _) = exec(&mut cri, &c1, &["nproc"]).await;
         assert_eq!(nproc.trim(), "2", "io.pangolin.vcpus reached the shim");
+
+        // CRI's own bind mounts (hostname, hosts, resolv.conf) and a hostPath volume written
+        // from the pod.
+        let (out, err, code) = exec(
+            &mut cri,
+            &c1,
+            &["sh", "-c", "cat /etc/hostname; test -s /etc/resolv.conf && test -s /etc/hosts && echo etc-ok; echo from-pod > /vol/pod.txt"],
+        )
+        .await;
+        assert_eq!((out.as_str(), code), ("pod1\netc-ok\n", 0), "stderr: {err}");
+        assert_eq!(
+            std::fs::read_to_string(volume_check.join("pod.txt")).expect("volume file"),
+            "from-pod\n"
+        );
 
         // ExecSync: separate streams and the exit code.
         let (out, err, code) = exec(
@@ -390,6 +408,10 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
             .items;
         assert!(pods.is_empty(), "pods left: {pods:?}");
         assert!(!Path::new(&netns).exists(), "netns {netns} left");
+        assert!(
+            volume_check.join("pod.txt").exists(),
+            "the hostPath volume's files survive the pod"
+        );
         assert!(
             net.leases().is_empty(),
             "IP leases left: {:?}",

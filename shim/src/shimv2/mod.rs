@@ -19,6 +19,7 @@ pub mod rootfs;
 pub mod service;
 pub mod sizing;
 pub mod task;
+pub mod volumes;
 
 /// The runtime type containerd knows this shim by.
 pub const RUNTIME_ID: &str = "io.containerd.pangolin.v2";

@@ -49,6 +49,9 @@ pub enum PodError {
     /// Host mounts for the rootfs.
     #[error(transparent)]
     Rootfs(#[from] rootfs::RootfsError),
+    /// A host bind mount could not be shared with the guest.
+    #[error(transparent)]
+    Volume(#[from] super::volumes::VolumeError),
 }
 
 /// How a process ended.
@@ -251,15 +254,20 @@ impl Pod {
             .map(|r| Path::new(bundle).join(r.path()))
             .unwrap_or_else(|| Path::new(bundle).join("rootfs"));
         let agent = self.ensure_vm(&spec).await?;
-        let spec_json = guest_spec(spec)?;
-        rootfs::mount_container(&self.shared, id, &root, mounts).await?;
-        let guest_rootfs = format!("{GUEST_SHARED_DIR}/{id}/rootfs");
-        if let Err(e) = agent
-            .create_container(id, spec_json, &guest_rootfs, !stdio.stdin.is_empty())
-            .await
-        {
+        let mut spec = spec;
+        let prepared = async {
+            super::volumes::share(&self.shared, Path::new(GUEST_SHARED_DIR), id, &mut spec)?;
+            let spec_json = guest_spec(spec)?;
+            rootfs::mount_container(&self.shared, id, &root, mounts).await?;
+            let guest_rootfs = format!("{GUEST_SHARED_DIR}/{id}/rootfs");
+            agent
+                .create_container(id, spec_json, &guest_rootfs, !stdio.stdin.is_empty())
+                .await?;
+            Ok::<(), PodError>(())
+        };
+        if let Err(e) = prepared.await {
             rootfs::unmount_container(&self.shared, id);
-            return Err(e.into());
+            return Err(e);
         }
         self.lock().insert(
             id.to_string(),
@@ -624,8 +632,8 @@ fn process_mut<'a>(
 
 /// The bundle's spec as the guest should see it: host namespace paths and hooks dropped (they
 /// name host objects), a private cgroup namespace (the guest is cgroup v2, where containerd and
-/// Docker give each container its own, so `/sys/fs/cgroup` shows the container's limits), host
-/// bind mounts dropped until volumes are shared (pod volumes issue).
+/// Docker give each container its own, so `/sys/fs/cgroup` shows the container's limits). Bind
+/// mounts must already point into the share ([`super::volumes::share`]).
 pub fn guest_spec(mut spec: Spec) -> Result<String, PodError> {
     spec.set_hooks(None);
     if let Some(linux) = spec.linux_mut() {
@@ -643,16 +651,6 @@ pub fn guest_spec(mut spec: Spec) -> Result<String, PodError> {
         }
         linux.set_namespaces(Some(namespaces));
     }
-    if let Some(mounts) = spec.mounts_mut() {
-        mounts.retain(|m| {
-            let bind = m.typ().as_deref() == Some("bind")
-                || m.options().as_ref().is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
-            if bind {
-                tracing::warn!(destination = %m.destination().display(), "host bind mount not shared with the guest yet");
-            }
-            !bind
-        });
-    }
     serde_json::to_string(&spec).map_err(|e| PodError::Invalid {
         what: "bundle config.json",
         why: e.to_string(),
@@ -664,7 +662,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn guest_spec_drops_host_objects_and_adds_a_cgroup_namespace() {
+    fn guest_spec_drops_host_namespaces_and_hooks_and_adds_a_cgroup_namespace() {
         let spec: Spec = serde_json::from_str(
             r#"{"ociVersion":"1.0.2",
                 "hooks":{"createRuntime":[{"path":"/usr/bin/true"}]},
@@ -680,7 +678,7 @@ mod tests {
             "{out}"
         );
         let mounts = out["mounts"].as_array().expect("mounts");
-        assert_eq!(mounts.len(), 1, "host bind mount dropped: {mounts:?}");
+        assert_eq!(mounts.len(), 2, "mounts kept: {mounts:?}");
         let nss = out["linux"]["namespaces"].as_array().expect("namespaces");
         let types: Vec<&str> = nss.iter().filter_map(|n| n["type"].as_str()).collect();
         assert_eq!(types, ["pid", "network", "cgroup"]);

@@ -60,7 +60,7 @@ pub fn remove_shared(dir: &Path) {
     for m in mounts_below(dir).into_iter().rev() {
         let _ = umount2(&m, MntFlags::MNT_DETACH);
     }
-    let _ = std::fs::remove_dir_all(dir);
+    remove_unmounted(dir);
 }
 
 /// Mount points at or below `dir`, in mount order.
@@ -108,13 +108,24 @@ pub async fn mount_container(
     Ok(target)
 }
 
-/// Unmounts a container's rootfs and removes its directory.
+/// Unmounts a container's rootfs and shared volumes and removes its directory.
 pub fn unmount_container(shared: &Path, id: &str) {
     let dir = shared.join(id);
     for m in mounts_below(&dir).into_iter().rev() {
         if let Err(e) = umount2(&m, MntFlags::MNT_DETACH) {
-            tracing::warn!(path = %m.display(), error = %e, "unmounting a container rootfs");
+            tracing::warn!(path = %m.display(), error = %e, "unmounting a container rootfs or volume");
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    remove_unmounted(&dir);
+}
+
+/// Removes `dir` only when nothing is mounted below it any more: a recursive removal through a
+/// still-mounted volume would delete the user's host files.
+fn remove_unmounted(dir: &Path) {
+    let left = mounts_below(dir);
+    if left.is_empty() {
+        let _ = std::fs::remove_dir_all(dir);
+    } else {
+        tracing::error!(dir = %dir.display(), mounts = ?left, "still mounted: not removing");
+    }
 }
