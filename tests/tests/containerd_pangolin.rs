@@ -284,6 +284,32 @@ fn annotations_and_limits_shape_the_vm_and_bad_ones_are_named() {
         stderr(&out)
     );
     let _ = ctr(&ctrd, &["container", "rm", "annot2"]);
+
+    // A broken configuration fails the task, naming the key, instead of running on defaults.
+    let good = std::fs::read_to_string(&env.config_file).expect("config");
+    let bad = good.replacen("vcpus = 1", "vcpus = 0", 1);
+    assert_ne!(bad, good, "config has a vcpus key to break:\n{good}");
+    std::fs::write(&env.config_file, bad).expect("break config");
+    let out = ctr(
+        &ctrd,
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            PANGOLIN_RUNTIME,
+            BUSYBOX_IMAGE,
+            "badconf",
+            "true",
+        ],
+    );
+    std::fs::write(&env.config_file, good).expect("restore config");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("hypervisor.vcpus: must be in 1..=16, got 0"),
+        "{}",
+        stderr(&out)
+    );
+    let _ = ctr(&ctrd, &["container", "rm", "badconf"]);
     finish_containerd(ctrd, env);
 }
 

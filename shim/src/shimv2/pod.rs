@@ -124,7 +124,9 @@ pub struct ProcessView {
 pub struct Pod {
     /// Group id: the CRI sandbox id, or the task id for a plain `ctr run`.
     pub id: String,
-    config: Config,
+    /// The runtime configuration, or why it could not be loaded (every create then fails
+    /// with that reason rather than running on defaults the operator did not choose).
+    config: Result<Config, String>,
     shared: PathBuf,
     events: Events,
     state: Mutex<HashMap<String, Container>>,
@@ -141,8 +143,12 @@ fn now_ns() -> u64 {
 
 impl Pod {
     /// A pod named `id` with no VM yet.
-    pub fn new(id: &str, config: Config, events: Events) -> Arc<Self> {
-        let shared = config.runtime.state_dir.join(format!("{id}.shared"));
+    pub fn new(id: &str, config: Result<Config, String>, events: Events) -> Arc<Self> {
+        let state_dir = match &config {
+            Ok(c) => c.runtime.state_dir.clone(),
+            Err(_) => Config::default().runtime.state_dir,
+        };
+        let shared = state_dir.join(format!("{id}.shared"));
         Arc::new(Self {
             id: id.to_string(),
             config,
@@ -172,7 +178,11 @@ impl Pod {
         if let Some(sandbox) = vm.as_ref() {
             return Ok(sandbox.agent().clone());
         }
-        let config = super::sizing::vm_config(&self.config, spec)?;
+        let base = self.config.as_ref().map_err(|why| PodError::Invalid {
+            what: "configuration",
+            why: why.clone(),
+        })?;
+        let config = super::sizing::vm_config(base, spec)?;
         tracing::info!(
             vcpus = config.hypervisor.vcpus,
             memory_mib = config.hypervisor.memory_mib,

@@ -97,13 +97,10 @@ impl Shim for Service {
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
         init_logging();
-        let config = match artifacts::load(None) {
-            Ok(l) => l.config,
-            Err(e) => {
-                tracing::error!(error = %e, "configuration; using defaults");
-                pangolin_runtime_config::Config::default()
-            }
-        };
+        let config = artifacts::load(None).map(|l| l.config).map_err(|e| {
+            tracing::error!(error = %e, "configuration");
+            e.to_string()
+        });
         let pod = Pod::new(&self.id, config, Events::new(publisher, &self.namespace));
         TaskService::new(pod, self.exit.clone())
     }
