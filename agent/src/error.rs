@@ -70,6 +70,9 @@ pub enum AgentError {
     /// A system call failed.
     #[error("{0}")]
     Io(&'static str, #[source] io::Error),
+    /// The guest network could not be configured.
+    #[error(transparent)]
+    Network(#[from] crate::net::NetError),
     /// The terminal's console socket did not deliver a pty.
     #[error("no terminal received from the container runtime")]
     NoConsole,
@@ -82,7 +85,11 @@ impl AgentError {
             | AgentError::NoProcess { .. }
             | AgentError::ExecutableNotFound(_) => Code::NOT_FOUND,
             AgentError::Exists(_) => Code::ALREADY_EXISTS,
-            AgentError::BadId(_) | AgentError::Invalid { .. } => Code::INVALID_ARGUMENT,
+            AgentError::BadId(_)
+            | AgentError::Invalid { .. }
+            | AgentError::Network(
+                crate::net::NetError::Invalid { .. } | crate::net::NetError::NoSuchMac { .. },
+            ) => Code::INVALID_ARGUMENT,
             AgentError::State { .. } => Code::FAILED_PRECONDITION,
             AgentError::HelperTimeout(_) => Code::DEADLINE_EXCEEDED,
             _ => Code::INTERNAL,

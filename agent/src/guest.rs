@@ -150,6 +150,10 @@ pub fn run() -> anyhow::Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         "pangolin-agent starting"
     );
+    // Containers share the guest's network namespace: its loopback serves the pod's localhost.
+    if let Err(err) = crate::net::link_up("lo") {
+        tracing::warn!(%err, "loopback not up");
+    }
     if let Err(err) = crate::cgroup::setup_root() {
         tracing::warn!(%err, "cgroup setup failed; container limits will not apply");
     }

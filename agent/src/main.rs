@@ -8,6 +8,7 @@ mod container;
 mod error;
 mod guest;
 mod helper;
+mod net;
 mod oom;
 mod reaper;
 mod sandbox;

@@ -248,6 +248,14 @@ impl AgentService for Service {
         }
     }
 
+    async fn setup_network(&self, _: &Ctx, req: SetupNetworkRequest) -> ttrpc::Result<Empty> {
+        tokio::task::spawn_blocking(move || crate::net::setup(&req))
+            .await
+            .map_err(|e| AgentError::Io("network setup task", std::io::Error::other(e)))?
+            .map_err(AgentError::from)?;
+        Ok(Empty::new())
+    }
+
     async fn destroy_sandbox(&self, _: &Ctx, _: DestroySandboxRequest) -> ttrpc::Result<Empty> {
         tracing::info!("destroying sandbox");
         for container in self.sandbox.all() {

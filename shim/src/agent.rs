@@ -366,6 +366,11 @@ impl AgentClient {
         .map(|e| e.container_id)
     }
 
+    /// Configures the guest NIC, addresses and routes like the pod's interface.
+    pub async fn setup_network(&self, req: SetupNetworkRequest) -> Result<(), AgentError> {
+        call!(self, setup_network, "SetupNetwork", req, None).map(|_| ())
+    }
+
     /// Stops every container and powers the guest off.
     pub async fn destroy_sandbox(&self, timeout: Duration) -> Result<(), AgentError> {
         call!(

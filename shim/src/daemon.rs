@@ -67,6 +67,31 @@ impl Daemon {
         args: &[String],
         log: &Path,
     ) -> Result<Daemon, DaemonError> {
+        Self::spawn_in(name, program, args, log, None)
+    }
+
+    /// As [`Daemon::spawn`], inside the network namespace `netns` (a VMM serving a tap that
+    /// lives there).
+    pub fn spawn_in(
+        name: &'static str,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+        netns: Option<&Path>,
+    ) -> Result<Daemon, DaemonError> {
+        let ns = match netns {
+            Some(path) => Some(
+                std::fs::File::open(path).map_err(|source| DaemonError::Spawn {
+                    program: program.into(),
+                    source: std::io::Error::new(
+                        source.kind(),
+                        format!("network namespace {}: {source}", path.display()),
+                    ),
+                })?,
+            ),
+            None => None,
+        };
+        let ns_fd = ns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
         let out = std::fs::File::create(log).map_err(|e| DaemonError::Log(log.into(), e))?;
         let err = out
             .try_clone()
@@ -77,11 +102,17 @@ impl Daemon {
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .kill_on_drop(true);
-        // SAFETY: the closure only calls prctl(2), which is async-signal-safe.
+        // SAFETY: the closure only calls prctl(2) and setns(2), both async-signal-safe; the
+        // namespace descriptor stays open in the parent until spawn returns.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = ns_fd {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });

@@ -7,6 +7,7 @@ pub mod artifacts;
 pub mod daemon;
 pub mod host;
 pub mod hypervisor;
+pub mod network;
 pub mod sandbox;
 pub mod shimv2;
 pub mod spec;

@@ -18,7 +18,7 @@ use crate::agent::{AgentClient, AgentError};
 use crate::daemon::{resolve_program, Daemon, DaemonError};
 use crate::host::HostInfo;
 use crate::hypervisor::{
-    self, builtin::Builtin, qemu::Qemu, Hypervisor, HypervisorError, Vm, VmSpec,
+    self, builtin::Builtin, qemu::Qemu, Hypervisor, HypervisorError, NicSpec, Vm, VmSpec,
 };
 
 /// virtio-fs tag of the sandbox share.
@@ -58,6 +58,20 @@ pub enum SandboxError {
     /// The agent failed.
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// The pod network could not be wired.
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
+}
+
+/// What a sandbox boots with besides the configuration.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BootOptions<'a> {
+    /// Directory shared with the guest over virtio-fs.
+    pub share: Option<&'a Path>,
+    /// Where the guest console goes (default: the sandbox directory's `console.log`).
+    pub console_log: Option<&'a Path>,
+    /// The pod's network namespace (CNI's); its interface is mirrored into the guest.
+    pub netns: Option<&'a Path>,
 }
 
 /// Milestones of a boot, for benchmarks and logs.
@@ -92,6 +106,7 @@ struct Parts {
     workdir: PathBuf,
     virtiofsd: Option<Daemon>,
     vm: Option<Box<dyn Vm>>,
+    network: Option<crate::network::PodNetwork>,
     done: bool,
 }
 
@@ -99,6 +114,9 @@ impl Parts {
     async fn teardown(&mut self, grace: Duration) {
         if let Some(mut vm) = self.vm.take() {
             vm.shutdown(grace).await;
+        }
+        if let Some(net) = self.network.take() {
+            net.detach().await;
         }
         if let Some(mut fsd) = self.virtiofsd.take() {
             fsd.stop(Duration::from_millis(500)).await;
@@ -205,15 +223,18 @@ impl Sandbox {
         config: &Config,
         share: Option<&Path>,
     ) -> Result<Sandbox, SandboxError> {
-        Self::start_with(id, config, share, None).await
+        let options = BootOptions {
+            share,
+            ..BootOptions::default()
+        };
+        Self::start_with(id, config, options).await
     }
 
-    /// As [`Sandbox::start`], writing the guest console to `console_log` instead of the workdir.
+    /// As [`Sandbox::start`], with a console log path and a pod network namespace.
     pub async fn start_with(
         id: &str,
         config: &Config,
-        share: Option<&Path>,
-        console_log: Option<&Path>,
+        options: BootOptions<'_>,
     ) -> Result<Sandbox, SandboxError> {
         let start = Instant::now();
         let host = HostInfo::probe();
@@ -276,19 +297,10 @@ impl Sandbox {
             workdir: workdir.clone(),
             virtiofsd: None,
             vm: None,
+            network: None,
             done: false,
         };
-        match Self::boot(
-            id,
-            config,
-            share,
-            console_log,
-            backend.as_ref(),
-            &mut parts,
-            start,
-        )
-        .await
-        {
+        match Self::boot(id, config, options, backend.as_ref(), &mut parts, start).await {
             Ok((agent, details, timings)) => {
                 tracing::info!(
                     sandbox = id,
@@ -317,14 +329,32 @@ impl Sandbox {
     async fn boot(
         id: &str,
         config: &Config,
-        share: Option<&Path>,
-        console_log: Option<&Path>,
+        options: BootOptions<'_>,
         backend: &dyn Hypervisor,
         parts: &mut Parts,
         start: Instant,
     ) -> Result<(AgentClient, GuestDetails, BootTimings), SandboxError> {
         let workdir = parts.workdir.clone();
-        let fs = match share {
+        let nic = match options.netns {
+            Some(netns) => match crate::network::discover(netns).await? {
+                Some(iface) => {
+                    let net = crate::network::attach(netns, iface).await?;
+                    let nic = NicSpec {
+                        netns: net.netns.clone(),
+                        tap: net.tap.clone(),
+                        mac: net.iface.mac.clone(),
+                    };
+                    parts.network = Some(net);
+                    Some(nic)
+                }
+                None => {
+                    tracing::info!(netns = %netns.display(), "no addressed interface in the pod namespace: no NIC");
+                    None
+                }
+            },
+            None => None,
+        };
+        let fs = match options.share {
             Some(source) => {
                 let bin = resolve_program(&config.virtiofs.virtiofsd_path).ok_or_else(|| {
                     HypervisorError::Missing {
@@ -351,10 +381,13 @@ impl Sandbox {
             vcpus: config.hypervisor.vcpus,
             memory_mib: config.hypervisor.memory_mib,
             workdir: workdir.clone(),
-            console_log: console_log.map_or_else(|| workdir.join("console.log"), Path::to_path_buf),
+            console_log: options
+                .console_log
+                .map_or_else(|| workdir.join("console.log"), Path::to_path_buf),
             fs,
             guest_cid: config.vsock.guest_cid,
             vsock_uds: workdir.join("vm.vsock"),
+            net: nic,
         };
         // Listen for the agent's readiness call before the guest can make it.
         let ready_path = PathBuf::from(format!("{}_{AGENT_READY_PORT}", spec.vsock_uds.display()));
@@ -387,6 +420,9 @@ impl Sandbox {
         })?;
         let agent_ready = Instant::now();
         let details = agent.guest_details().await?;
+        if let Some(net) = &parts.network {
+            agent.setup_network(net.iface.agent_request()).await?;
+        }
         Ok((
             agent,
             details,

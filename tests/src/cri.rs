@@ -240,6 +240,42 @@ pub fn container_config(name: &str, command: &[&str]) -> ContainerConfig {
     }
 }
 
+/// A busybox container serving `text` over HTTP on `port` (busybox httpd in the foreground).
+pub fn web_container(name: &str, text: &str, port: u16) -> ContainerConfig {
+    let script = format!(
+        "mkdir -p /tmp/www && echo {text} > /tmp/www/index.html && exec httpd -f -p {port} -h /tmp/www"
+    );
+    container_config(name, &["sh", "-c", &script])
+}
+
+/// `GET /` from `ip:port`, retried until `patience` runs out (the server may still be
+/// starting); the whole response.
+pub async fn http_get(ip: &str, port: u16, patience: std::time::Duration) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let attempt = async {
+            let mut s = tokio::net::TcpStream::connect((ip, port)).await?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).await?;
+            anyhow::Ok(String::from_utf8_lossy(&out).into_owned())
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(5), attempt).await {
+            Ok(Ok(body)) if !body.is_empty() => return Ok(body),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if tokio::time::Instant::now() > deadline => {
+                return Err(e.context(format!("GET http://{ip}:{port}/")))
+            }
+            _ if tokio::time::Instant::now() > deadline => {
+                bail!("GET http://{ip}:{port}/: no answer within {patience:?}")
+            }
+            _ => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// The `stdout`/`stderr` lines of a CRI log file (`<RFC3339Nano> <stream> <P|F> <text>`), as
 /// `(stream, text)`; a malformed line is an error.
 pub fn parse_log(path: &Path) -> Result<Vec<(String, String)>> {

@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1::{
     ContainerConfig, ContainerState, ContainerStatsRequest, ContainerStatusRequest,
-    CreateContainerRequest, ExecSyncRequest, LinuxContainerResources, ListContainersRequest,
-    ListPodSandboxRequest, Mount, PodSandboxConfig, PodSandboxState, PodSandboxStatusRequest,
-    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopContainerRequest, StopPodSandboxRequest, UpdateContainerResourcesRequest,
+    CreateContainerRequest, DnsConfig, ExecSyncRequest, LinuxContainerResources,
+    ListContainersRequest, ListPodSandboxRequest, Mount, PodSandboxConfig, PodSandboxState,
+    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    UpdateContainerResourcesRequest,
 };
-use pangolin_e2e::containerd::{Options, PANGOLIN_HANDLER};
+use pangolin_e2e::containerd::{Options, PrivateContainerd, PANGOLIN_HANDLER};
 use pangolin_e2e::cri::{self, BridgeNetwork, Cri};
 use pangolin_e2e::{
     busybox, finish_containerd, pangolin_containerd, processes_mentioning, TestEnv,
@@ -136,21 +137,203 @@ async fn wait_log(path: &Path, want: &[(&str, &str)]) -> Vec<(String, String)> {
     }
 }
 
+/// A test's environment, bridge network and CRI-enabled private containerd with the images.
+struct CriFixture {
+    env: TestEnv,
+    net: Arc<BridgeNetwork>,
+    ctrd: PrivateContainerd,
+}
+
+impl CriFixture {
+    /// `tag` (1-255) keeps the bridge and subnet apart from other tests'.
+    fn new(name: &str, tag: u8) -> CriFixture {
+        let env = TestEnv::new(name);
+        let net = Arc::new(
+            BridgeNetwork::create(
+                &env.dir.join("containerd"),
+                &format!("pangolin-{name}"),
+                tag,
+            )
+            .expect("CNI config"),
+        );
+        let ctrd = pangolin_containerd(
+            &env,
+            Options {
+                cri: true,
+                ..Options::default()
+            },
+        );
+        cri::import_images(&ctrd, &busybox()).expect("import images");
+        CriFixture { env, net, ctrd }
+    }
+}
+
+/// Runs `body` (bounded to 10 minutes); whatever happened, pods go through CRI (network
+/// namespaces, CNI leases) before containerd stops, then the leak checks run.
+fn drive(
+    ctrd: PrivateContainerd,
+    env: TestEnv,
+    net: Arc<BridgeNetwork>,
+    body: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let rt = runtime();
+    let task = rt.spawn(body);
+    let outcome = rt.block_on(async { tokio::time::timeout(Duration::from_secs(600), task).await });
+    let leftovers = rt.block_on(cri::remove_all_pods(&ctrd.socket));
+    match outcome {
+        Err(_) => panic!("CRI test did not finish within 10 minutes"),
+        Ok(Err(join)) => std::panic::resume_unwind(join.into_panic()),
+        Ok(Ok(())) => {}
+    }
+    assert!(leftovers.is_empty(), "pods left: {leftovers:?}");
+    finish_containerd(ctrd, env);
+    let tap = std::process::Command::new("ip")
+        .args(["link", "show", pangolin_shim::network::TAP_NAME])
+        .output()
+        .expect("ip link");
+    assert!(!tap.status.success(), "a pod tap in the host namespace");
+    drop(net);
+}
+
+/// RunPodSandbox on the pangolin handler; the pod id and its IP.
+async fn run_pod(cri: &mut Cri, config: &PodSandboxConfig) -> (String, String) {
+    let pod = cri
+        .runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: PANGOLIN_HANDLER.into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}"))
+        .into_inner()
+        .pod_sandbox_id;
+    let ip = cri
+        .runtime
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: false,
+        })
+        .await
+        .expect("PodSandboxStatus")
+        .into_inner()
+        .status
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    (pod, ip)
+}
+
+#[test]
+fn cri_pods_reach_each_other_and_get_the_dns_config_they_asked_for() {
+    let CriFixture { env, net, ctrd } = CriFixture::new("cri-net", 2);
+    let logs = env.dir.join("pod-logs");
+    let socket = ctrd.socket.clone();
+    let leases = Arc::clone(&net);
+    let body = async move {
+        let mut cri = Cri::connect(&socket).await.expect("CRI connect");
+        let server_config = cri::pod_config("server", &logs, HashMap::new());
+        let (server, server_ip) = run_pod(&mut cri, &server_config).await;
+        create_start(
+            &mut cri,
+            &server,
+            &server_config,
+            cri::web_container("web", "served-across-pods", 8080),
+        )
+        .await;
+
+        let mut client_config = cri::pod_config("client", &logs, HashMap::new());
+        client_config.dns_config = Some(DnsConfig {
+            servers: vec!["10.231.2.53".into()],
+            searches: vec!["pangolin.test".into()],
+            options: vec!["ndots:2".into()],
+        });
+        let (client, client_ip) = run_pod(&mut cri, &client_config).await;
+        assert_ne!(server_ip, client_ip);
+        assert!(
+            leases.leases().len() >= 2,
+            "two leases: {:?}",
+            leases.leases()
+        );
+        let c = create_start(
+            &mut cri,
+            &client,
+            &client_config,
+            cri::container_config("c", &["sleep", "3600"]),
+        )
+        .await;
+
+        // Pod to pod over the bridge: the client VM fetches from the server VM.
+        let url = format!("http://{server_ip}:8080/");
+        let mut page = String::new();
+        let mut last_err = String::new();
+        for _ in 0..20 {
+            let (out, err, code) = exec(&mut cri, &c, &["wget", "-qO-", &url]).await;
+            if code == 0 {
+                page = out;
+                break;
+            }
+            last_err = err;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        if page.is_empty() {
+            let (diag, _, _) = exec(
+                &mut cri,
+                &c,
+                &[
+                    "sh",
+                    "-c",
+                    "ip addr; ip route; ip neigh; ping -c 2 -W 2 \"$0\" 2>&1; wget -O- http://$0:8080/ 2>&1; echo wget=$?",
+                    &server_ip,
+                ],
+            )
+            .await;
+            panic!("GET {url} from the client pod failed: {last_err}\nclient network:\n{diag}");
+        }
+        assert_eq!(
+            page, "served-across-pods\n",
+            "GET {url} from the client pod"
+        );
+
+        let (resolv, _, _) = exec(&mut cri, &c, &["cat", "/etc/resolv.conf"]).await;
+        for want in [
+            "search pangolin.test",
+            "nameserver 10.231.2.53",
+            "options ndots:2",
+        ] {
+            assert!(
+                resolv.contains(want),
+                "resolv.conf lacks {want:?}:\n{resolv}"
+            );
+        }
+        let (hostname, _, _) = exec(&mut cri, &c, &["hostname"]).await;
+        assert_eq!(hostname.trim(), "client");
+
+        for pod in [client, server] {
+            cri.runtime
+                .stop_pod_sandbox(StopPodSandboxRequest {
+                    pod_sandbox_id: pod.clone(),
+                })
+                .await
+                .expect("StopPodSandbox");
+            cri.runtime
+                .remove_pod_sandbox(RemovePodSandboxRequest {
+                    pod_sandbox_id: pod,
+                })
+                .await
+                .expect("RemovePodSandbox");
+        }
+        assert!(
+            leases.leases().is_empty(),
+            "IP leases left: {:?}",
+            leases.leases()
+        );
+    };
+    drive(ctrd, env, net, body);
+}
+
 #[test]
 fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
-    let env = TestEnv::new("cri-pod");
-    let net = Arc::new(
-        BridgeNetwork::create(&env.dir.join("containerd"), "pangolin-cri-pod", 1)
-            .expect("CNI config"),
-    );
-    let ctrd = pangolin_containerd(
-        &env,
-        Options {
-            cri: true,
-            ..Options::default()
-        },
-    );
-    cri::import_images(&ctrd, &busybox()).expect("import images");
+    let CriFixture { env, net, ctrd } = CriFixture::new("cri-pod", 1);
     let logs = env.dir.join("pod-logs");
     let volume = env.dir.join("host-volume");
     std::fs::create_dir_all(&volume).expect("mkdir volume");
@@ -241,6 +424,29 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
         assert_eq!(vms.len(), 1, "one VM per pod: {vms:?}");
         let (kernel, _, _) = exec(&mut cri, &c2, &["uname", "-r"]).await;
         assert!(kernel.contains("-pangolin"), "guest kernel: {kernel}");
+
+        // The pod's network is the guest's: the CNI address on the guest NIC, and a server in
+        // the pod answers the host on the pod IP (through veth, tc, tap, virtio-net).
+        let (addrs, _, _) = exec(&mut cri, &c1, &["ip", "-4", "-o", "addr", "show"]).await;
+        assert!(
+            addrs.contains(&format!("inet {ip}/24")),
+            "guest addresses: {addrs}"
+        );
+        let (routes, _, _) = exec(&mut cri, &c1, &["ip", "route"]).await;
+        assert!(routes.contains("default via"), "guest routes: {routes}");
+        let c3 = create_start(
+            &mut cri,
+            &pod,
+            &pod_config,
+            cri::web_container("web", "pod-web-ok", 8080),
+        )
+        .await;
+        let t = Instant::now();
+        let page = cri::http_get(&ip, 8080, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        eprintln!("host -> pod HTTP after {:?}", t.elapsed());
+        assert!(page.contains("pod-web-ok"), "{page}");
         let (nproc, _, _) = exec(&mut cri, &c1, &["nproc"]).await;
         assert_eq!(nproc.trim(), "2", "io.pangolin.vcpus reached the shim");
 
@@ -269,6 +475,8 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
             (out.as_str(), err.as_str(), code),
             ("to-out\n", "to-err\n", 7)
         );
+        let (_, _, code) = exec(&mut cri, &c1, &["sh", "-c", "kill -SEGV $$"]).await;
+        assert_eq!(code, 139, "a process killed by SIGSEGV exits 128+11");
 
         // Container output lands in the CRI log file containerd writes.
         let log = logs.join("c1.log");
@@ -362,10 +570,11 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
             .expect("ListContainers")
             .into_inner()
             .containers;
-        assert_eq!(
-            left.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
-            vec![c1.as_str()]
-        );
+        let mut left: Vec<&str> = left.iter().map(|c| c.id.as_str()).collect();
+        left.sort_unstable();
+        let mut want = vec![c1.as_str(), c3.as_str()];
+        want.sort_unstable();
+        assert_eq!(left, want);
 
         // Stopping the pod stops its containers and its VM; removal frees everything.
         let t = Instant::now();
@@ -445,18 +654,5 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
             .items;
         assert!(pods.is_empty(), "failed pod left: {pods:?}");
     };
-    let rt = runtime();
-    let task = rt.spawn(body);
-    let outcome = rt.block_on(async { tokio::time::timeout(Duration::from_secs(600), task).await });
-    // Whatever happened, pods go through CRI (network namespaces, CNI leases) before containerd
-    // stops; on success there is nothing left to remove.
-    let leftovers = rt.block_on(cri::remove_all_pods(&ctrd.socket));
-    match outcome {
-        Err(_) => panic!("CRI test did not finish within 10 minutes"),
-        Ok(Err(join)) => std::panic::resume_unwind(join.into_panic()),
-        Ok(Ok(())) => {}
-    }
-    assert!(leftovers.is_empty(), "pods left: {leftovers:?}");
-    finish_containerd(ctrd, env);
-    drop(net);
+    drive(ctrd, env, net, body);
 }

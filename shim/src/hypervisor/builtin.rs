@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pangolin_runtime_config::HypervisorKind;
-use pangolin_vmm::config::{FsConfig, VmConfig, VsockConfig};
+use pangolin_vmm::config::{FsConfig, NetConfig, VmConfig, VsockConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use super::{Hypervisor, HypervisorError, Vm, VmSpec};
@@ -45,7 +45,14 @@ pub fn vm_config(spec: &VmSpec, api: PathBuf) -> VmConfig {
                 tag: tag.clone(),
             })
             .collect(),
-        net: Vec::new(),
+        net: spec
+            .net
+            .iter()
+            .map(|n| NetConfig {
+                tap: n.tap.clone(),
+                mac: n.mac.clone(),
+            })
+            .collect(),
         blk: Vec::new(),
         rng: true,
     }
@@ -75,7 +82,8 @@ impl Hypervisor for Builtin {
             .map_err(|e| HypervisorError::Io("writing the VMM config", e))?;
         let args = vec!["--config".to_string(), config_file.display().to_string()];
         let log = spec.workdir.join("vmm.log");
-        let vmm = Daemon::spawn("pangolin-vmm", &self.vmm_path, &args, &log)?;
+        let netns = spec.net.as_ref().map(|n| n.netns.as_path());
+        let vmm = Daemon::spawn_in("pangolin-vmm", &self.vmm_path, &args, &log, netns)?;
         Ok(Box::new(BuiltinVm {
             vmm,
             api,
@@ -149,6 +157,7 @@ mod tests {
             fs: Some(("/run/p/s1/fs.sock".into(), "pangolin".into())),
             guest_cid: 3,
             vsock_uds: "/run/p/s1/vm.vsock".into(),
+            net: None,
         };
         let c = vm_config(&spec, "/run/p/s1/api.sock".into());
         assert!(c.validate().is_ok());

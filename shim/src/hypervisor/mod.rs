@@ -40,6 +40,19 @@ pub struct VmSpec {
     pub guest_cid: u32,
     /// Hybrid vsock Unix socket to create (`<path>_<port>` for guest-initiated connections).
     pub vsock_uds: PathBuf,
+    /// The pod's NIC: a tap in a network namespace, where the VMM then runs.
+    pub net: Option<NicSpec>,
+}
+
+/// A virtio-net NIC backed by a tap.
+#[derive(Debug, Clone)]
+pub struct NicSpec {
+    /// The network namespace holding the tap (the VMM process runs in it).
+    pub netns: PathBuf,
+    /// The tap's name there.
+    pub tap: String,
+    /// The guest NIC's MAC.
+    pub mac: String,
 }
 
 /// A backend failed.

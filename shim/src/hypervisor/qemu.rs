@@ -78,6 +78,17 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, vhost_vsock_socket: &Path) -> Vec<
             format!("vhost-user-fs-device,chardev=fs,tag={tag}"),
         ]);
     }
+    if let Some(nic) = &spec.net {
+        args.extend([
+            "-netdev".into(),
+            format!(
+                "tap,id=net0,ifname={},script=no,downscript=no,vnet_hdr=on",
+                nic.tap
+            ),
+            "-device".into(),
+            format!("virtio-net-device,netdev=net0,mac={}", nic.mac),
+        ]);
+    }
     args
 }
 
@@ -121,11 +132,12 @@ impl Hypervisor for Qemu {
 
         let args = qemu_args(spec, self.accel, &vhost_socket);
         tracing::debug!(?args, "starting QEMU");
-        let qemu = match Daemon::spawn(
+        let qemu = match Daemon::spawn_in(
             "qemu",
             &self.qemu_path,
             &args,
             &spec.workdir.join("qemu.log"),
+            spec.net.as_ref().map(|n| n.netns.as_path()),
         ) {
             Ok(q) => q,
             Err(err) => {
@@ -171,6 +183,7 @@ impl Vm for QemuVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hypervisor::NicSpec;
 
     fn spec() -> VmSpec {
         VmSpec {
@@ -184,7 +197,29 @@ mod tests {
             fs: Some(("/run/p/s1/fs.sock".into(), "pangolin".into())),
             guest_cid: 3,
             vsock_uds: "/run/p/s1/vm.vsock".into(),
+            net: None,
         }
+    }
+
+    #[test]
+    fn a_nic_is_a_tap_netdev_with_the_pod_mac() {
+        let mut s = spec();
+        assert!(!qemu_args(&s, Accel::Tcg, Path::new("/v"))
+            .join(" ")
+            .contains("-netdev"));
+        s.net = Some(NicSpec {
+            netns: "/var/run/netns/cni-1".into(),
+            tap: "tap0_pgn".into(),
+            mac: "aa:bb:cc:dd:ee:01".into(),
+        });
+        let joined = qemu_args(&s, Accel::Tcg, Path::new("/v")).join(" ");
+        assert!(
+            joined.contains(
+                "-netdev tap,id=net0,ifname=tap0_pgn,script=no,downscript=no,vnet_hdr=on"
+            ),
+            "{joined}"
+        );
+        assert!(joined.contains("-device virtio-net-device,netdev=net0,mac=aa:bb:cc:dd:ee:01"));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use super::events::{Event, Events};
 use super::io::{self, StdioPaths};
 use super::rootfs;
 use crate::agent::{AgentClient, AgentError};
-use crate::sandbox::{Sandbox, SandboxError};
+use crate::sandbox::{BootOptions, Sandbox, SandboxError};
 
 /// A pod operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +133,9 @@ pub struct Pod {
     /// The pod's VM once booted; also serialises boot and shutdown.
     vm: tokio::sync::Mutex<Option<Sandbox>>,
     agent: Mutex<Option<AgentClient>>,
+    /// The pod's hostname (the first task's, i.e. the CRI sandbox's), for containers that
+    /// join its UTS namespace.
+    hostname: Mutex<Option<String>>,
 }
 
 fn now_ns() -> u64 {
@@ -157,6 +160,7 @@ impl Pod {
             state: Mutex::new(HashMap::new()),
             vm: tokio::sync::Mutex::new(None),
             agent: Mutex::new(None),
+            hostname: Mutex::new(None),
         })
     }
 
@@ -183,6 +187,9 @@ impl Pod {
             why: why.clone(),
         })?;
         let config = super::sizing::vm_config(base, spec)?;
+        let netns = pod_netns(spec)?;
+        spec.hostname()
+            .clone_into(&mut self.hostname.lock().unwrap_or_else(|p| p.into_inner()));
         tracing::info!(
             vcpus = config.hypervisor.vcpus,
             memory_mib = config.hypervisor.memory_mib,
@@ -190,7 +197,12 @@ impl Pod {
             "booting the pod VM"
         );
         rootfs::prepare_shared(&self.shared)?;
-        let sandbox = match Sandbox::start(&self.id, &config, Some(&self.shared)).await {
+        let options = BootOptions {
+            share: Some(&self.shared),
+            console_log: None,
+            netns: netns.as_deref(),
+        };
+        let sandbox = match Sandbox::start_with(&self.id, &config, options).await {
             Ok(s) => s,
             Err(e) => {
                 rootfs::remove_shared(&self.shared);
@@ -267,7 +279,12 @@ impl Pod {
         let mut spec = spec;
         let prepared = async {
             super::volumes::share(&self.shared, Path::new(GUEST_SHARED_DIR), id, &mut spec)?;
-            let spec_json = guest_spec(spec)?;
+            let hostname = self
+                .hostname
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let spec_json = guest_spec(spec, hostname.as_deref())?;
             rootfs::mount_container(&self.shared, id, &root, mounts).await?;
             let guest_rootfs = format!("{GUEST_SHARED_DIR}/{id}/rootfs");
             agent
@@ -640,14 +657,50 @@ fn process_mut<'a>(
     }
 }
 
+/// The network namespace the pod's VM serves: the spec's network namespace path (CNI's, for a
+/// CRI sandbox), or None for a fresh namespace (`ctr run`: the VM gets no NIC). A spec without a
+/// network namespace asks for the host's network, which a VM cannot join: refused.
+pub fn pod_netns(spec: &Spec) -> Result<Option<PathBuf>, PodError> {
+    let network = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|nss| {
+            nss.iter()
+                .find(|ns| ns.typ() == LinuxNamespaceType::Network)
+        });
+    match network {
+        Some(ns) => Ok(ns.path().clone()),
+        None => Err(PodError::Invalid {
+            what: "network namespace",
+            why: "host networking (hostNetwork: true, ctr --net-host) is not supported: a pod's \
+                  microVM cannot join the host's network namespace"
+                .into(),
+        }),
+    }
+}
+
 /// The bundle's spec as the guest should see it: host namespace paths and hooks dropped (they
-/// name host objects), a private cgroup namespace (the guest is cgroup v2, where containerd and
+/// name host objects), no network namespace (containers share the guest's, where the agent
+/// configured the pod's interface), a private cgroup namespace (the guest is cgroup v2, where containerd and
 /// Docker give each container its own, so `/sys/fs/cgroup` shows the container's limits). Bind
 /// mounts must already point into the share ([`super::volumes::share`]).
-pub fn guest_spec(mut spec: Spec) -> Result<String, PodError> {
+pub fn guest_spec(mut spec: Spec, pod_hostname: Option<&str>) -> Result<String, PodError> {
     spec.set_hooks(None);
+    let joins_pod_uts = spec.linux().as_ref().is_some_and(|l| {
+        l.namespaces().as_ref().is_some_and(|nss| {
+            nss.iter()
+                .any(|ns| ns.typ() == LinuxNamespaceType::Uts && ns.path().is_some())
+        })
+    });
+    if joins_pod_uts && spec.hostname().is_none() {
+        // The container joins the pod's UTS namespace: in the guest it gets a fresh one, named
+        // as the pod.
+        spec.set_hostname(pod_hostname.map(str::to_string));
+    }
     if let Some(linux) = spec.linux_mut() {
         let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+        namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
         for ns in &mut namespaces {
             ns.set_path(None);
         }
@@ -678,11 +731,13 @@ mod tests {
                 "hooks":{"createRuntime":[{"path":"/usr/bin/true"}]},
                 "mounts":[{"destination":"/proc","type":"proc","source":"proc"},
                           {"destination":"/etc/hosts","type":"bind","source":"/var/lib/x/hosts","options":["rbind","ro"]}],
-                "linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1"}]}}"#,
+                "linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1"},
+                                       {"type":"uts","path":"/proc/1/ns/uts"}]}}"#,
         )
         .expect("spec");
         let out: serde_json::Value =
-            serde_json::from_str(&guest_spec(spec).expect("guest spec")).expect("json");
+            serde_json::from_str(&guest_spec(spec, Some("pod1")).expect("guest spec"))
+                .expect("json");
         assert!(
             out.get("hooks").is_none_or(serde_json::Value::is_null),
             "{out}"
@@ -691,7 +746,15 @@ mod tests {
         assert_eq!(mounts.len(), 2, "mounts kept: {mounts:?}");
         let nss = out["linux"]["namespaces"].as_array().expect("namespaces");
         let types: Vec<&str> = nss.iter().filter_map(|n| n["type"].as_str()).collect();
-        assert_eq!(types, ["pid", "network", "cgroup"]);
+        assert_eq!(
+            types,
+            ["pid", "uts", "cgroup"],
+            "network dropped: the guest's is shared"
+        );
+        assert_eq!(
+            out["hostname"], "pod1",
+            "joins the pod's UTS: named as the pod"
+        );
         assert!(nss.iter().all(|n| n.get("path").is_none()), "{nss:?}");
 
         // An existing cgroup namespace is kept, not doubled.
@@ -699,7 +762,28 @@ mod tests {
             r#"{"ociVersion":"1.0.2","linux":{"namespaces":[{"type":"cgroup"}]}}"#,
         )
         .expect("spec");
-        let out = guest_spec(spec).expect("guest spec");
+        let out = guest_spec(spec, None).expect("guest spec");
         assert_eq!(out.matches("\"cgroup\"").count(), 1, "{out}");
+    }
+
+    #[test]
+    fn pod_netns_is_the_specs_path_none_for_a_fresh_one_and_host_networking_is_refused() {
+        let with = |nss: &str| -> Spec {
+            serde_json::from_str(&format!(
+                r#"{{"ociVersion":"1.0.2","linux":{{"namespaces":{nss}}}}}"#
+            ))
+            .expect("spec")
+        };
+        let cni = with(r#"[{"type":"network","path":"/var/run/netns/cni-1"}]"#);
+        assert_eq!(
+            pod_netns(&cni).expect("cni"),
+            Some(PathBuf::from("/var/run/netns/cni-1"))
+        );
+        assert_eq!(
+            pod_netns(&with(r#"[{"type":"network"}]"#)).expect("fresh"),
+            None
+        );
+        let err = pod_netns(&with(r#"[{"type":"pid"}]"#)).expect_err("host network");
+        assert!(err.to_string().contains("host networking"), "{err}");
     }
 }

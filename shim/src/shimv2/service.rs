@@ -36,15 +36,24 @@ pub fn group_id(bundle: &Path, id: &str) -> String {
     .unwrap_or_else(|| id.to_string())
 }
 
+/// The shim crate's settings. tokio owns our children (VMM, daemons, iproute2): the crate's
+/// SIGCHLD reaper (`waitpid(-1)`) must not steal their exits, so this goes to
+/// `asynchronous::run` itself: the crate installs its signal handling before `Shim::new` runs.
+pub fn shim_config() -> ShimConfig {
+    ShimConfig {
+        no_reaper: true,
+        no_sub_reaper: true,
+        no_setup_logger: true,
+        ..ShimConfig::default()
+    }
+}
+
 #[async_trait]
 impl Shim for Service {
     type T = TaskService;
 
     async fn new(_runtime_id: &str, args: &Flags, config: &mut ShimConfig) -> Self {
-        // tokio owns our children (VMM, daemons): the crate's reaper must not steal their exits.
-        config.no_reaper = true;
-        config.no_sub_reaper = true;
-        config.no_setup_logger = true;
+        *config = shim_config();
         Service {
             exit: Arc::new(ExitSignal::default()),
             id: args.id.clone(),

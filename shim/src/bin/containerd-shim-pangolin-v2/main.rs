@@ -1,7 +1,8 @@
 //! `containerd-shim-pangolin-v2`: the containerd shim v2 binary (runtime `io.containerd.pangolin.v2`).
 //! Everything is in `pangolin_shim::shimv2`.
 
-use pangolin_shim::shimv2::{service::Service, RUNTIME_ID};
+use pangolin_shim::shimv2::service::{shim_config, Service};
+use pangolin_shim::shimv2::RUNTIME_ID;
 
 #[tokio::main]
 async fn main() {
@@ -14,5 +15,5 @@ async fn main() {
         println!("  Version: {}", env!("CARGO_PKG_VERSION"));
         return;
     }
-    containerd_shim::asynchronous::run::<Service>(RUNTIME_ID, None).await;
+    containerd_shim::asynchronous::run::<Service>(RUNTIME_ID, Some(shim_config())).await;
 }

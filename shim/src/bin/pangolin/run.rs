@@ -113,8 +113,16 @@ pub async fn run(config_file: Option<&Path>, args: RunArgs) -> anyhow::Result<u8
         std::process::id(),
         total.elapsed().subsec_nanos()
     );
-    let mut sandbox =
-        Sandbox::start_with(&id, &config, Some(&rootfs), args.console_log.as_deref()).await?;
+    let mut sandbox = Sandbox::start_with(
+        &id,
+        &config,
+        pangolin_shim::sandbox::BootOptions {
+            share: Some(&rootfs),
+            console_log: args.console_log.as_deref(),
+            netns: None,
+        },
+    )
+    .await?;
     let booted = Instant::now();
     let agent = sandbox.agent().clone();
     // Guest clock: kernel start to the agent serving.
