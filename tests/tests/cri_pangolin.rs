@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::{
     ContainerConfig, ContainerState, ContainerStatsRequest, ContainerStatusRequest,
     CreateContainerRequest, DnsConfig, ExecSyncRequest, LinuxContainerResources,
-    ListContainersRequest, ListPodSandboxRequest, Mount, PodSandboxConfig, PodSandboxState,
-    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    ListContainersRequest, ListPodSandboxRequest, Mount, NamespaceMode, PodSandboxConfig,
+    PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
     UpdateContainerResourcesRequest,
 };
 use pangolin_e2e::containerd::{Options, PrivateContainerd, PANGOLIN_HANDLER};
@@ -322,6 +322,37 @@ fn cri_pods_reach_each_other_and_get_the_dns_config_they_asked_for() {
                 .await
                 .expect("RemovePodSandbox");
         }
+        // Host networking is refused at RunPodSandbox, saying why, and leaves nothing behind.
+        let mut host_net = cri::pod_config("hostnet", &logs, HashMap::new());
+        host_net.hostname = String::new();
+        if let Some(ns) = host_net
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+            .and_then(|c| c.namespace_options.as_mut())
+        {
+            ns.network = NamespaceMode::Node as i32;
+        }
+        let err = cri
+            .runtime
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(host_net),
+                runtime_handler: PANGOLIN_HANDLER.into(),
+            })
+            .await
+            .expect_err("host networking");
+        assert!(
+            err.message().contains("host networking"),
+            "RunPodSandbox error: {err}"
+        );
+        let pods = cri
+            .runtime
+            .list_pod_sandbox(ListPodSandboxRequest::default())
+            .await
+            .expect("ListPodSandbox")
+            .into_inner()
+            .items;
+        assert!(pods.is_empty(), "failed pod left: {pods:?}");
         assert!(
             leases.leases().is_empty(),
             "IP leases left: {:?}",
