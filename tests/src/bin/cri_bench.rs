@@ -103,6 +103,97 @@ async fn pod_start(
     Ok([run, create, start])
 }
 
+/// How much the throughput figure streams.
+const STREAM_MIB: usize = 64;
+
+/// MiB/s of one TCP stream from the host to a pod: a pod whose container discards what
+/// `nc -l` receives; the clock runs from connect to the receiver closing the connection.
+async fn throughput(
+    cri: &mut Cri,
+    handler: &str,
+    name: &str,
+    logs: &std::path::Path,
+) -> Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pod_config = cri::pod_config(name, logs, HashMap::new());
+    let pod = cri
+        .runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config.clone()),
+            runtime_handler: handler.into(),
+        })
+        .await
+        .with_context(|| format!("RunPodSandbox ({handler})"))?
+        .into_inner()
+        .pod_sandbox_id;
+    let result = async {
+        let ip = cri
+            .runtime
+            .pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: false,
+            })
+            .await?
+            .into_inner()
+            .status
+            .and_then(|s| s.network)
+            .map(|n| n.ip)
+            .context("pod IP")?;
+        let id = cri
+            .runtime
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(cri::container_config(
+                    "sink",
+                    &["sh", "-c", "nc -l -p 5001 > /dev/null"],
+                )),
+                sandbox_config: Some(pod_config),
+            })
+            .await?
+            .into_inner()
+            .container_id;
+        cri.runtime
+            .start_container(StartContainerRequest { container_id: id })
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut stream = loop {
+            match tokio::net::TcpStream::connect((ip.as_str(), 5001)).await {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(anyhow::Error::from(e).context(format!("connecting to {ip}:5001")))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        let chunk = vec![0x5a_u8; 1 << 20];
+        let t = Instant::now();
+        for _ in 0..STREAM_MIB {
+            stream.write_all(&chunk).await?;
+        }
+        stream.shutdown().await?;
+        // The receiver closes once it has read everything.
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(120), stream.read_to_end(&mut rest)).await??;
+        #[allow(clippy::cast_precision_loss)] // a few MiB: exact in f64
+        let mib = STREAM_MIB as f64;
+        anyhow::Ok(mib / t.elapsed().as_secs_f64())
+    }
+    .await;
+    let _ = cri
+        .runtime
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await;
+    let _ = cri
+        .runtime
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await;
+    result.with_context(|| format!("throughput ({handler})"))
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -152,7 +243,12 @@ fn main() -> Result<()> {
             pg.push(pod_start(&mut cri, PANGOLIN_HANDLER, &format!("pg-{i}"), &logs).await?);
             rc.push(pod_start(&mut cri, "runc", &format!("rc-{i}"), &logs).await?);
         }
-        anyhow::Ok((pg, rc))
+        let (mut pg_tp, mut rc_tp) = (Vec::new(), Vec::new());
+        for i in 0..args.runs.min(3) {
+            pg_tp.push(throughput(&mut cri, PANGOLIN_HANDLER, &format!("tp-pg-{i}"), &logs).await?);
+            rc_tp.push(throughput(&mut cri, "runc", &format!("tp-rc-{i}"), &logs).await?);
+        }
+        anyhow::Ok((pg, rc, pg_tp, rc_tp))
     });
     let leftovers = rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(60), cri::remove_all_pods(&ctrd.socket)).await
@@ -162,7 +258,8 @@ fn main() -> Result<()> {
     drop(net);
     cri::remove_cgroup_parent();
     let _ = std::fs::remove_dir_all(&dir);
-    let (pg, rc) = result.with_context(|| format!("containerd log:\n{log_tail}"))?;
+    let (pg, rc, mut pg_tp, mut rc_tp) =
+        result.with_context(|| format!("containerd log:\n{log_tail}"))?;
     if let Ok(left) = leftovers {
         if !left.is_empty() {
             bail!("pods left after the runs: {left:?}");
@@ -175,5 +272,13 @@ fn main() -> Result<()> {
     let p = report("pangolin (handler pangolin)", &pg);
     let r = report("runc (handler runc)", &rc);
     println!("{:<28} {:.1}x", "ratio pangolin/runc", p / r);
+    println!(
+        "host -> pod TCP stream ({STREAM_MIB} MiB to busybox nc in the pod over the bridge CNI network), {} runs each, alternating",
+        pg_tp.len()
+    );
+    let (p, r) = (median(&mut pg_tp), median(&mut rc_tp));
+    println!("{:<28} median {p:>8.1} MiB/s", "pangolin (virtio-net, tc)");
+    println!("{:<28} median {r:>8.1} MiB/s", "runc (veth)");
+    println!("{:<28} {:.2}x", "ratio pangolin/runc", p / r);
     Ok(())
 }
