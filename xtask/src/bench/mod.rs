@@ -78,6 +78,7 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
     stats("teardown", &mut teardown);
     containerd_figures(runs, &pangolin, &g.rootfs)?;
     cri_figures(runs, &pangolin, &g.rootfs)?;
+    fs_figures(runs.min(3), &pangolin, &g.rootfs)?;
     vmm_figures(runs, &pangolin)?;
     nested_figures(runs.min(3), &pangolin, &g.rootfs)
 }
@@ -165,6 +166,85 @@ fn cri_figures(
     if !status.success() {
         bail!("cri_bench failed ({status})");
     }
+    Ok(())
+}
+
+/// Seconds from busybox `time`'s "real\t0m 0.35s" line.
+fn real_secs(out: &str) -> Option<f64> {
+    let rest = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("real"))?
+        .trim();
+    let (min, sec) = rest.split_once('m')?;
+    let min: f64 = min.trim().parse().ok()?;
+    let sec: f64 = sec.trim().trim_end_matches('s').parse().ok()?;
+    Some(min * 60.0 + sec)
+}
+
+/// P7: sequential write (with fsync) and read of 64 MiB through virtio-fs in the guest, and the
+/// same busybox dd on the host directory behind it (busybox `time`, 10 ms resolution).
+fn fs_figures(
+    runs: usize,
+    pangolin: &std::path::Path,
+    rootfs: &std::path::Path,
+) -> anyhow::Result<()> {
+    const MIB: f64 = 64.0;
+    let busybox = rootfs.join("bin/busybox");
+    let seed = rootfs.join("p7-read.bin");
+    let write = "time dd if=/dev/zero of=/p7-write.bin bs=1M count=64 conv=fsync 2>&1";
+    let read = "time dd if=/p7-read.bin of=/dev/null bs=1M 2>&1";
+    let rate = |out: &str, what: &str| -> anyhow::Result<f64> {
+        let secs =
+            real_secs(out).with_context(|| format!("{what}: no `time` figure in {out:?}"))?;
+        Ok(MIB / secs.max(0.01))
+    };
+    let (mut gw, mut gr, mut hw, mut hr) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..runs {
+        std::fs::write(&seed, vec![0x5a_u8; 64 << 20])?;
+        let out = Command::new(pangolin)
+            .args(["run", "--rootfs"])
+            .arg(rootfs)
+            .args([
+                "--",
+                "sh",
+                "-c",
+                &format!("{write}; echo ==; {read}; rm -f /p7-write.bin"),
+            ])
+            .output()
+            .context("running pangolin")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (w, r) = text.split_once("==").unwrap_or((&text, ""));
+        let guest = (rate(w, "guest write"), rate(r, "guest read"));
+        let host = |cmd: &str, what: &str| -> anyhow::Result<f64> {
+            let cmd = cmd.replace("/p7-", &format!("{}/p7-", rootfs.display()));
+            let out = Command::new(&busybox).args(["sh", "-c", &cmd]).output()?;
+            rate(&String::from_utf8_lossy(&out.stdout), what)
+        };
+        let hosts = (host(write, "host write"), host(read, "host read"));
+        let _ = std::fs::remove_file(rootfs.join("p7-write.bin"));
+        let _ = std::fs::remove_file(&seed);
+        gw.push(guest.0?);
+        gr.push(guest.1?);
+        hw.push(hosts.0?);
+        hr.push(hosts.1?);
+    }
+    println!();
+    println!("P7 virtio-fs sequential throughput, 64 MiB busybox dd bs=1M (write with fsync; the read file is fresh to the guest), {runs} runs");
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (gw, gr, hw, hr) = (med(&mut gw), med(&mut gr), med(&mut hw), med(&mut hr));
+    println!(
+        "{:<28} guest {gw:>8.1} MiB/s   host {hw:>8.1} MiB/s   {:.2}x",
+        "write",
+        gw / hw
+    );
+    println!(
+        "{:<28} guest {gr:>8.1} MiB/s   host {hr:>8.1} MiB/s   {:.2}x",
+        "read",
+        gr / hr
+    );
     Ok(())
 }
 
@@ -282,4 +362,17 @@ fn containerd_figures(
     let med = |v: &[f64]| v[v.len() / 2];
     println!("{:<28} {:.1}x", "ratio pangolin/runc", med(&pg) / med(&rc));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn busybox_time_output_parses() {
+        assert_eq!(
+            super::real_secs("64+0 records out\nreal\t0m 0.35s\nuser\t0m 0.00s"),
+            Some(0.35)
+        );
+        assert_eq!(super::real_secs("real\t1m 2.50s"), Some(62.5));
+        assert_eq!(super::real_secs("nothing"), None);
+    }
 }
