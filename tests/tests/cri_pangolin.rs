@@ -369,6 +369,10 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
     let volume = env.dir.join("host-volume");
     std::fs::create_dir_all(&volume).expect("mkdir volume");
     let volume_check = volume.clone();
+    let config_dir = env.dir.join("config-volume");
+    std::fs::create_dir_all(&config_dir).expect("mkdir config volume");
+    std::fs::write(config_dir.join("key"), "configured\n").expect("config key");
+    std::fs::write(config_dir.join("app.conf"), "key=value\n").expect("config file");
     let host_boot_id =
         std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("host boot id");
     let (socket, state, containerd_log) =
@@ -429,12 +433,20 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
                 "echo hello-cri; echo oops-cri >&2; exec sleep 3600",
             ],
         );
-        c1_config.mounts.push(Mount {
-            container_path: "/vol".into(),
-            host_path: volume.display().to_string(),
-            readonly: false,
-            ..Default::default()
-        });
+        // Volume kinds as the kubelet passes them: a read-write hostPath/emptyDir directory, a
+        // read-only configMap/secret directory, a read-only subPath file.
+        for (container_path, host_path, readonly) in [
+            ("/vol", volume.clone(), false),
+            ("/etc/config", config_dir.clone(), true),
+            ("/etc/app.conf", config_dir.join("app.conf"), true),
+        ] {
+            c1_config.mounts.push(Mount {
+                container_path: container_path.into(),
+                host_path: host_path.display().to_string(),
+                readonly,
+                ..Default::default()
+            });
+        }
         let c1 = create_start(&mut cri, &pod, &pod_config, c1_config).await;
         let c2 = create_start(
             &mut cri,
@@ -493,6 +505,21 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
         assert_eq!(
             std::fs::read_to_string(volume_check.join("pod.txt")).expect("volume file"),
             "from-pod\n"
+        );
+        let (out, err, _) = exec(
+            &mut cri,
+            &c1,
+            &[
+                "sh",
+                "-c",
+                "cat /etc/config/key /etc/app.conf; touch /etc/config/x 2>/dev/null || echo ro-dir; \
+                 echo x >> /etc/app.conf 2>/dev/null || echo ro-file",
+            ],
+        )
+        .await;
+        assert_eq!(
+            out, "configured\nkey=value\nro-dir\nro-file\n",
+            "stderr: {err}"
         );
 
         // ExecSync: separate streams and the exit code.
