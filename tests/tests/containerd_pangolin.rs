@@ -502,5 +502,65 @@ fn bind_mounts_reach_the_guest_rw_ro_and_file_and_a_missing_source_is_named() {
     let _ = ctr(&ctrd, &["container", "rm", "vol2"]);
     // The volumes' host files survive the container's cleanup.
     assert!(rw.join("out.txt").exists() && ro.join("seed.txt").exists() && greeting.exists());
+
+    // rslave propagation (Kubernetes HostToContainer): a mount made on the host under the
+    // volume after the container started shows up inside it.
+    let prop = env.dir.join("prop-volume");
+    std::fs::create_dir_all(prop.join("later")).expect("mkdir prop");
+    let sh = |cmd: String| {
+        let st = std::process::Command::new("sh")
+            .args(["-c", &cmd])
+            .status()
+            .expect("sh");
+        assert!(st.success(), "{cmd}");
+    };
+    let p = prop.display();
+    sh(format!("mount --bind {p} {p} && mount --make-shared {p}"));
+    let out = ctr(
+        &ctrd,
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            PANGOLIN_RUNTIME,
+            "--mount",
+            &mount(&prop, "/prop", "rbind:rslave"),
+            BUSYBOX_IMAGE,
+            "vol3",
+            "sleep",
+            "600",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    sh(format!(
+        "mount -t tmpfs tmpfs {p}/later && echo mounted-later > {p}/later/file"
+    ));
+    let out = ctr(
+        &ctrd,
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            "vol3",
+            "cat",
+            "/prop/later/file",
+        ],
+    );
+    let seen = stdout(&out);
+    let _ = ctr(&ctrd, &["task", "kill", "-s", "SIGKILL", "vol3"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !stdout(&ctr(&ctrd, &["task", "ls"])).contains("STOPPED") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = ctr(&ctrd, &["task", "delete", "vol3"]);
+    let _ = ctr(&ctrd, &["container", "rm", "vol3"]);
+    sh(format!("umount {p}/later; umount {p}"));
+    assert_eq!(
+        seen,
+        "mounted-later\n",
+        "host mount propagated into the container: {}",
+        stderr(&out)
+    );
     finish_containerd(ctrd, env);
 }
