@@ -12,6 +12,7 @@
 //! FIFOs ↔ agent streams) and `events` (TaskCreate, TaskExit, ... to containerd).
 
 pub mod events;
+pub mod guest_spec;
 pub mod io;
 pub mod metrics;
 pub mod pod;

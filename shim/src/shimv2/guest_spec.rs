@@ -1,0 +1,140 @@
+//! What the guest sees of a container's bundle spec: host-only objects (hooks, namespace
+//! paths, the network namespace) removed, a cgroup namespace and the pod hostname added; and
+//! which network namespace a pod's VM serves.
+
+use std::path::PathBuf;
+
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Spec};
+
+use super::pod::PodError;
+
+/// The network namespace the pod's VM serves: the spec's network namespace path (CNI's, for a
+/// CRI sandbox), or None for a fresh namespace (`ctr run`: the VM gets no NIC). A spec without a
+/// network namespace asks for the host's network, which a VM cannot join: refused.
+pub fn pod_netns(spec: &Spec) -> Result<Option<PathBuf>, PodError> {
+    let network = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|nss| {
+            nss.iter()
+                .find(|ns| ns.typ() == LinuxNamespaceType::Network)
+        });
+    match network {
+        Some(ns) => Ok(ns.path().clone()),
+        None => Err(PodError::Invalid {
+            what: "network namespace",
+            why: "host networking (hostNetwork: true, ctr --net-host) is not supported: a pod's \
+                  microVM cannot join the host's network namespace"
+                .into(),
+        }),
+    }
+}
+
+/// The bundle's spec as the guest should see it: host namespace paths and hooks dropped (they
+/// name host objects), no network namespace (containers share the guest's, where the agent
+/// configured the pod's interface), a private cgroup namespace (the guest is cgroup v2, where containerd and
+/// Docker give each container its own, so `/sys/fs/cgroup` shows the container's limits). Bind
+/// mounts must already point into the share ([`super::volumes::share`]).
+pub fn guest_spec(mut spec: Spec, pod_hostname: Option<&str>) -> Result<String, PodError> {
+    spec.set_hooks(None);
+    let joins_pod_uts = spec.linux().as_ref().is_some_and(|l| {
+        l.namespaces().as_ref().is_some_and(|nss| {
+            nss.iter()
+                .any(|ns| ns.typ() == LinuxNamespaceType::Uts && ns.path().is_some())
+        })
+    });
+    if joins_pod_uts && spec.hostname().is_none() {
+        // The container joins the pod's UTS namespace: in the guest it gets a fresh one, named
+        // as the pod.
+        spec.set_hostname(pod_hostname.map(str::to_string));
+    }
+    if let Some(linux) = spec.linux_mut() {
+        let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+        namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
+        for ns in &mut namespaces {
+            ns.set_path(None);
+        }
+        if !namespaces
+            .iter()
+            .any(|ns| ns.typ() == LinuxNamespaceType::Cgroup)
+        {
+            let mut cgroup = LinuxNamespace::default();
+            cgroup.set_typ(LinuxNamespaceType::Cgroup);
+            namespaces.push(cgroup);
+        }
+        linux.set_namespaces(Some(namespaces));
+    }
+    serde_json::to_string(&spec).map_err(|e| PodError::Invalid {
+        what: "bundle config.json",
+        why: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_spec_drops_host_namespaces_and_hooks_and_adds_a_cgroup_namespace() {
+        let spec: Spec = serde_json::from_str(
+            r#"{"ociVersion":"1.0.2",
+                "hooks":{"createRuntime":[{"path":"/usr/bin/true"}]},
+                "mounts":[{"destination":"/proc","type":"proc","source":"proc"},
+                          {"destination":"/etc/hosts","type":"bind","source":"/var/lib/x/hosts","options":["rbind","ro"]}],
+                "linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1"},
+                                       {"type":"uts","path":"/proc/1/ns/uts"}]}}"#,
+        )
+        .expect("spec");
+        let out: serde_json::Value =
+            serde_json::from_str(&guest_spec(spec, Some("pod1")).expect("guest spec"))
+                .expect("json");
+        assert!(
+            out.get("hooks").is_none_or(serde_json::Value::is_null),
+            "{out}"
+        );
+        let mounts = out["mounts"].as_array().expect("mounts");
+        assert_eq!(mounts.len(), 2, "mounts kept: {mounts:?}");
+        let nss = out["linux"]["namespaces"].as_array().expect("namespaces");
+        let types: Vec<&str> = nss.iter().filter_map(|n| n["type"].as_str()).collect();
+        assert_eq!(
+            types,
+            ["pid", "uts", "cgroup"],
+            "network dropped: the guest's is shared"
+        );
+        assert_eq!(
+            out["hostname"], "pod1",
+            "joins the pod's UTS: named as the pod"
+        );
+        assert!(nss.iter().all(|n| n.get("path").is_none()), "{nss:?}");
+
+        // An existing cgroup namespace is kept, not doubled.
+        let spec: Spec = serde_json::from_str(
+            r#"{"ociVersion":"1.0.2","linux":{"namespaces":[{"type":"cgroup"}]}}"#,
+        )
+        .expect("spec");
+        let out = guest_spec(spec, None).expect("guest spec");
+        assert_eq!(out.matches("\"cgroup\"").count(), 1, "{out}");
+    }
+
+    #[test]
+    fn pod_netns_is_the_specs_path_none_for_a_fresh_one_and_host_networking_is_refused() {
+        let with = |nss: &str| -> Spec {
+            serde_json::from_str(&format!(
+                r#"{{"ociVersion":"1.0.2","linux":{{"namespaces":{nss}}}}}"#
+            ))
+            .expect("spec")
+        };
+        let cni = with(r#"[{"type":"network","path":"/var/run/netns/cni-1"}]"#);
+        assert_eq!(
+            pod_netns(&cni).expect("cni"),
+            Some(PathBuf::from("/var/run/netns/cni-1"))
+        );
+        assert_eq!(
+            pod_netns(&with(r#"[{"type":"network"}]"#)).expect("fresh"),
+            None
+        );
+        let err = pod_netns(&with(r#"[{"type":"pid"}]"#)).expect_err("host network");
+        assert!(err.to_string().contains("host networking"), "{err}");
+    }
+}
