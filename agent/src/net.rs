@@ -191,6 +191,9 @@ pub fn setup(req: &SetupNetworkRequest) -> Result<(), NetError> {
     })?;
     // Subnets of the configured addresses: the kernel adds their on-link routes itself.
     let mut subnets = Vec::new();
+    // Routes go through the (one) pod NIC, the last configured; an on-link route needs its
+    // device named.
+    let mut route_dev = None;
     for (index, iface) in req.interfaces.iter().enumerate() {
         let dev = find_by_mac(&iface.mac).ok_or_else(|| NetError::NoSuchMac {
             index,
@@ -239,19 +242,11 @@ pub fn setup(req: &SetupNetworkRequest) -> Result<(), NetError> {
         }
         link_up(&dev)?;
         tracing::info!(dev, mac = %iface.mac, mtu = iface.mtu, addresses = ?iface.addresses, "interface configured");
-    }
-    // Routes go through the (one) pod NIC; an on-link route needs its device named.
-    let route_dev = match req.interfaces.last() {
-        Some(iface) => find_by_mac(&iface.mac),
-        None => None,
-    };
-    let route_dev = match route_dev {
-        Some(dev) => Some(std::ffi::CString::new(dev).map_err(|_| NetError::Invalid {
-            field: "interfaces".into(),
+        route_dev = Some(std::ffi::CString::new(dev).map_err(|_| NetError::Invalid {
+            field: format!("interfaces[{index}]"),
             why: "interface name with a NUL byte".into(),
-        })?),
-        None => None,
-    };
+        })?);
+    }
     for (index, route) in req.routes.iter().enumerate() {
         let dst = Cidr::parse(&route.destination, &format!("routes[{index}].destination"))?;
         if route.gateway.is_empty() && subnets.contains(&dst.network()) {

@@ -14,8 +14,8 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ImageSpec, LinuxContainerConfig, LinuxContainerResources,
     LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListPodSandboxRequest, NamespaceMode,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest,
-    StopPodSandboxRequest,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -49,6 +49,71 @@ impl Cri {
             images: ImageServiceClient::new(channel),
         })
     }
+
+    /// RunPodSandbox of `config` on runtime handler `handler`; the pod id.
+    pub async fn run_pod(
+        &mut self,
+        handler: &str,
+        config: &PodSandboxConfig,
+    ) -> Result<String, tonic::Status> {
+        Ok(self
+            .runtime
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: handler.into(),
+            })
+            .await?
+            .into_inner()
+            .pod_sandbox_id)
+    }
+
+    /// The pod's IP as PodSandboxStatus reports it (empty without a network).
+    pub async fn pod_ip(&mut self, pod: &str) -> Result<String, tonic::Status> {
+        Ok(self
+            .runtime
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: pod.into(),
+                verbose: false,
+            })
+            .await?
+            .into_inner()
+            .status
+            .and_then(|s| s.network)
+            .map(|n| n.ip)
+            .unwrap_or_default())
+    }
+
+    /// StopPodSandbox then RemovePodSandbox (tried even when the stop failed).
+    pub async fn remove_pod(&mut self, pod: &str) -> Result<(), tonic::Status> {
+        let stopped = self
+            .runtime
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .await;
+        let removed = self
+            .runtime
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .await;
+        stopped?;
+        removed?;
+        Ok(())
+    }
+
+    /// Ids of the pods CRI knows.
+    pub async fn pods(&mut self) -> Result<Vec<String>, tonic::Status> {
+        Ok(self
+            .runtime
+            .list_pod_sandbox(ListPodSandboxRequest::default())
+            .await?
+            .into_inner()
+            .items
+            .into_iter()
+            .map(|p| p.id)
+            .collect())
+    }
 }
 
 /// Stops and removes every pod CRI knows (a failed test's leftovers: their network
@@ -57,29 +122,11 @@ pub async fn remove_all_pods(socket: &Path) -> Vec<String> {
     let Ok(mut cri) = Cri::connect(socket).await else {
         return Vec::new();
     };
-    let pods = cri
-        .runtime
-        .list_pod_sandbox(ListPodSandboxRequest::default())
-        .await
-        .map(|r| r.into_inner().items)
-        .unwrap_or_default();
-    let mut found = Vec::new();
-    for pod in pods {
-        let _ = cri
-            .runtime
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: pod.id.clone(),
-            })
-            .await;
-        let _ = cri
-            .runtime
-            .remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: pod.id.clone(),
-            })
-            .await;
-        found.push(pod.id);
+    let pods = cri.pods().await.unwrap_or_default();
+    for pod in &pods {
+        let _ = cri.remove_pod(pod).await;
     }
-    found
+    pods
 }
 
 /// A private bridge network for CRI pods: a CNI config in containerd's CNI config directory

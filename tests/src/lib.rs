@@ -130,6 +130,11 @@ impl TestEnv {
         processes_mentioning(&self.state)
     }
 
+    /// Pids of this test's VMM processes (QEMU or pangolin-vmm).
+    pub fn vmm_pids(&self) -> Vec<u32> {
+        vmm_pids_under(&self.state)
+    }
+
     /// Asserts nothing of this test remains (processes, sockets, sandbox directories), then
     /// removes the test directory.
     pub fn finish(self) {
@@ -196,6 +201,15 @@ pub fn finish_containerd(ctrd: containerd::PrivateContainerd, env: TestEnv) {
 /// Serialises a configuration to TOML.
 pub fn toml_of(config: &Config) -> String {
     toml::to_string(config).expect("config serialises")
+}
+
+/// Pids of VMM processes (QEMU or pangolin-vmm) whose command line mentions `dir`.
+pub fn vmm_pids_under(dir: &Path) -> Vec<u32> {
+    processes_mentioning(dir)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("qemu-system") || cmd.contains("pangolin-vmm"))
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 /// Live processes whose command line contains `needle`.

@@ -21,6 +21,15 @@ fn containerd(env: &TestEnv) -> PrivateContainerd {
     ctrd
 }
 
+/// `ctr` arguments for `run OPTS --runtime io.containerd.pangolin.v2 busybox ID CMD...`.
+fn pangolin_run<'a>(opts: &[&'a str], id: &'a str, cmd: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["run"];
+    args.extend_from_slice(opts);
+    args.extend_from_slice(&["--runtime", PANGOLIN_RUNTIME, BUSYBOX_IMAGE, id]);
+    args.extend_from_slice(cmd);
+    args
+}
+
 fn ctr(ctrd: &PrivateContainerd, args: &[&str]) -> std::process::Output {
     run_bounded(ctrd.ctr(args), Duration::from_secs(180))
 }
@@ -48,17 +57,11 @@ fn ctr_run_rm_prints_output_and_returns_the_exit_code() {
     let t = Instant::now();
     let out = ctr(
         &ctrd,
-        &[
-            "run",
-            "--rm",
-            "--runtime",
-            PANGOLIN_RUNTIME,
-            BUSYBOX_IMAGE,
+        &pangolin_run(
+            &["--rm"],
             "run1",
-            "sh",
-            "-c",
-            "echo hello-from-pangolin; uname -r; exit 3",
-        ],
+            &["sh", "-c", "echo hello-from-pangolin; uname -r; exit 3"],
+        ),
     );
     eprintln!("ctr run --rm took {:?}", t.elapsed());
     let text = stdout(&out);
@@ -71,15 +74,7 @@ fn ctr_run_rm_prints_output_and_returns_the_exit_code() {
     assert!(text.contains("-pangolin"), "guest kernel: {text}");
     assert_eq!(out.status.code(), Some(3), "stderr: {}", stderr(&out));
     // stdin through the FIFO, closed by CloseIO
-    let cmd = ctrd.ctr([
-        "run",
-        "--rm",
-        "--runtime",
-        PANGOLIN_RUNTIME,
-        BUSYBOX_IMAGE,
-        "run2",
-        "cat",
-    ]);
+    let cmd = ctrd.ctr(pangolin_run(&["--rm"], "run2", &["cat"]));
     let out = with_input(cmd, b"piped-through\n");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
@@ -94,19 +89,7 @@ fn ctr_run_rm_prints_output_and_returns_the_exit_code() {
 fn ctr_task_exec_ps_pause_resume_metrics_kill_delete() {
     let env = TestEnv::new("ctr-task");
     let ctrd = containerd(&env);
-    let out = ctr(
-        &ctrd,
-        &[
-            "run",
-            "-d",
-            "--runtime",
-            PANGOLIN_RUNTIME,
-            BUSYBOX_IMAGE,
-            "task1",
-            "sleep",
-            "1000",
-        ],
-    );
+    let out = ctr(&ctrd, &pangolin_run(&["-d"], "task1", &["sleep", "1000"]));
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -183,26 +166,9 @@ fn ctr_task_exec_ps_pause_resume_metrics_kill_delete() {
 fn killing_the_vmm_makes_the_task_exit() {
     let env = TestEnv::new("ctr-vmmkill");
     let ctrd = containerd(&env);
-    let out = ctr(
-        &ctrd,
-        &[
-            "run",
-            "-d",
-            "--runtime",
-            PANGOLIN_RUNTIME,
-            BUSYBOX_IMAGE,
-            "vk1",
-            "sleep",
-            "1000",
-        ],
-    );
+    let out = ctr(&ctrd, &pangolin_run(&["-d"], "vk1", &["sleep", "1000"]));
     assert!(out.status.success(), "{}", stderr(&out));
-    let vmm: Vec<u32> = env
-        .leftover_processes()
-        .into_iter()
-        .filter(|(_, c)| c.contains("qemu-system") || c.contains("pangolin-vmm"))
-        .map(|(p, _)| p)
-        .collect();
+    let vmm = env.vmm_pids();
     assert_eq!(vmm.len(), 1, "one VMM for the task");
     let killed = Instant::now();
     let _ = std::process::Command::new("kill")
@@ -231,23 +197,23 @@ fn annotations_and_limits_shape_the_vm_and_bad_ones_are_named() {
     let ctrd = containerd(&env);
     let out = ctr(
         &ctrd,
-        &[
-            "run",
-            "--rm",
-            "--runtime",
-            PANGOLIN_RUNTIME,
-            "--annotation",
-            "io.pangolin.vcpus=2",
-            "--annotation",
-            "io.pangolin.not-a-knob=whatever",
-            "--memory-limit",
-            "536870912",
-            BUSYBOX_IMAGE,
+        &pangolin_run(
+            &[
+                "--rm",
+                "--annotation",
+                "io.pangolin.vcpus=2",
+                "--annotation",
+                "io.pangolin.not-a-knob=whatever",
+                "--memory-limit",
+                "536870912",
+            ],
             "annot1",
-            "sh",
-            "-c",
-            "echo cpus=$(nproc) mem=$(free -m | awk '/Mem:/{print $2}')",
-        ],
+            &[
+                "sh",
+                "-c",
+                "echo cpus=$(nproc) mem=$(free -m | awk '/Mem:/{print $2}')",
+            ],
+        ),
     );
     let text = stdout(&out);
     assert!(
@@ -265,17 +231,11 @@ fn annotations_and_limits_shape_the_vm_and_bad_ones_are_named() {
     assert!(mem > 512, "a 512 MiB limit must fit the VM: {text}");
     let out = ctr(
         &ctrd,
-        &[
-            "run",
-            "--rm",
-            "--runtime",
-            PANGOLIN_RUNTIME,
-            "--annotation",
-            "io.pangolin.vcpus=lots",
-            BUSYBOX_IMAGE,
+        &pangolin_run(
+            &["--rm", "--annotation", "io.pangolin.vcpus=lots"],
             "annot2",
-            "true",
-        ],
+            &["true"],
+        ),
     );
     assert!(!out.status.success());
     assert!(
@@ -290,18 +250,7 @@ fn annotations_and_limits_shape_the_vm_and_bad_ones_are_named() {
     let bad = good.replacen("vcpus = 1", "vcpus = 0", 1);
     assert_ne!(bad, good, "config has a vcpus key to break:\n{good}");
     std::fs::write(&env.config_file, bad).expect("break config");
-    let out = ctr(
-        &ctrd,
-        &[
-            "run",
-            "--rm",
-            "--runtime",
-            PANGOLIN_RUNTIME,
-            BUSYBOX_IMAGE,
-            "badconf",
-            "true",
-        ],
-    );
+    let out = ctr(&ctrd, &pangolin_run(&["--rm"], "badconf", &["true"]));
     std::fs::write(&env.config_file, good).expect("restore config");
     assert!(!out.status.success());
     assert!(
@@ -366,18 +315,15 @@ fn ctr_run_tty_and_an_oom_kill_reports_the_oom_event() {
         .expect("ctr events");
 
     let (text, code) = run_in_pty(
-        ctrd.ctr([
-            "run",
-            "-t",
-            "--rm",
-            "--runtime",
-            PANGOLIN_RUNTIME,
-            BUSYBOX_IMAGE,
+        ctrd.ctr(pangolin_run(
+            &["-t", "--rm"],
             "tty1",
-            "sh",
-            "-c",
-            "tty; stty size; test -t 0 && echo stdin-is-a-tty",
-        ]),
+            &[
+                "sh",
+                "-c",
+                "tty; stty size; test -t 0 && echo stdin-is-a-tty",
+            ],
+        )),
         30,
         100,
     );
@@ -393,18 +339,11 @@ fn ctr_run_tty_and_an_oom_kill_reports_the_oom_event() {
     // /tasks/oom event for it.
     let out = ctr(
         &ctrd,
-        &[
-            "run",
-            "--rm",
-            "--runtime",
-            PANGOLIN_RUNTIME,
-            "--memory-limit",
-            "33554432",
-            BUSYBOX_IMAGE,
+        &pangolin_run(
+            &["--rm", "--memory-limit", "33554432"],
             "oom1",
-            "tail",
-            "/dev/zero",
-        ],
+            &["tail", "/dev/zero"],
+        ),
     );
     assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -446,24 +385,24 @@ fn bind_mounts_reach_the_guest_rw_ro_and_file_and_a_missing_source_is_named() {
     };
     let out = ctr(
         &ctrd,
-        &[
-            "run",
-            "--rm",
-            "--runtime",
-            PANGOLIN_RUNTIME,
-            "--mount",
-            &mount(&rw, "/data", "rbind:rw"),
-            "--mount",
-            &mount(&ro, "/seed", "rbind:ro"),
-            "--mount",
-            &mount(&greeting, "/etc/greeting", "rbind:ro"),
-            BUSYBOX_IMAGE,
+        &pangolin_run(
+            &[
+                "--rm",
+                "--mount",
+                &mount(&rw, "/data", "rbind:rw"),
+                "--mount",
+                &mount(&ro, "/seed", "rbind:ro"),
+                "--mount",
+                &mount(&greeting, "/etc/greeting", "rbind:ro"),
+            ],
             "vol1",
-            "sh",
-            "-c",
-            "echo written-in-guest > /data/out.txt; cat /seed/seed.txt /etc/greeting; \
+            &[
+                "sh",
+                "-c",
+                "echo written-in-guest > /data/out.txt; cat /seed/seed.txt /etc/greeting; \
              touch /seed/nope 2>/dev/null || echo ro-refused",
-        ],
+            ],
+        ),
     );
     let text = stdout(&out);
     assert!(
@@ -481,17 +420,15 @@ fn bind_mounts_reach_the_guest_rw_ro_and_file_and_a_missing_source_is_named() {
 
     let out = ctr(
         &ctrd,
-        &[
-            "run",
-            "--rm",
-            "--runtime",
-            PANGOLIN_RUNTIME,
-            "--mount",
-            "type=bind,src=/nonexistent/pangolin-volume,dst=/data,options=rbind:rw",
-            BUSYBOX_IMAGE,
+        &pangolin_run(
+            &[
+                "--rm",
+                "--mount",
+                "type=bind,src=/nonexistent/pangolin-volume,dst=/data,options=rbind:rw",
+            ],
             "vol2",
-            "true",
-        ],
+            &["true"],
+        ),
     );
     assert!(!out.status.success());
     assert!(
@@ -518,18 +455,11 @@ fn bind_mounts_reach_the_guest_rw_ro_and_file_and_a_missing_source_is_named() {
     sh(format!("mount --bind {p} {p} && mount --make-shared {p}"));
     let out = ctr(
         &ctrd,
-        &[
-            "run",
-            "-d",
-            "--runtime",
-            PANGOLIN_RUNTIME,
-            "--mount",
-            &mount(&prop, "/prop", "rbind:rslave"),
-            BUSYBOX_IMAGE,
+        &pangolin_run(
+            &["-d", "--mount", &mount(&prop, "/prop", "rbind:rslave")],
             "vol3",
-            "sleep",
-            "600",
-        ],
+            &["sleep", "600"],
+        ),
     );
     assert!(out.status.success(), "{}", stderr(&out));
     sh(format!(

@@ -13,16 +13,14 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::{
     ContainerConfig, ContainerState, ContainerStatsRequest, ContainerStatusRequest,
     CreateContainerRequest, DnsConfig, ExecSyncRequest, LinuxContainerResources,
-    ListContainersRequest, ListPodSandboxRequest, Mount, NamespaceMode, PodSandboxConfig,
-    PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    ListContainersRequest, Mount, NamespaceMode, PodSandboxConfig, PodSandboxState,
+    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
     UpdateContainerResourcesRequest,
 };
 use pangolin_e2e::containerd::{Options, PrivateContainerd, PANGOLIN_HANDLER};
 use pangolin_e2e::cri::{self, BridgeNetwork, Cri};
-use pangolin_e2e::{
-    busybox, finish_containerd, pangolin_containerd, processes_mentioning, TestEnv,
-};
+use pangolin_e2e::{busybox, finish_containerd, pangolin_containerd, vmm_pids_under, TestEnv};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -115,15 +113,6 @@ fn netns_of(info: &HashMap<String, String>) -> String {
         .unwrap_or_else(|| panic!("no network namespace path in {raw}"))
 }
 
-/// VMM processes (QEMU or pangolin-vmm) under a test's state directory.
-fn vmms(state: &Path) -> Vec<String> {
-    processes_mentioning(state)
-        .into_iter()
-        .map(|(_, cmd)| cmd)
-        .filter(|cmd| cmd.contains("qemu-system") || cmd.contains("pangolin-vmm"))
-        .collect()
-}
-
 /// Waits until the CRI log at `path` holds `want` (stream, text) lines; the parsed log.
 async fn wait_log(path: &Path, want: &[(&str, &str)]) -> Vec<(String, String)> {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -198,29 +187,19 @@ fn drive(
 /// RunPodSandbox on the pangolin handler; the pod id and its IP.
 async fn run_pod(cri: &mut Cri, config: &PodSandboxConfig) -> (String, String) {
     let pod = cri
-        .runtime
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: PANGOLIN_HANDLER.into(),
-        })
+        .run_pod(PANGOLIN_HANDLER, config)
         .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}"))
-        .into_inner()
-        .pod_sandbox_id;
-    let ip = cri
-        .runtime
-        .pod_sandbox_status(PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        })
-        .await
-        .expect("PodSandboxStatus")
-        .into_inner()
-        .status
-        .and_then(|s| s.network)
-        .map(|n| n.ip)
-        .unwrap_or_default();
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}"));
+    let ip = cri.pod_ip(&pod).await.expect("PodSandboxStatus");
     (pod, ip)
+}
+
+/// RunPodSandbox of `config` must fail (`what`), leaving no pod behind; its error.
+async fn refused(cri: &mut Cri, config: &PodSandboxConfig, what: &str) -> tonic::Status {
+    let err = cri.run_pod(PANGOLIN_HANDLER, config).await.expect_err(what);
+    let pods = cri.pods().await.expect("ListPodSandbox");
+    assert!(pods.is_empty(), "failed pod left: {pods:?}");
+    err
 }
 
 #[test]
@@ -309,18 +288,7 @@ fn cri_pods_reach_each_other_and_get_the_dns_config_they_asked_for() {
         assert_eq!(hostname.trim(), "client");
 
         for pod in [client, server] {
-            cri.runtime
-                .stop_pod_sandbox(StopPodSandboxRequest {
-                    pod_sandbox_id: pod.clone(),
-                })
-                .await
-                .expect("StopPodSandbox");
-            cri.runtime
-                .remove_pod_sandbox(RemovePodSandboxRequest {
-                    pod_sandbox_id: pod,
-                })
-                .await
-                .expect("RemovePodSandbox");
+            cri.remove_pod(&pod).await.expect("Stop/RemovePodSandbox");
         }
         // Host networking is refused at RunPodSandbox, saying why, and leaves nothing behind.
         let mut host_net = cri::pod_config("hostnet", &logs, HashMap::new());
@@ -333,26 +301,11 @@ fn cri_pods_reach_each_other_and_get_the_dns_config_they_asked_for() {
         {
             ns.network = NamespaceMode::Node as i32;
         }
-        let err = cri
-            .runtime
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(host_net),
-                runtime_handler: PANGOLIN_HANDLER.into(),
-            })
-            .await
-            .expect_err("host networking");
+        let err = refused(&mut cri, &host_net, "host networking").await;
         assert!(
             err.message().contains("host networking"),
             "RunPodSandbox error: {err}"
         );
-        let pods = cri
-            .runtime
-            .list_pod_sandbox(ListPodSandboxRequest::default())
-            .await
-            .expect("ListPodSandbox")
-            .into_inner()
-            .items;
-        assert!(pods.is_empty(), "failed pod left: {pods:?}");
         assert!(
             leases.leases().is_empty(),
             "IP leases left: {:?}",
@@ -392,15 +345,9 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
         let pod_config = cri::pod_config("pod1", &logs, annotations);
         let t = Instant::now();
         let pod = cri
-            .runtime
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(pod_config.clone()),
-                runtime_handler: PANGOLIN_HANDLER.into(),
-            })
+            .run_pod(PANGOLIN_HANDLER, &pod_config)
             .await
-            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", log_tail()))
-            .into_inner()
-            .pod_sandbox_id;
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", log_tail()));
         eprintln!("RunPodSandbox {:?}", t.elapsed());
 
         let st = cri
@@ -423,7 +370,7 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
         );
         let netns = netns_of(&st.info);
         assert!(Path::new(&netns).exists(), "netns {netns} missing");
-        assert_eq!(vmms(&state).len(), 1, "one VM for the sandbox");
+        assert_eq!(vmm_pids_under(&state).len(), 1, "one VM for the sandbox");
 
         let mut c1_config = cri::container_config(
             "c1",
@@ -463,7 +410,7 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
         let (boot2, _, _) = exec(&mut cri, &c2, &["cat", "/proc/sys/kernel/random/boot_id"]).await;
         assert_eq!(boot1, boot2, "containers of one pod share the VM");
         assert_ne!(boot1, host_boot_id, "container runs in a VM");
-        let vms = vmms(&state);
+        let vms = vmm_pids_under(&state);
         assert_eq!(vms.len(), 1, "one VM per pod: {vms:?}");
         let (kernel, _, _) = exec(&mut cri, &c2, &["uname", "-r"]).await;
         assert!(kernel.contains("-pangolin"), "guest kernel: {kernel}");
@@ -659,20 +606,14 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
             .status
             .expect("status");
         assert_eq!(st.state, PodSandboxState::SandboxNotready as i32);
-        assert!(vmms(&state).is_empty(), "VM stopped with the pod");
+        assert!(vmm_pids_under(&state).is_empty(), "VM stopped with the pod");
         cri.runtime
             .remove_pod_sandbox(RemovePodSandboxRequest {
                 pod_sandbox_id: pod.clone(),
             })
             .await
             .expect("RemovePodSandbox");
-        let pods = cri
-            .runtime
-            .list_pod_sandbox(ListPodSandboxRequest::default())
-            .await
-            .expect("ListPodSandbox")
-            .into_inner()
-            .items;
+        let pods = cri.pods().await.expect("ListPodSandbox");
         assert!(pods.is_empty(), "pods left: {pods:?}");
         assert!(!Path::new(&netns).exists(), "netns {netns} left");
         assert!(
@@ -691,26 +632,11 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
             &logs,
             HashMap::from([("io.pangolin.memory_mib".to_string(), "lots".to_string())]),
         );
-        let err = cri
-            .runtime
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(bad),
-                runtime_handler: PANGOLIN_HANDLER.into(),
-            })
-            .await
-            .expect_err("malformed annotation");
+        let err = refused(&mut cri, &bad, "malformed annotation").await;
         assert!(
             err.message().contains("io.pangolin.memory_mib"),
             "error names the annotation: {err}"
         );
-        let pods = cri
-            .runtime
-            .list_pod_sandbox(ListPodSandboxRequest::default())
-            .await
-            .expect("ListPodSandbox")
-            .into_inner()
-            .items;
-        assert!(pods.is_empty(), "failed pod left: {pods:?}");
     };
     drive(ctrd, env, net, body);
 }

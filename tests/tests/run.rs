@@ -279,12 +279,7 @@ fn killing_the_vmm_ends_the_run_and_cleans_up() {
     let mut first = [0u8; 3];
     std::io::Read::read_exact(&mut stdout, &mut first).expect("container output");
     assert_eq!(&first, b"up\n");
-    let qemu: Vec<u32> = env
-        .leftover_processes()
-        .into_iter()
-        .filter(|(_, cmdline)| cmdline.contains("qemu-system") || cmdline.contains("pangolin-vmm"))
-        .map(|(pid, _)| pid)
-        .collect();
+    let qemu = env.vmm_pids();
     assert_eq!(qemu.len(), 1, "one VMM per run");
     std::process::Command::new("kill")
         .arg("-9")

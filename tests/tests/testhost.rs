@@ -74,16 +74,23 @@ fn suite_binary(name: &str) -> std::path::PathBuf {
     })
 }
 
-/// The whole `pangolin run` and sandbox suites on the built-in VMM, on the test host's
-/// hardware-virtualisation KVM: the path a host with VT-x/AMD-V takes.
-#[test]
-fn builtin_vmm_passes_the_run_and_sandbox_suites_in_the_nested_test_host() {
+/// Runs the test binaries of `suites` one after the other on the built-in VMM inside a test
+/// host, then `leftovers` (a shell command printing counts); asserts every suite passed and
+/// the output contains `clean`. Returns the suites' summary lines.
+fn builtin_suites_in_test_host(suites: &[&str], leftovers: &str, clean: &str) -> Vec<String> {
+    let runs: Vec<String> = suites
+        .iter()
+        .map(|s| {
+            format!(
+                "{} --test-threads=1 --color never",
+                suite_binary(s).display()
+            )
+        })
+        .collect();
     let script = format!(
-        "export {}=builtin; {} --test-threads=1 --color never && {} --test-threads=1 --color never && \
-         echo \"leftover-vmm=$(pgrep -c pangolin-vmm)\"",
+        "export {}=builtin; {} && {leftovers}",
         pangolin_e2e::HYPERVISOR_ENV,
-        suite_binary("run").display(),
-        suite_binary("sandbox").display()
+        runs.join(" && ")
     );
     let out = in_test_host(&script, 1200);
     let text = stdout(&out);
@@ -93,12 +100,25 @@ fn builtin_vmm_passes_the_run_and_sandbox_suites_in_the_nested_test_host() {
         Some(0),
         "stdout:\n{text}\nstderr:\n{err}"
     );
-    assert!(text.contains("leftover-vmm=0"), "stdout:\n{text}");
-    let passed: Vec<&str> = text
+    assert!(text.contains(clean), "stdout:\n{text}");
+    let passed: Vec<String> = text
         .lines()
         .filter(|l| l.starts_with("test result: ok"))
+        .map(str::to_string)
         .collect();
-    assert_eq!(passed.len(), 2, "both suites ran:\n{text}");
+    assert_eq!(passed.len(), suites.len(), "every suite ran:\n{text}");
+    passed
+}
+
+/// The whole `pangolin run` and sandbox suites on the built-in VMM, on the test host's
+/// hardware-virtualisation KVM: the path a host with VT-x/AMD-V takes.
+#[test]
+fn builtin_vmm_passes_the_run_and_sandbox_suites_in_the_nested_test_host() {
+    let passed = builtin_suites_in_test_host(
+        &["run", "sandbox"],
+        "echo \"leftover-vmm=$(pgrep -c pangolin-vmm)\"",
+        "leftover-vmm=0",
+    );
     eprintln!("builtin suites in the nested test host: {passed:?}");
 }
 
@@ -106,30 +126,11 @@ fn builtin_vmm_passes_the_run_and_sandbox_suites_in_the_nested_test_host() {
 /// host's hardware-virtualisation KVM; containerd, runc and the CNI plugins are this machine's.
 #[test]
 fn builtin_vmm_passes_the_containerd_and_cri_suites_in_the_nested_test_host() {
-    let script = format!(
-        "export {}=builtin; {} --test-threads=1 --color never && {} --test-threads=1 --color never && \
-         echo \"leftover-vmm=$(pgrep -c pangolin-vmm) leftover-shim=$(pgrep -c containerd-shim)\"",
-        pangolin_e2e::HYPERVISOR_ENV,
-        suite_binary("containerd_pangolin").display(),
-        suite_binary("cri_pangolin").display()
+    let passed = builtin_suites_in_test_host(
+        &["containerd_pangolin", "cri_pangolin"],
+        "echo \"leftover-vmm=$(pgrep -c pangolin-vmm) leftover-shim=$(pgrep -c containerd-shim)\"",
+        "leftover-vmm=0 leftover-shim=0",
     );
-    let out = in_test_host(&script, 1200);
-    let text = stdout(&out);
-    let err = stderr(&out);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stdout:\n{text}\nstderr:\n{err}"
-    );
-    assert!(
-        text.contains("leftover-vmm=0 leftover-shim=0"),
-        "stdout:\n{text}"
-    );
-    let passed: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with("test result: ok"))
-        .collect();
-    assert_eq!(passed.len(), 2, "both suites ran:\n{text}");
     eprintln!("containerd suites on the builtin VMM in the nested test host: {passed:?}");
 }
 

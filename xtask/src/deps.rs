@@ -1,7 +1,7 @@
 //! Installs what a fresh machine lacks (Debian packages, cargo tools), so that `cargo xtask demo`
 //! and `cargo xtask test` work on a new machine. Needs root for apt-get.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context};
@@ -33,14 +33,15 @@ const APT: &[(&str, &str)] = &[
 /// vhost-device-vsock, pinned: its CLI is part of our QEMU backend's contract.
 const VHOST_VSOCK_VERSION: &str = "0.3.0";
 
-fn have_program(name: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {name} >/dev/null"))
-        .status()
-        .is_ok_and(|s| s.success())
-        || std::env::var_os("HOME")
-            .is_some_and(|h| Path::new(&h).join(".cargo/bin").join(name).is_file())
+/// A program on PATH or in ~/.cargo/bin (where [`ensure`] installs cargo tools).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(Path::new(&home).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 /// Installs the missing Debian packages and cargo tools.
@@ -75,7 +76,7 @@ pub fn ensure() -> anyhow::Result<()> {
             bail!("apt-get install {} failed", missing.join(" "));
         }
     }
-    if !have_program("vhost-device-vsock") {
+    if find_program("vhost-device-vsock").is_none() {
         eprintln!("xtask: installing vhost-device-vsock {VHOST_VSOCK_VERSION} (cargo install, about a minute)");
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args([

@@ -42,7 +42,8 @@ pub fn install(args: &[String]) -> anyhow::Result<()> {
     let pangolin = crate::build_host(release)?;
     let target = pangolin.parent().context("target dir")?;
     let guest_dir = guest::root().join("target/guest");
-    let vsock = which("vhost-device-vsock")?;
+    let vsock = crate::deps::find_program("vhost-device-vsock")
+        .context("vhost-device-vsock not found on PATH or in ~/.cargo/bin")?;
     let items = [
         (target.join("containerd-shim-pangolin-v2"), BIN_DIR, 0o755),
         (target.join("pangolin"), BIN_DIR, 0o755),
@@ -126,18 +127,4 @@ fn write(to: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
     fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
     fs::rename(&tmp, to).with_context(|| format!("installing {}", to.display()))
-}
-
-/// A program on PATH or in ~/.cargo/bin (where `deps::ensure` installs cargo tools).
-fn which(name: &str) -> anyhow::Result<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(Path::new(&home).join(".cargo/bin"));
-    }
-    dirs.into_iter()
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .with_context(|| format!("{name} not found on PATH or in ~/.cargo/bin"))
 }

@@ -9,10 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use k8s_cri::v1::{
-    CreateContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopPodSandboxRequest,
-};
+use k8s_cri::v1::{CreateContainerRequest, StartContainerRequest};
 use pangolin_e2e::containerd::{Options, PrivateContainerd, PANGOLIN_HANDLER};
 use pangolin_e2e::cri::{self, BridgeNetwork, Cri};
 
@@ -59,15 +56,9 @@ async fn pod_start(
     let pod_config = cri::pod_config(name, logs, HashMap::new());
     let t = Instant::now();
     let pod = cri
-        .runtime
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: handler.into(),
-        })
+        .run_pod(handler, &pod_config)
         .await
-        .with_context(|| format!("RunPodSandbox ({handler})"))?
-        .into_inner()
-        .pod_sandbox_id;
+        .with_context(|| format!("RunPodSandbox ({handler})"))?;
     let run = ms(t);
     let t = Instant::now();
     let id = cri
@@ -88,18 +79,9 @@ async fn pod_start(
         .await
         .with_context(|| format!("StartContainer ({handler})"))?;
     let start = ms(t);
-    cri.runtime
-        .stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
+    cri.remove_pod(&pod)
         .await
-        .context("StopPodSandbox")?;
-    cri.runtime
-        .remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: pod,
-        })
-        .await
-        .context("RemovePodSandbox")?;
+        .context("Stop/RemovePodSandbox")?;
     Ok([run, create, start])
 }
 
@@ -117,28 +99,14 @@ async fn throughput(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pod_config = cri::pod_config(name, logs, HashMap::new());
     let pod = cri
-        .runtime
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: handler.into(),
-        })
+        .run_pod(handler, &pod_config)
         .await
-        .with_context(|| format!("RunPodSandbox ({handler})"))?
-        .into_inner()
-        .pod_sandbox_id;
+        .with_context(|| format!("RunPodSandbox ({handler})"))?;
     let result = async {
-        let ip = cri
-            .runtime
-            .pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {
-                pod_sandbox_id: pod.clone(),
-                verbose: false,
-            })
-            .await?
-            .into_inner()
-            .status
-            .and_then(|s| s.network)
-            .map(|n| n.ip)
-            .context("pod IP")?;
+        let ip = cri.pod_ip(&pod).await?;
+        if ip.is_empty() {
+            bail!("pod {pod} has no IP");
+        }
         let id = cri
             .runtime
             .create_container(CreateContainerRequest {
@@ -179,18 +147,7 @@ async fn throughput(
         anyhow::Ok(mib / t.elapsed().as_secs_f64())
     }
     .await;
-    let _ = cri
-        .runtime
-        .stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await;
-    let _ = cri
-        .runtime
-        .remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: pod,
-        })
-        .await;
+    let _ = cri.remove_pod(&pod).await;
     result.with_context(|| format!("throughput ({handler})"))
 }
 

@@ -11,9 +11,14 @@ use anyhow::{bail, Context};
 
 use crate::{build_host, deps, guest};
 
+/// The median (sorts `values`).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 fn stats(name: &str, values: &mut [f64]) {
-    values.sort_by(|a, b| a.total_cmp(b));
-    let median = values[values.len() / 2];
+    let median = median(values);
     println!(
         "{name:<28} median {median:>8.1} ms   min {:>8.1} ms   max {:>8.1} ms",
         values[0],
@@ -237,11 +242,12 @@ fn fs_figures(
     }
     println!();
     println!("P7 virtio-fs sequential throughput, 64 MiB busybox dd bs=1M (write with fsync; the read file is fresh to the guest), {runs} runs");
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (gw, gr, hw, hr) = (med(&mut gw), med(&mut gr), med(&mut hw), med(&mut hr));
+    let (gw, gr, hw, hr) = (
+        median(&mut gw),
+        median(&mut gr),
+        median(&mut hw),
+        median(&mut hr),
+    );
     println!(
         "{:<28} guest {gw:>8.1} MiB/s   host {hw:>8.1} MiB/s   {:.2}x",
         "write",
@@ -275,10 +281,6 @@ fn vmm_figures(runs: usize, pangolin: &std::path::Path) -> anyhow::Result<()> {
         q_pss.push(q.pss_kib as f64 / 1024.0);
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
     println!();
     println!(
         "VMM exec to first guest instruction (a PVH stub's first OUT to COM1), this host's KVM ({}), {} runs each, alternating",
@@ -366,8 +368,11 @@ fn containerd_figures(
     );
     stats("pangolin (io.containerd.pangolin.v2)", &mut pg);
     stats("runc (io.containerd.runc.v2)", &mut rc);
-    let med = |v: &[f64]| v[v.len() / 2];
-    println!("{:<28} {:.1}x", "ratio pangolin/runc", med(&pg) / med(&rc));
+    println!(
+        "{:<28} {:.1}x",
+        "ratio pangolin/runc",
+        median(&mut pg) / median(&mut rc)
+    );
     Ok(())
 }
 
