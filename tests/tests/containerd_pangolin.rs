@@ -485,7 +485,13 @@ fn bind_mounts_reach_the_guest_rw_ro_and_file_and_a_missing_source_is_named() {
     }
     let _ = ctr(&ctrd, &["task", "delete", "vol3"]);
     let _ = ctr(&ctrd, &["container", "rm", "vol3"]);
-    sh(format!("umount {p}/later; umount {p}"));
+    // Removing the container must not unmount the host's own mount under the volume.
+    let kept = std::fs::read_to_string(prop.join("later/file")).unwrap_or_default();
+    sh(format!("umount {p}/later && umount {p}"));
+    assert_eq!(
+        kept, "mounted-later\n",
+        "host mount under the volume survives the container"
+    );
     assert_eq!(
         seen,
         "mounted-later\n",

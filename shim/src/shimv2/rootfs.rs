@@ -57,10 +57,29 @@ pub fn prepare_shared(dir: &Path) -> Result<(), RootfsError> {
 
 /// Unmounts everything below and at `dir` and removes it.
 pub fn remove_shared(dir: &Path) {
-    for m in mounts_below(dir).into_iter().rev() {
-        let _ = umount2(&m, MntFlags::MNT_DETACH);
-    }
+    unmount_all(dir);
     remove_unmounted(dir);
+}
+
+/// Unmounts everything at and below `dir`, innermost first. Each mount is made private first:
+/// a volume's bind is a peer of its host source when that is a shared mount, and unmounting
+/// its submounts would otherwise propagate and unmount the host's own mounts under the source.
+fn unmount_all(dir: &Path) {
+    let mounts = mounts_below(dir);
+    for m in &mounts {
+        let _ = mount(
+            None::<&str>,
+            m,
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        );
+    }
+    for m in mounts.iter().rev() {
+        if let Err(e) = umount2(m, MntFlags::MNT_DETACH) {
+            tracing::warn!(path = %m.display(), error = %e, "unmounting a container rootfs or volume");
+        }
+    }
 }
 
 /// Mount points at or below `dir`, in mount order.
@@ -111,11 +130,7 @@ pub async fn mount_container(
 /// Unmounts a container's rootfs and shared volumes and removes its directory.
 pub fn unmount_container(shared: &Path, id: &str) {
     let dir = shared.join(id);
-    for m in mounts_below(&dir).into_iter().rev() {
-        if let Err(e) = umount2(&m, MntFlags::MNT_DETACH) {
-            tracing::warn!(path = %m.display(), error = %e, "unmounting a container rootfs or volume");
-        }
-    }
+    unmount_all(&dir);
     remove_unmounted(&dir);
 }
 
