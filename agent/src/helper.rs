@@ -12,9 +12,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::oci_spec::runtime::{Process, Spec};
 use libcontainer::syscall::syscall::SyscallType;
 use serde::{Deserialize, Serialize};
 
+use crate::confinement::{self, ConfinedExecutor};
 use crate::error::AgentError;
 use crate::reaper::{ExitStatus, Reaper};
 use crate::stdio::ChildStdio;
@@ -36,8 +38,11 @@ pub enum HelperOp {
         /// Bundle directory holding config.json.
         bundle: PathBuf,
     },
-    /// Run `process` (an OCI process JSON file) in the running container.
+    /// Run `process` (an OCI process JSON file) in the running container, confined as the
+    /// container's init ([`crate::confinement`]).
     Exec {
+        /// The container's bundle directory (its config.json holds the seccomp filter).
+        bundle: PathBuf,
         /// Path of the process JSON file.
         process: PathBuf,
     },
@@ -115,8 +120,10 @@ fn run(req: &HelperRequest) -> anyhow::Result<()> {
                 .as_sibling(true)
                 .build()?;
         }
-        HelperOp::Exec { process } => {
+        HelperOp::Exec { bundle, process } => {
+            let executor = confine_exec(bundle, process)?;
             builder
+                .with_executor(executor)
                 .as_tenant()
                 .with_process(Some(process))
                 .with_detach(true)
@@ -125,6 +132,17 @@ fn run(req: &HelperRequest) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Rewrites the exec's process file for [`confinement::prepare`] and returns the executor that
+/// applies the rest.
+fn confine_exec(bundle: &Path, process: &Path) -> anyhow::Result<ConfinedExecutor> {
+    let spec = Spec::load(bundle.join("config.json"))?;
+    let text = fs::read_to_string(process)?;
+    let mut proc: Process = serde_json::from_str(&text)?;
+    let confinement = confinement::prepare(&spec, &mut proc)?;
+    fs::write(process, serde_json::to_vec(&proc)?)?;
+    Ok(ConfinedExecutor::new(confinement))
 }
 
 /// Spawns the helper with `stdio` and returns the pid of the process it created.
@@ -184,6 +202,7 @@ mod tests {
         let req = HelperRequest {
             id: "c1".into(),
             op: HelperOp::Exec {
+                bundle: "/run/b".into(),
                 process: "/run/p.json".into(),
             },
             pid_file: "/run/pid".into(),

@@ -4,6 +4,7 @@
 
 mod cgroup;
 mod clock;
+mod confinement;
 mod container;
 mod error;
 mod guest;

@@ -26,6 +26,20 @@ use crate::stdio::{self, Pty};
 /// Guest directory holding one bundle directory per container.
 pub const BUNDLES: &str = "/run/pangolin/bundles";
 
+/// Guest directory of the console sockets libcontainer hands terminals through. A socket
+/// address holds at most 108 bytes, so they are named by a counter, never by the (up to
+/// 64-byte) container and exec ids.
+pub const CONSOLES: &str = "/run/pangolin/consoles";
+
+/// Names console sockets uniquely within this agent.
+static CONSOLE_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A fresh console socket path of bounded length.
+fn console_socket_path() -> PathBuf {
+    let n = CONSOLE_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Path::new(CONSOLES).join(format!("{n}.sock"))
+}
+
 /// How long libcontainer may take to hand over a terminal.
 const CONSOLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -171,6 +185,7 @@ impl Sandbox {
         let json = serde_json::to_vec(&process).map_err(AgentError::Encode)?;
         fs::write(&path, json).map_err(|e| AgentError::Io("write process", e))?;
         let op = HelperOp::Exec {
+            bundle: container.bundle.clone(),
             process: path.clone(),
         };
         let result = self
@@ -192,7 +207,7 @@ impl Sandbox {
         terminal: bool,
         with_stdin: bool,
     ) -> Result<(i32, stdio::HostStdio, Option<Arc<Pty>>), AgentError> {
-        let console_path = bundle.join(format!("{name}.console"));
+        let console_path = console_socket_path();
         let request = HelperRequest {
             id: id.to_string(),
             op,
@@ -206,6 +221,7 @@ impl Sandbox {
             let pid = helper::spawn(&self.reaper, &request, child).await?;
             return Ok((pid, host, None));
         }
+        fs::create_dir_all(CONSOLES).map_err(|e| AgentError::Io("create console dir", e))?;
         let _ = fs::remove_file(&console_path);
         let listener = StdUnixListener::bind(&console_path)
             .and_then(|l| {
@@ -264,6 +280,13 @@ fn prepare_spec(spec: &mut Spec, id: &str, rootfs: &Path) -> Result<PathBuf, Age
     };
     linux.set_cgroups_path(Some(cgroups_path.clone()));
     spec.set_linux(Some(linux));
+    if let Some(process) = spec.process_mut() {
+        // `false` and absent mean the same, but libcontainer orders the seccomp filter after
+        // the capability drop for any present value, where loading it fails (see confinement).
+        if process.no_new_privileges() == Some(false) {
+            process.set_no_new_privileges(None);
+        }
+    }
     // Hooks would run host-chosen binaries as the guest's root outside the container.
     spec.set_hooks(None);
     Ok(cgroups_path)
@@ -330,6 +353,22 @@ mod tests {
         let root = s.root().as_ref().expect("root");
         assert_eq!(root.path(), Path::new("/run/pangolin/shared/c1/rootfs"));
         assert_eq!(root.readonly(), Some(true));
+    }
+
+    #[test]
+    fn console_sockets_stay_within_a_socket_address() {
+        let a = console_socket_path();
+        let b = console_socket_path();
+        assert_ne!(a, b);
+        // sun_path is 108 bytes with its NUL; leave room for a long counter.
+        assert!(a.as_os_str().len() < 60, "{}", a.display());
+    }
+
+    #[test]
+    fn prepare_spec_turns_no_new_privs_false_into_absent() {
+        let mut s = spec(r#"{"ociVersion":"1.0.2","process":{"cwd":"/","user":{"uid":0,"gid":0},"noNewPrivileges":false}}"#);
+        prepare_spec(&mut s, "c1", Path::new("/r")).expect("prepare");
+        assert_eq!(s.process().as_ref().and_then(|p| p.no_new_privileges()), None);
     }
 
     #[test]

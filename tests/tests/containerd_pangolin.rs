@@ -301,6 +301,50 @@ fn run_in_pty(mut cmd: std::process::Command, rows: u16, cols: u16) -> (String, 
     (reader.join().expect("pty reader"), status.code())
 }
 
+/// CRI's ids are 64 hex characters; a terminal exec with such a container id and exec id gets
+/// its pty (the guest's console socket path is bounded, not built from the ids).
+#[test]
+fn tty_exec_with_64_character_ids_gets_a_terminal() {
+    let env = TestEnv::new("ctr-tty-long-ids");
+    let ctrd = containerd(&env);
+    let id = "c".repeat(64);
+    let exec_id = "e".repeat(64);
+    let out = ctr(&ctrd, &pangolin_run(&["-d"], &id, &["sleep", "3600"]));
+    assert!(out.status.success(), "ctr run -d: {}", stderr(&out));
+    let (text, code) = run_in_pty(
+        ctrd.ctr([
+            "task",
+            "exec",
+            "-t",
+            "--exec-id",
+            &exec_id,
+            &id,
+            "sh",
+            "-c",
+            "tty; test -t 0 && echo stdin-is-a-tty",
+        ]),
+        24,
+        80,
+    );
+    assert!(text.contains("/dev/pts/"), "no terminal: {text:?}");
+    assert!(text.contains("stdin-is-a-tty"), "{text:?}");
+    assert_eq!(code, Some(0), "{text:?}");
+    let out = ctr(&ctrd, &["task", "kill", "-s", "SIGKILL", &id]);
+    assert!(out.status.success(), "kill: {}", stderr(&out));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = ctr(&ctrd, &["task", "delete", &id]);
+        if out.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "task delete: {}", stderr(&out));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = ctr(&ctrd, &["container", "delete", &id]);
+    assert!(out.status.success(), "container delete: {}", stderr(&out));
+    finish_containerd(ctrd, env);
+}
+
 #[test]
 fn ctr_run_tty_and_an_oom_kill_reports_the_oom_event() {
     let env = TestEnv::new("ctr-tty-oom");
