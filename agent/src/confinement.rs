@@ -217,7 +217,9 @@ mod tests {
         let c = prepare(&container_with_seccomp(), &mut nnp).expect("prepare");
         assert!(c.seccomp.is_some() && !c.lent_sys_admin);
         assert_eq!(
-            nnp.capabilities().as_ref().and_then(|c| c.effective().clone()),
+            nnp.capabilities()
+                .as_ref()
+                .and_then(|c| c.effective().clone()),
             set(&[SpecCapability::Chown])
         );
 
@@ -236,7 +238,9 @@ mod tests {
 
     #[test]
     fn explicit_no_new_privs_false_becomes_absent_and_no_filter_means_nothing_to_do() {
-        let mut p = process(r#"{"cwd":"/","args":["sh"],"user":{"uid":0,"gid":0},"noNewPrivileges":false}"#);
+        let mut p = process(
+            r#"{"cwd":"/","args":["sh"],"user":{"uid":0,"gid":0},"noNewPrivileges":false}"#,
+        );
         let c = prepare(&spec(r#"{"ociVersion":"1.0.2"}"#), &mut p).expect("prepare");
         assert_eq!(c, Confinement::default());
         assert_eq!(p.no_new_privileges(), None);

@@ -103,6 +103,10 @@ impl Process {
     }
 
     /// Reads stdout (`stderr == false`) or stderr; an empty result with `true` means EOF.
+    ///
+    /// The stream ends when every writer closed it, or once the process has exited and what it
+    /// wrote is read: a child it left behind holding the pipe does not keep the stream (and so
+    /// the host's exit report) open. Output written by such a child after the exit is dropped.
     pub async fn read(&self, stderr: bool, len: usize) -> Result<(Vec<u8>, bool), AgentError> {
         let mut slot = if stderr {
             self.stderr.lock().await
@@ -113,10 +117,20 @@ impl Process {
             return Ok((Vec::new(), true));
         };
         let mut buf = vec![0u8; len.clamp(1, MAX_READ)];
-        let n = output
-            .read(&mut buf)
-            .await
-            .map_err(|e| AgentError::Io("read output", e))?;
+        let read = {
+            let exit = wait_exit(self.exit.clone());
+            tokio::select! {
+                biased;
+                r = output.read(&mut buf) => Some(r),
+                _ = exit => None,
+            }
+        };
+        let n = match read {
+            Some(r) => r,
+            // Exited: everything it wrote is in the pipe; take what is there, then end.
+            None => output.read_now(&mut buf),
+        }
+        .map_err(|e| AgentError::Io("read output", e))?;
         if n == 0 {
             *slot = None;
             return Ok((Vec::new(), true));
@@ -356,4 +370,58 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| AgentError::Io("blocking task", std::io::Error::other(e.to_string())))?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::reaper::ExitStatus;
+
+    /// `sh` writes one line, leaves a child holding its stdout, and exits.
+    #[tokio::test]
+    async fn output_ends_once_the_exited_process_output_is_read_even_if_a_child_holds_the_pipe() {
+        let (child, host) = crate::stdio::pipes(false).expect("pipes");
+        let mut sh = std::process::Command::new("/bin/sh")
+            .args(["-c", "echo out; sleep 30 & echo $! >&2; exit 0"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(child.stdout))
+            .stderr(std::process::Stdio::from(child.stderr))
+            .spawn()
+            .expect("spawn sh");
+        let pid = i32::try_from(sh.id()).expect("pid");
+        let (tx, exit) = tokio::sync::watch::channel(None);
+        let process = Process::new(pid, exit, host, None);
+        let status = tokio::task::spawn_blocking(move || sh.wait())
+            .await
+            .expect("join")
+            .expect("wait sh");
+        assert!(status.success());
+        tx.send_replace(Some(Exit {
+            status: ExitStatus::Exited(0),
+            at_unix_ns: 1,
+        }));
+        let t = Instant::now();
+        let (data, eof) = process.read(false, 1024).await.expect("read");
+        assert_eq!((data.as_slice(), eof), (b"out\n".as_slice(), false));
+        let (data, eof) = tokio::time::timeout(Duration::from_secs(5), process.read(false, 1024))
+            .await
+            .expect("the stream ends without waiting for the sleeping child")
+            .expect("read");
+        assert!(data.is_empty() && eof);
+        assert!(t.elapsed() < Duration::from_secs(5));
+        let (sleeper, _) = process.read(true, 1024).await.expect("stderr");
+        let (_, eof) = process.read(true, 1024).await.expect("stderr");
+        assert!(eof, "stderr ends too");
+        // The left-behind child (it still holds both pipes) is the test's to end.
+        let sleeper: i32 = String::from_utf8_lossy(&sleeper)
+            .trim()
+            .parse()
+            .expect("child pid");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(sleeper),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
 }

@@ -366,9 +366,14 @@ mod tests {
 
     #[test]
     fn prepare_spec_turns_no_new_privs_false_into_absent() {
-        let mut s = spec(r#"{"ociVersion":"1.0.2","process":{"cwd":"/","user":{"uid":0,"gid":0},"noNewPrivileges":false}}"#);
+        let mut s = spec(
+            r#"{"ociVersion":"1.0.2","process":{"cwd":"/","user":{"uid":0,"gid":0},"noNewPrivileges":false}}"#,
+        );
         prepare_spec(&mut s, "c1", Path::new("/r")).expect("prepare");
-        assert_eq!(s.process().as_ref().and_then(|p| p.no_new_privileges()), None);
+        assert_eq!(
+            s.process().as_ref().and_then(|p| p.no_new_privileges()),
+            None
+        );
     }
 
     #[test]

@@ -109,6 +109,27 @@ impl Output {
             Output::Pty(pty) => pty.read(buf).await,
         }
     }
+
+    /// Reads what is buffered now, without waiting; 0 when nothing is (or the stream ended).
+    /// A raw non-blocking read: the reactor's readiness may lag behind the pipe's contents.
+    pub fn read_now(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let fd = match self {
+            Output::Pipe(rx) => rx.as_raw_fd(),
+            Output::Pty(pty) => pty.fd.get_ref().as_raw_fd(),
+        };
+        // SAFETY: `fd` belongs to `self` (a pipe receiver or the pty master), stays open for the
+        // call, and `buf` is valid for `buf.len()` bytes of writes.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        match usize::try_from(n) {
+            Ok(n) => Ok(n),
+            Err(_) => match io::Error::last_os_error() {
+                e if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                // EIO: every slave fd of the pty is closed.
+                e if e.raw_os_error() == Some(libc::EIO) => Ok(0),
+                e => Err(e),
+            },
+        }
+    }
 }
 
 /// The process's ends of its streams, handed to the spawned helper as fds 0, 1, 2.

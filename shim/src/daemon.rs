@@ -1,14 +1,25 @@
 //! Helper processes owned by a sandbox (QEMU, virtiofsd, vhost-device-vsock).
 //!
-//! Every daemon is started with PR_SET_PDEATHSIG=SIGKILL and kill-on-drop, so it cannot outlive
-//! its owner, whether the owner returns, panics or is killed. Readiness is a socket file that
-//! appears; a daemon that exits before that is reported with the tail of its log.
+//! Every daemon is started with PR_SET_PDEATHSIG=SIGKILL and killed when its [`Daemon`] is
+//! dropped, so it cannot outlive its owner, whether the owner returns, panics or is killed.
+//! Readiness is a socket file that appears; a daemon that exits before that is reported with
+//! the tail of its log.
+//!
+//! A task owns each child and awaits its exit (tokio reaps on SIGCHLD: no polling); the exit
+//! status is published on a watch channel, so any number of watchers (the pod's VMM-death
+//! watcher, a boot waiting for readiness) learn of it at once.
+//!
+//! PR_SET_PDEATHSIG fires when the *thread* that forked the daemon exits. Daemons are spawned
+//! from tokio worker threads, which live as long as the runtime; never spawn one from
+//! `spawn_blocking` (those threads exit when idle, and would take the daemon with them).
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio::process::{Child, Command};
+use tokio::process::Command;
+use tokio::sync::{oneshot, watch};
 
 /// A daemon that could not be started or did not become ready.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +60,9 @@ pub enum DaemonError {
     Log(PathBuf, #[source] std::io::Error),
 }
 
+/// Sees a daemon's exit status once it exited.
+pub type ExitWatch = watch::Receiver<Option<ExitStatus>>;
+
 /// A running helper process, killed when dropped.
 #[derive(Debug)]
 pub struct Daemon {
@@ -56,7 +70,10 @@ pub struct Daemon {
     pub name: &'static str,
     /// Where its stdout/stderr go.
     pub log: PathBuf,
-    child: Child,
+    pid: Option<u32>,
+    exit: ExitWatch,
+    /// Dropping or firing it makes the owning task kill the child.
+    kill: Option<oneshot::Sender<()>>,
 }
 
 impl Daemon {
@@ -117,31 +134,71 @@ impl Daemon {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|source| DaemonError::Spawn {
+        let mut child = cmd.spawn().map_err(|source| DaemonError::Spawn {
             program: program.into(),
             source,
         })?;
-        tracing::debug!(name, pid = child.id(), program = %program.display(), "daemon started");
+        let pid = child.id();
+        tracing::debug!(name, pid, program = %program.display(), "daemon started");
+        let (status_tx, exit) = watch::channel(None);
+        let (kill, kill_rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                status = child.wait() => status,
+                // Asked to, or the Daemon was dropped.
+                _ = kill_rx => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let status = status.unwrap_or_else(|e| {
+                tracing::warn!(name, error = %e, "waiting for a daemon");
+                ExitStatus::from_raw(255 << 8)
+            });
+            tracing::debug!(name, %status, "daemon exited");
+            status_tx.send_replace(Some(status));
+        });
         Ok(Daemon {
             name,
             log: log.into(),
-            child,
+            pid,
+            exit,
+            kill: Some(kill),
         })
     }
 
     /// Process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        self.exited().is_none().then_some(self.pid).flatten()
     }
 
     /// Exit status if it has exited (non-blocking).
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
+    pub fn exited(&self) -> Option<ExitStatus> {
+        *self.exit.borrow()
+    }
+
+    /// A receiver that sees the exit status.
+    pub fn exit_watch(&self) -> ExitWatch {
+        self.exit.clone()
     }
 
     /// Waits for it to exit.
-    pub async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
-        self.child.wait().await
+    pub async fn wait(&mut self) -> ExitStatus {
+        let mut rx = self.exit.clone();
+        let status = match rx.wait_for(Option::is_some).await {
+            Ok(s) => *s,
+            // The owning task is gone only after publishing; treat as exited.
+            Err(_) => None,
+        };
+        status.unwrap_or_else(|| ExitStatus::from_raw(255 << 8))
+    }
+
+    /// Kills it (SIGKILL) and waits until it is reaped.
+    pub async fn kill(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        self.wait().await;
     }
 
     /// Waits until `socket` exists, failing early if the daemon dies.
@@ -151,6 +208,7 @@ impl Daemon {
         timeout: Duration,
     ) -> Result<(), DaemonError> {
         let start = Instant::now();
+        let mut exit = self.exit.clone();
         loop {
             if socket.exists() {
                 return Ok(());
@@ -165,7 +223,8 @@ impl Daemon {
                     timeout,
                 });
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            // Daemons create their socket within milliseconds; an exit wakes us at once.
+            let _ = tokio::time::timeout(Duration::from_millis(5), exit.changed()).await;
         }
     }
 
@@ -184,18 +243,15 @@ impl Daemon {
         if self.exited().is_some() {
             return;
         }
-        if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {
+        // Not reaped yet (the watch says so), so the pid is still this child's.
+        if let Some(pid) = self.pid().and_then(|p| i32::try_from(p).ok()) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
-        if tokio::time::timeout(grace, self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.start_kill();
-            let _ = self.child.wait().await;
+        if tokio::time::timeout(grace, self.wait()).await.is_err() {
+            self.kill().await;
         }
     }
 }
@@ -260,6 +316,34 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         d.stop(Duration::from_millis(100)).await;
         assert!(d.exited().is_some());
+        let _ = std::fs::remove_file(&log);
+    }
+
+    #[tokio::test]
+    async fn every_watcher_sees_the_exit_without_polling_and_drop_kills() {
+        let log =
+            std::env::temp_dir().join(format!("pangolin-daemon-watch-{}.log", std::process::id()));
+        let args = vec!["-c".to_string(), "exit 7".to_string()];
+        let d = Daemon::spawn("sh", Path::new("/bin/sh"), &args, &log).expect("spawn");
+        let (mut a, mut b) = (d.exit_watch(), d.exit_watch());
+        let t = Instant::now();
+        let sa = *a.wait_for(Option::is_some).await.expect("watch a");
+        let sb = *b.wait_for(Option::is_some).await.expect("watch b");
+        assert_eq!(sa.and_then(|s| s.code()), Some(7));
+        assert_eq!(sa, sb);
+        assert!(d.pid().is_none(), "no pid once exited");
+        eprintln!("exit seen after {:?}", t.elapsed());
+
+        let args = vec!["-c".to_string(), "sleep 30".to_string()];
+        let d = Daemon::spawn("sh", Path::new("/bin/sh"), &args, &log).expect("spawn");
+        let mut w = d.exit_watch();
+        drop(d);
+        let status = *w.wait_for(Option::is_some).await.expect("watch");
+        assert_eq!(
+            status.and_then(|s| s.signal()),
+            Some(libc::SIGKILL),
+            "dropping a daemon kills it"
+        );
         let _ = std::fs::remove_file(&log);
     }
 

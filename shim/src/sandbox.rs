@@ -13,6 +13,7 @@ use pangolin_protocols::{AGENT_READY_PORT, AGENT_VSOCK_PORT, LOG_PARAM, SHARE_PA
 use pangolin_runtime_config::{Config, HypervisorKind, VirtiofsCache};
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::agent::{AgentClient, AgentError};
 use crate::daemon::{resolve_program, Daemon, DaemonError};
@@ -61,10 +62,13 @@ pub enum SandboxError {
     /// The pod network could not be wired.
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
+    /// The boot was cancelled (the pod is being stopped); what it had started is gone.
+    #[error("the boot was cancelled")]
+    Cancelled,
 }
 
 /// What a sandbox boots with besides the configuration.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct BootOptions<'a> {
     /// Directory shared with the guest over virtio-fs.
     pub share: Option<&'a Path>,
@@ -72,6 +76,9 @@ pub struct BootOptions<'a> {
     pub console_log: Option<&'a Path>,
     /// The pod's network namespace (CNI's); its interface is mirrored into the guest.
     pub netns: Option<&'a Path>,
+    /// Cancels the boot: what was started is torn down and the boot fails with
+    /// [`SandboxError::Cancelled`] at once, not at the boot deadline.
+    pub cancel: Option<CancellationToken>,
 }
 
 /// Milestones of a boot, for benchmarks and logs.
@@ -300,7 +307,12 @@ impl Sandbox {
             network: None,
             done: false,
         };
-        match Self::boot(id, config, options, backend.as_ref(), &mut parts, start).await {
+        let cancel = options.cancel.clone().unwrap_or_default();
+        let booted = tokio::select! {
+            booted = Self::boot(id, config, options, backend.as_ref(), &mut parts, start) => booted,
+            () = cancel.cancelled() => Err(SandboxError::Cancelled),
+        };
+        match booted {
             Ok((agent, details, timings)) => {
                 tracing::info!(
                     sandbox = id,
@@ -320,7 +332,9 @@ impl Sandbox {
                 })
             }
             Err(err) => {
+                let t = Instant::now();
                 parts.teardown(Duration::ZERO).await;
+                tracing::debug!(sandbox = id, %err, teardown_ms = t.elapsed().as_millis(), "boot failed; torn down");
                 Err(err)
             }
         }
@@ -452,18 +466,32 @@ impl Sandbox {
         }
     }
 
+    /// Sees the VMM's exit status once it exited (no polling).
+    pub fn vmm_exit(&self) -> crate::daemon::ExitWatch {
+        match self.parts.vm.as_ref() {
+            Some(vm) => vm.exit_watch(),
+            // Not reached (a started sandbox has its VM); a watch that never fires.
+            None => tokio::sync::watch::channel(None).1,
+        }
+    }
+
     /// Resolves when the VMM exits (it should not while the sandbox is in use), with the reason.
     pub async fn vmm_exited(&mut self) -> SandboxError {
-        loop {
-            if let Err(err) = self.check_alive() {
-                return err;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut exit = self.vmm_exit();
+        let _ = exit.wait_for(Option::is_some).await;
+        match self.check_alive() {
+            Err(err) => err,
+            Ok(()) => SandboxError::Agent(AgentError::NotReady(Duration::ZERO)),
         }
     }
 
     /// Stops the guest (containers killed by the agent), the VMM and the daemons; removes files.
     pub async fn shutdown(mut self) {
+        if self.vmm_exit().borrow().is_some() {
+            // Nothing to ask: the VMM is gone (tear down its helpers, network and files).
+            self.parts.teardown(Duration::ZERO).await;
+            return;
+        }
         let powered_off = self.agent.destroy_sandbox(Duration::from_secs(2)).await;
         let grace = if powered_off.is_ok() {
             POWER_OFF_GRACE

@@ -121,7 +121,11 @@ impl Vm for BuiltinVm {
     }
 
     fn check_alive(&mut self) -> Result<(), HypervisorError> {
-        super::check_vmm(&mut self.vmm, &self.console, "vmm")
+        super::check_vmm(&self.vmm, &self.console, "vmm")
+    }
+
+    fn exit_watch(&self) -> crate::daemon::ExitWatch {
+        self.vmm.exit_watch()
     }
 
     async fn shutdown(&mut self, grace: Duration) {

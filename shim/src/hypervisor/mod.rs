@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pangolin_runtime_config::{Accel, HypervisorKind};
 
-use crate::daemon::{log_tail, Daemon, DaemonError};
+use crate::daemon::{log_tail, Daemon, DaemonError, ExitWatch};
 use crate::host::HostInfo;
 
 /// What to boot.
@@ -96,11 +96,14 @@ pub enum HypervisorError {
 
 /// One running VM.
 #[async_trait]
-pub trait Vm: Send {
+pub trait Vm: Send + Sync {
     /// VMM process id, while it runs.
     fn pid(&self) -> Option<u32>;
     /// Ok while the VMM runs; the exit as an error once it stopped.
     fn check_alive(&mut self) -> Result<(), HypervisorError>;
+    /// Sees the VMM's exit status once the VM stopped running (for QEMU: QEMU or its vsock
+    /// daemon, whichever ends first: without either the guest is unreachable).
+    fn exit_watch(&self) -> ExitWatch;
     /// Waits for the VMM to exit on its own (guest power-off) up to `grace`, then kills it;
     /// stops the backend's helper daemons too.
     async fn shutdown(&mut self, grace: Duration);
@@ -116,7 +119,7 @@ pub trait Hypervisor: Send + Sync {
 }
 
 /// Ok while `vmm` runs; once it exited, the exit with the console's and the VMM log's last lines.
-pub fn check_vmm(vmm: &mut Daemon, console: &Path, label: &str) -> Result<(), HypervisorError> {
+pub fn check_vmm(vmm: &Daemon, console: &Path, label: &str) -> Result<(), HypervisorError> {
     let Some(status) = vmm.exited() else {
         return Ok(());
     };

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use pangolin_runtime_config::{Accel, HypervisorKind};
 
 use super::{Hypervisor, HypervisorError, Vm, VmSpec};
-use crate::daemon::{resolve_program, Daemon};
+use crate::daemon::{resolve_program, Daemon, ExitWatch};
 
 /// How long the vsock daemon may take to create its socket.
 const DAEMON_READY: Duration = Duration::from_secs(10);
@@ -145,10 +145,12 @@ impl Hypervisor for Qemu {
                 return Err(err.into());
             }
         };
+        let exit = first_exit(qemu.exit_watch(), vsockd.exit_watch());
         Ok(Box::new(QemuVm {
             qemu,
             vsockd,
             console: spec.console_log.clone(),
+            exit,
         }))
     }
 }
@@ -158,6 +160,24 @@ struct QemuVm {
     qemu: Daemon,
     vsockd: Daemon,
     console: PathBuf,
+    exit: ExitWatch,
+}
+
+/// A watch that sees whichever of `a` and `b` exits first.
+fn first_exit(mut a: ExitWatch, mut b: ExitWatch) -> ExitWatch {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(async move {
+        let status = tokio::select! {
+            s = a.wait_for(Option::is_some) => s.ok().and_then(|s| *s),
+            s = b.wait_for(Option::is_some) => s.ok().and_then(|s| *s),
+        };
+        tx.send_replace(
+            status.or(Some(std::os::unix::process::ExitStatusExt::from_raw(
+                255 << 8,
+            ))),
+        );
+    });
+    rx
 }
 
 #[async_trait]
@@ -167,7 +187,11 @@ impl Vm for QemuVm {
     }
 
     fn check_alive(&mut self) -> Result<(), HypervisorError> {
-        super::check_vmm(&mut self.qemu, &self.console, "qemu")
+        super::check_vmm(&self.qemu, &self.console, "qemu")
+    }
+
+    fn exit_watch(&self) -> ExitWatch {
+        self.exit.clone()
     }
 
     async fn shutdown(&mut self, grace: Duration) {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Spec};
 
-use super::pod::PodError;
+use super::PodError;
 
 /// The network namespace the pod's VM serves: the spec's network namespace path (CNI's, for a
 /// CRI sandbox), or None for a fresh namespace (`ctr run`: the VM gets no NIC). A spec without a

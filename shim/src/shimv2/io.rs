@@ -3,7 +3,8 @@
 //! Output: a task per stream reads the agent's stdout/stderr until EOF and writes the FIFO.
 //! Input: a task reads the stdin FIFO and forwards to the agent, closing the process's stdin at
 //! EOF. The exit waiter joins the output tasks before reporting the exit, so containerd sees all
-//! output before TaskExit.
+//! output before TaskExit (the agent ends a stream once its exited process's buffered output is
+//! read, so the join is prompt).
 
 use std::path::PathBuf;
 
@@ -12,7 +13,9 @@ use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::agent::AgentClient;
+use std::sync::Arc;
+
+use super::guest::Guest;
 
 /// The FIFO paths containerd gave for one process (empty: not wanted).
 #[derive(Debug, Clone, Default)]
@@ -36,14 +39,14 @@ pub struct Pumps {
 }
 
 /// Starts the pumps for process `exec_id` of container `id`.
-pub fn start(agent: &AgentClient, id: &str, exec_id: &str, paths: &StdioPaths) -> Pumps {
+pub fn start(guest: &Arc<dyn Guest>, id: &str, exec_id: &str, paths: &StdioPaths) -> Pumps {
     let mut outputs = Vec::new();
     for (path, stderr) in [(&paths.stdout, false), (&paths.stderr, true)] {
         if path.is_empty() || (stderr && paths.terminal) {
             continue;
         }
         let (agent, id, exec_id, path) = (
-            agent.clone(),
+            Arc::clone(guest),
             id.to_string(),
             exec_id.to_string(),
             PathBuf::from(path),
@@ -79,7 +82,7 @@ pub fn start(agent: &AgentClient, id: &str, exec_id: &str, paths: &StdioPaths) -
         let (tx, mut close_rx) = oneshot::channel::<()>();
         close_stdin = Some(tx);
         let (agent, id, exec_id, path) = (
-            agent.clone(),
+            Arc::clone(guest),
             id.to_string(),
             exec_id.to_string(),
             PathBuf::from(&paths.stdin),

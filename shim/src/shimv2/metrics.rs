@@ -6,7 +6,7 @@ use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::Message;
 use pangolin_protocols::agent::ContainerStats;
 
-use super::pod::PodError;
+use super::PodError;
 
 /// The type URL containerd registers for cgroup v2 metrics.
 pub const METRICS_V2_TYPE: &str = "io.containerd.cgroups.v2.Metrics";

@@ -7,20 +7,40 @@
 //! task whose id is the group id (the CRI sandbox, or the `ctr run` task) is deleted.
 //!
 //! Layers: `service` (the `Shim` trait: start/delete/wait) → `task` (thin ttrpc `Task` impl) →
-//! `pod` (VM, containers and processes, backed by agent calls; its map lock is never held across a
-//! boot or an agent call) with `rootfs` (host mounts shared over virtio-fs), `io` (containerd's
-//! FIFOs ↔ agent streams) and `events` (TaskCreate, TaskExit, ... to containerd).
+//! `pod` (the pod, with one file per lifecycle verb: `create`, `start`, `kill`, `delete`) over
+//! explicit state machines (`vm`: the pod's VM slot; `container`, `process`) and three traits
+//! for its side effects, each with a real implementation and fakes in unit tests: `guest` (the
+//! agent), `vm::VmLauncher` (booting a sandbox), `mounts` (the virtio-fs share, rootfs and
+//! volumes). `events` is one ordered queue to containerd; `io` pumps containerd's FIFOs ↔ agent
+//! streams; `rootfs`/`volumes` are the host mount primitives; `guest_spec`/`sizing` shape what
+//! the guest and the VM get from the bundle.
 
+mod container;
+mod create;
+mod delete;
+pub mod error;
 pub mod events;
+#[cfg(test)]
+mod fakes;
+pub mod guest;
 pub mod guest_spec;
 pub mod io;
+mod kill;
 pub mod metrics;
+pub mod mounts;
 pub mod pod;
+pub mod process;
 pub mod rootfs;
 pub mod service;
 pub mod sizing;
+mod start;
 pub mod task;
+#[cfg(test)]
+mod tests;
+pub mod vm;
 pub mod volumes;
+
+pub use error::PodError;
 
 /// The runtime type containerd knows this shim by.
 pub const RUNTIME_ID: &str = "io.containerd.pangolin.v2";

@@ -10,7 +10,7 @@ use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::protos::api::DeleteResponse;
 use containerd_shim::{Config as ShimConfig, Flags, StartOpts};
 
-use super::events::Events;
+use super::events::{Containerd, Events};
 use super::pod::Pod;
 use super::task::TaskService;
 use super::SANDBOX_ID_ANNOTATION;
@@ -110,7 +110,8 @@ impl Shim for Service {
             tracing::error!(error = %e, "configuration");
             e.to_string()
         });
-        let pod = Pod::new(&self.id, config, Events::new(publisher, &self.namespace));
+        let events = Events::start(Containerd::new(publisher, &self.namespace));
+        let pod = Pod::new(&self.id, config, events);
         TaskService::new(pod, self.exit.clone())
     }
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use oci_spec::runtime::Spec;
 use pangolin_runtime_config::Config;
 
-use super::pod::PodError;
+use super::PodError;
 
 /// Annotation prefix the shim reads.
 pub const ANNOTATION_PREFIX: &str = "io.pangolin.";

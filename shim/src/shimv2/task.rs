@@ -15,7 +15,8 @@ use containerd_shim::protos::shim_async::Task;
 use containerd_shim::protos::ttrpc::{self, r#async::TtrpcContext, Code};
 
 use super::io::StdioPaths;
-use super::pod::{Pod, PodError};
+use super::pod::Pod;
+use super::PodError;
 
 /// The task service of one shim.
 pub struct TaskService {
@@ -30,24 +31,18 @@ impl TaskService {
     }
 }
 
-/// One mapping from pod errors to ttrpc status codes.
+/// A pod error as containerd gets it (one mapping: [`PodError::code`]).
 fn status(e: PodError) -> ttrpc::Error {
-    let code = match &e {
-        PodError::NotFound(_) => Code::NOT_FOUND,
-        PodError::Exists(_) => Code::ALREADY_EXISTS,
-        PodError::State(_) => Code::FAILED_PRECONDITION,
-        PodError::Invalid { .. } => Code::INVALID_ARGUMENT,
-        PodError::Agent(a) => a.code().unwrap_or(Code::INTERNAL),
-        _ => Code::INTERNAL,
-    };
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
+    e.into()
+}
+
+fn stdio(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> StdioPaths {
+    StdioPaths {
+        stdin: stdin.into(),
+        stdout: stdout.into(),
+        stderr: stderr.into(),
+        terminal,
     }
-    tracing::warn!(%msg, "request failed");
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
 }
 
 #[async_trait]
@@ -58,12 +53,7 @@ impl Task for TaskService {
         req: CreateTaskRequest,
     ) -> ttrpc::Result<CreateTaskResponse> {
         tracing::info!(id = %req.id, bundle = %req.bundle, "create");
-        let stdio = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
+        let stdio = stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         self.pod
             .create(&req.id, &req.bundle, &req.rootfs, stdio)
             .await
@@ -142,21 +132,11 @@ impl Task for TaskService {
             .as_ref()
             .map(|a| a.value.clone())
             .unwrap_or_default();
-        let json = String::from_utf8(spec).map_err(|_| {
-            status(PodError::Invalid {
-                what: "exec spec",
-                why: "not UTF-8 JSON".into(),
-            })
-        })?;
-        let stdio = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
+        let json = String::from_utf8(spec)
+            .map_err(|_| status(PodError::invalid("exec spec", "not UTF-8 JSON")))?;
+        let stdio = stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         self.pod
             .add_exec(&req.id, &req.exec_id, json, stdio)
-            .await
             .map_err(status)?;
         Ok(Empty::new())
     }
@@ -205,7 +185,7 @@ impl Task for TaskService {
         resp.id = req.id.clone();
         resp.exec_id = req.exec_id.clone();
         resp.bundle = v.bundle;
-        resp.pid = v.pid;
+        resp.pid = v.pid.unwrap_or(0);
         resp.status = v.status.into();
         resp.stdin = v.stdio.stdin;
         resp.stdout = v.stdio.stdout;
@@ -232,13 +212,17 @@ impl Task for TaskService {
     ) -> ttrpc::Result<ConnectResponse> {
         let mut resp = ConnectResponse::new();
         resp.shim_pid = std::process::id();
-        resp.task_pid = self.pod.view(&req.id, "").map(|v| v.pid).unwrap_or(0);
+        resp.task_pid = self
+            .pod
+            .view(&req.id, "")
+            .ok()
+            .and_then(|v| v.pid)
+            .unwrap_or(0);
         Ok(resp)
     }
 
     async fn shutdown(&self, _: &TtrpcContext, _: ShutdownRequest) -> ttrpc::Result<Empty> {
-        if self.pod.is_empty() {
-            self.pod.stop_vm().await;
+        if self.pod.shutdown().await {
             self.exit.signal();
         }
         Ok(Empty::new())

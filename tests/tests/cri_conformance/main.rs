@@ -67,11 +67,7 @@ fn fixture() -> Result<Arc<Fixture>, String> {
 
 fn make_fixture() -> anyhow::Result<Fixture> {
     let env = TestEnv::new("cri-conformance");
-    let net = BridgeNetwork::create(
-        &env.dir.join("containerd"),
-        "pangolin-conformance",
-        NET_TAG,
-    )?;
+    let net = BridgeNetwork::create(&env.dir.join("containerd"), "pangolin-conformance", NET_TAG)?;
     let ctrd = pangolin_containerd(
         &env,
         Options {

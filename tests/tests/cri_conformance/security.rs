@@ -88,7 +88,11 @@ impl Confinement {
             .position(|k| *k == key)
             .and_then(|i| self.exec.get(i))
             .with_context(|| format!("{key} not collected"))?;
-        Ok(line.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+        Ok(line
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join(" "))
     }
 
     /// The exec'd process's capability set `key` (CapEff, ...) as a bit mask.
@@ -193,10 +197,8 @@ pub async fn a_localhost_seccomp_profile_confines_init_and_exec(c: &mut Case) ->
         ],
     );
     own_pid_namespace(&mut config);
-    security(&mut config).seccomp = profile(
-        ProfileType::Localhost,
-        &profile_path.display().to_string(),
-    );
+    security(&mut config).seccomp =
+        profile(ProfileType::Localhost, &profile_path.display().to_string());
     let id = c.run(&pod, &pod_config, config).await?;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     let init_rc = loop {
@@ -206,7 +208,10 @@ pub async fn a_localhost_seccomp_profile_confines_init_and_exec(c: &mut Case) ->
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
-    ensure!(init_rc.trim() == "1", "init's mkdir exit status {init_rc:?}");
+    ensure!(
+        init_rc.trim() == "1",
+        "init's mkdir exit status {init_rc:?}"
+    );
     let exec = c.exec(&id, &["mkdir", "/tmp/by-exec"]).await?;
     ensure!(
         exec.code != 0 && exec.stderr.contains("Operation not permitted"),

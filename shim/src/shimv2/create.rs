@@ -1,0 +1,147 @@
+//! Create: a container (booting the pod's VM first when it is the pod's first), or an exec.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use containerd_shim::protos::api::Mount;
+use containerd_shim::protos::events::task::TaskIO;
+use oci_spec::runtime::Spec;
+
+use super::container::Container;
+use super::events::Event;
+use super::guest::Guest;
+use super::guest_spec::{guest_spec, pod_netns};
+use super::io::StdioPaths;
+use super::pod::Pod;
+use super::process::{Kind, Process};
+use super::vm::BootPlan;
+use super::PodError;
+
+impl Pod {
+    /// Creates container `id` from `bundle`: boots the VM if needed, mounts the rootfs and the
+    /// volumes into the share, creates the container in the guest. The id is reserved first,
+    /// so a second create with it fails with `Exists` whatever the timing.
+    pub async fn create(
+        self: &Arc<Self>,
+        id: &str,
+        bundle: &str,
+        rootfs: &[Mount],
+        stdio: StdioPaths,
+    ) -> Result<(), PodError> {
+        self.containers().reserve(id)?;
+        match self.create_reserved(id, bundle, rootfs, &stdio).await {
+            Ok(()) => {
+                let mut io = TaskIO::new();
+                io.stdin.clone_from(&stdio.stdin);
+                io.stdout.clone_from(&stdio.stdout);
+                io.stderr.clone_from(&stdio.stderr);
+                io.terminal = stdio.terminal;
+                let mut cs = self.containers();
+                cs.insert(id, Container::new(bundle, Process::new(Kind::Init, stdio)));
+                self.events
+                    .send(Event::create(id, bundle, rootfs.to_vec(), io));
+                Ok(())
+            }
+            Err(e) => {
+                self.containers().release(id);
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_reserved(
+        self: &Arc<Self>,
+        id: &str,
+        bundle: &str,
+        rootfs: &[Mount],
+        stdio: &StdioPaths,
+    ) -> Result<(), PodError> {
+        let spec = Spec::load(Path::new(bundle).join("config.json"))
+            .map_err(|e| PodError::invalid("bundle config.json", e.to_string()))?;
+        let root = spec.root().as_ref().map_or_else(
+            || Path::new(bundle).join("rootfs"),
+            |r| Path::new(bundle).join(r.path()),
+        );
+        let guest = self.ensure_vm(&spec).await?;
+        let result = self
+            .prepare_in_guest(guest.as_ref(), id, spec, &root, rootfs, stdio)
+            .await;
+        if result.is_err() {
+            self.mounts.unmount_container(id);
+        }
+        result
+    }
+
+    async fn prepare_in_guest(
+        &self,
+        guest: &dyn Guest,
+        id: &str,
+        mut spec: Spec,
+        root: &Path,
+        rootfs: &[Mount],
+        stdio: &StdioPaths,
+    ) -> Result<(), PodError> {
+        self.mounts.share_volumes(id, &mut spec)?;
+        let hostname = self
+            .hostname
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let spec_json = guest_spec(spec, hostname.as_deref())?;
+        let guest_rootfs = self.mounts.mount_rootfs(id, root, rootfs).await?;
+        guest
+            .create_container(id, spec_json, &guest_rootfs, !stdio.stdin.is_empty())
+            .await?;
+        Ok(())
+    }
+
+    /// The running VM's agent; boots the VM, shaped by this first task's `spec`, if needed.
+    async fn ensure_vm(self: &Arc<Self>, spec: &Spec) -> Result<Arc<dyn Guest>, PodError> {
+        let plan = || {
+            let base = self
+                .config
+                .as_ref()
+                .map_err(|why| PodError::invalid("configuration", why.clone()))?;
+            let config = super::sizing::vm_config(base, spec)?;
+            let netns = pod_netns(spec)?;
+            spec.hostname()
+                .clone_into(&mut self.hostname.lock().unwrap_or_else(|p| p.into_inner()));
+            tracing::info!(
+                vcpus = config.hypervisor.vcpus,
+                memory_mib = config.hypervisor.memory_mib,
+                kind = %config.hypervisor.kind,
+                "booting the pod VM"
+            );
+            self.mounts.prepare_shared()?;
+            Ok(BootPlan {
+                pod_id: self.id.clone(),
+                config,
+                share: self.mounts.shared().to_path_buf(),
+                netns,
+            })
+        };
+        let pod = Arc::clone(self);
+        let result = self.vm.ensure(plan, |vm| pod.watch_vm(vm)).await;
+        let failed_on_its_own = matches!(&result, Err(e) if !matches!(e, PodError::Stopped));
+        if failed_on_its_own && !self.containers().has_ready() {
+            // The first container could not get a VM: nothing uses the share (a stop removes
+            // it itself).
+            self.mounts.remove_shared();
+        }
+        result
+    }
+
+    /// Adds an exec to container `id` (started later by `start`).
+    pub fn add_exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: String,
+        stdio: StdioPaths,
+    ) -> Result<(), PodError> {
+        let mut cs = self.containers();
+        cs.get_mut(id)?.add_exec(exec_id, process_json, stdio)?;
+        self.events.send(Event::exec_added(id, exec_id));
+        Ok(())
+    }
+}

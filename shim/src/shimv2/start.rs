@@ -1,0 +1,102 @@
+//! Start: a container's init or an exec, and the wait for its exit.
+//!
+//! Ordering: TaskStart (or TaskExecStarted) is enqueued at the Starting → Running transition,
+//! and only then is the exit waiter spawned, so a process's TaskExit can never be published
+//! before its start, however fast it exits. The exit itself is recorded once the agent has
+//! said both output streams are drained (the agent ends them as soon as the exited process's
+//! buffered output is read), so containerd sees all output before TaskExit.
+
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+
+use super::events::Event;
+use super::guest::Guest;
+use super::io;
+use super::pod::Pod;
+use super::process::{Exit, Kind};
+use super::PodError;
+
+impl Pod {
+    /// Starts the init process (empty `exec_id`) or an exec; returns its guest pid.
+    pub async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32, PodError> {
+        let guest = self.vm.guest()?;
+        let (kind, stdio) = {
+            let mut cs = self.containers();
+            let p = cs.process_mut(id, exec_id)?;
+            if !p.begin_start() {
+                return Err(PodError::State("the process was started already"));
+            }
+            (p.kind.clone(), p.stdio.clone())
+        };
+        let started = match kind {
+            Kind::Init => guest.start_container(id).await,
+            Kind::Exec { spec } => {
+                guest
+                    .exec_process(id, exec_id, spec, !stdio.stdin.is_empty())
+                    .await
+            }
+        };
+        let pid = match started {
+            Ok(pid) => pid,
+            Err(e) => {
+                if let Ok(p) = self.containers().process_mut(id, exec_id) {
+                    p.start_failed();
+                }
+                return Err(e.into());
+            }
+        };
+        let pumps = io::start(&guest, id, exec_id, &stdio);
+        {
+            let mut cs = self.containers();
+            let p = cs.process_mut(id, exec_id)?;
+            if !p.started(pid, pumps.close_stdin) {
+                // It was ended meanwhile (VM death, or killed while starting): that exit
+                // was reported; no start may follow it.
+                return Err(PodError::State("the process ended while it was starting"));
+            }
+            self.events.send(Event::started(id, exec_id, pid));
+        }
+        let pod = Arc::clone(self);
+        let (id, exec_id) = (id.to_string(), exec_id.to_string());
+        tokio::spawn(async move { pod.await_exit(guest, &id, &exec_id, pumps.outputs).await });
+        Ok(pid)
+    }
+
+    /// Waits for the process's exit and its drained output, then records the exit.
+    async fn await_exit(
+        self: Arc<Self>,
+        guest: Arc<dyn Guest>,
+        id: &str,
+        exec_id: &str,
+        outputs: Vec<JoinHandle<()>>,
+    ) {
+        let exit = match guest.wait(id, exec_id).await {
+            Ok(exit) => exit,
+            Err(e) => {
+                // Connection lost with the VM: its death (or the stop) reports every process.
+                tokio::select! {
+                    () = self.vm.left_running() => return,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+                tracing::warn!(error = %e, container = id, exec = exec_id, "waiting for a process failed");
+                Exit::now(255)
+            }
+        };
+        let drained = tokio::time::timeout(self.drain_bound, async {
+            for o in outputs {
+                let _ = o.await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                container = id,
+                exec = exec_id,
+                bound = ?self.drain_bound,
+                "the guest did not end the process's output streams; reporting the exit anyway"
+            );
+        }
+        self.record_exit(id, exec_id, exit);
+    }
+}
