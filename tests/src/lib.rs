@@ -14,6 +14,7 @@ use pangolin_runtime_config::Config;
 
 pub mod containerd;
 pub mod cri;
+pub mod shim;
 
 /// The checkout's root.
 pub fn root() -> PathBuf {

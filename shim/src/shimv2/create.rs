@@ -121,7 +121,7 @@ impl Pod {
             })
         };
         let pod = Arc::clone(self);
-        let result = self.vm.ensure(plan, |vm| pod.watch_vm(vm)).await;
+        let result = self.vm.ensure(plan, move |vm| pod.watch_vm(vm)).await;
         let failed_on_its_own = matches!(&result, Err(e) if !matches!(e, PodError::Stopped));
         if failed_on_its_own && !self.containers().has_ready() {
             // The first container could not get a VM: nothing uses the share (a stop removes

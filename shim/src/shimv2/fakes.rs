@@ -243,6 +243,8 @@ impl Guest for FakeGuest {
 pub enum BootMode {
     /// Boots at once.
     Immediate,
+    /// Boots after 300 ms.
+    Slow,
     /// Never finishes on its own: only a cancel ends it.
     Hang,
     /// Fails.
@@ -317,8 +319,11 @@ impl VmLauncher for FakeLauncher {
     ) -> Result<Box<dyn PodVm>, PodError> {
         self.boots.fetch_add(1, Ordering::Relaxed);
         let mode = *lock(&self.mode);
+        if mode == BootMode::Slow {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         match mode {
-            BootMode::Immediate => {
+            BootMode::Immediate | BootMode::Slow => {
                 let (tx, exit) = watch::channel(None);
                 *lock(&self.vmm) = Some(tx);
                 Ok(Box::new(FakeVm {

@@ -36,6 +36,19 @@ fn status(e: PodError) -> ttrpc::Error {
     e.into()
 }
 
+/// Runs a lifecycle verb to completion in a task of its own. ttrpc drops a handler at its
+/// client's deadline (and at server shutdown); a transition left half-made there (an id
+/// reserved but never created, a process started but never recorded) would outlive the
+/// request. The caller may stop waiting; the verb finishes.
+pub(super) async fn to_completion<T: Send + 'static>(
+    verb: impl std::future::Future<Output = Result<T, PodError>> + Send + 'static,
+) -> ttrpc::Result<T> {
+    tokio::spawn(verb)
+        .await
+        .map_err(|_| status(PodError::State("the request's task failed")))?
+        .map_err(status)
+}
+
 fn stdio(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> StdioPaths {
     StdioPaths {
         stdin: stdin.into(),
@@ -54,32 +67,26 @@ impl Task for TaskService {
     ) -> ttrpc::Result<CreateTaskResponse> {
         tracing::info!(id = %req.id, bundle = %req.bundle, "create");
         let stdio = stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal);
-        self.pod
-            .create(&req.id, &req.bundle, &req.rootfs, stdio)
-            .await
-            .map_err(status)?;
+        let pod = Arc::clone(&self.pod);
+        to_completion(async move { pod.create(&req.id, &req.bundle, &req.rootfs, stdio).await })
+            .await?;
         let mut resp = CreateTaskResponse::new();
         resp.pid = std::process::id();
         Ok(resp)
     }
 
     async fn start(&self, _: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
-        let pid = self
-            .pod
-            .start(&req.id, &req.exec_id)
-            .await
-            .map_err(status)?;
+        let pod = Arc::clone(&self.pod);
+        let pid = to_completion(async move { pod.start(&req.id, &req.exec_id).await }).await?;
         let mut resp = StartResponse::new();
         resp.pid = pid;
         Ok(resp)
     }
 
     async fn delete(&self, _: &TtrpcContext, req: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
-        let (pid, exit) = self
-            .pod
-            .delete(&req.id, &req.exec_id)
-            .await
-            .map_err(status)?;
+        let pod = Arc::clone(&self.pod);
+        let (pid, exit) =
+            to_completion(async move { pod.delete(&req.id, &req.exec_id).await }).await?;
         let mut resp = DeleteResponse::new();
         resp.pid = pid;
         resp.exit_status = exit.status;
@@ -102,12 +109,14 @@ impl Task for TaskService {
     }
 
     async fn pause(&self, _: &TtrpcContext, req: PauseRequest) -> ttrpc::Result<Empty> {
-        self.pod.set_paused(&req.id, true).await.map_err(status)?;
+        let pod = Arc::clone(&self.pod);
+        to_completion(async move { pod.set_paused(&req.id, true).await }).await?;
         Ok(Empty::new())
     }
 
     async fn resume(&self, _: &TtrpcContext, req: ResumeRequest) -> ttrpc::Result<Empty> {
-        self.pod.set_paused(&req.id, false).await.map_err(status)?;
+        let pod = Arc::clone(&self.pod);
+        to_completion(async move { pod.set_paused(&req.id, false).await }).await?;
         Ok(Empty::new())
     }
 
@@ -222,7 +231,8 @@ impl Task for TaskService {
     }
 
     async fn shutdown(&self, _: &TtrpcContext, _: ShutdownRequest) -> ttrpc::Result<Empty> {
-        if self.pod.shutdown().await {
+        let pod = Arc::clone(&self.pod);
+        if to_completion(async move { Ok(pod.shutdown().await) }).await? {
             self.exit.signal();
         }
         Ok(Empty::new())

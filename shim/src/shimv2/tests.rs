@@ -501,3 +501,27 @@ async fn oom_kills_in_the_guest_become_oom_events() {
     let events = h.events_until(|e| kinds(e, POD).contains(&"oom")).await;
     assert_eq!(kinds(&events, POD), ["create", "oom"]);
 }
+
+#[tokio::test]
+async fn a_create_whose_request_is_dropped_still_completes() {
+    let h = harness(BootMode::Slow);
+    let pod = h.pod.clone();
+    let bundle = h.bundle.display().to_string();
+    // The client's deadline passes while the VM boots: ttrpc drops the handler.
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(50),
+        super::task::to_completion(async move {
+            pod.create(POD, &bundle, &[], StdioPaths::default()).await
+        }),
+    )
+    .await;
+    assert!(dropped.is_err(), "the request was given up");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.pod.view(POD, "").is_err() {
+        assert!(Instant::now() < deadline, "the create never completed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.pod.view(POD, "").expect("view").status, Status::CREATED);
+    assert!(matches!(h.create(POD).await, Err(PodError::Exists(_))));
+    assert_eq!(h.launcher.boots.load(Ordering::Relaxed), 1);
+}

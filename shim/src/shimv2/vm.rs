@@ -135,22 +135,17 @@ enum Next {
 
 /// The pod's one VM slot.
 pub struct VmSlot {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     launcher: Arc<dyn VmLauncher>,
     state: Mutex<VmState>,
     /// Bumped at every state change, for [`VmSlot::left_running`].
     changes: watch::Sender<u64>,
 }
 
-impl VmSlot {
-    /// An empty slot booting through `launcher`.
-    pub fn new(launcher: Arc<dyn VmLauncher>) -> VmSlot {
-        VmSlot {
-            launcher,
-            state: Mutex::new(VmState::Absent),
-            changes: watch::channel(0).0,
-        }
-    }
-
+impl Inner {
     fn lock(&self) -> MutexGuard<'_, VmState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -160,93 +155,12 @@ impl VmSlot {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// The running VM's agent, or why there is none.
-    pub fn guest(&self) -> Result<Arc<dyn Guest>, PodError> {
-        match &*self.lock() {
-            VmState::Running(vm) => Ok(vm.guest()),
-            VmState::Dead(why) => Err(PodError::VmGone(why.clone())),
-            VmState::Stopping | VmState::Stopped => Err(PodError::Stopped),
-            VmState::Absent | VmState::Booting { .. } => {
-                Err(PodError::State("the pod's VM is not running"))
-            }
-        }
-    }
-
-    /// The running VM's agent, booting the VM from `plan()` first if there is none (a boot
-    /// under way is joined). `on_running` sees the VM once, when it starts running.
-    pub async fn ensure(
-        &self,
-        plan: impl FnOnce() -> Result<BootPlan, PodError>,
-        on_running: impl FnOnce(&dyn PodVm),
-    ) -> Result<Arc<dyn Guest>, PodError> {
-        let mut plan = Some(plan);
-        loop {
-            let next = {
-                let mut state = self.lock();
-                match &*state {
-                    VmState::Running(vm) => Next::Ready(vm.guest()),
-                    VmState::Dead(why) => return Err(PodError::VmGone(why.clone())),
-                    VmState::Stopping | VmState::Stopped => return Err(PodError::Stopped),
-                    VmState::Booting { done, .. } => Next::Wait(done.clone()),
-                    VmState::Absent => {
-                        let cancel = CancellationToken::new();
-                        let (tx, done) = watch::channel(false);
-                        let booting = VmState::Booting {
-                            cancel: cancel.clone(),
-                            done,
-                        };
-                        self.set(&mut state, booting);
-                        Next::Boot(cancel, tx)
-                    }
-                }
-            };
-            match next {
-                Next::Ready(guest) => return Ok(guest),
-                Next::Wait(mut done) => {
-                    // The booting caller reports its own error; we look at the state again.
-                    let _ = done.wait_for(|d| *d).await;
-                }
-                Next::Boot(cancel, done) => {
-                    let plan = match plan.take() {
-                        Some(make) => make(),
-                        None => Err(PodError::State("the pod's VM boot was retried")),
-                    };
-                    let booted = match plan {
-                        Ok(plan) => self.boot(plan, cancel).await,
-                        Err(e) => Err(e),
-                    };
-                    let result = self.finish_boot(booted, on_running).await;
-                    done.send_replace(true);
-                    return result;
-                }
-            }
-        }
-    }
-
-    /// Runs the boot in its own task: a dropped request cannot abandon it half-way.
-    async fn boot(
-        &self,
-        plan: BootPlan,
-        cancel: CancellationToken,
-    ) -> Result<Box<dyn PodVm>, PodError> {
-        let launcher = self.launcher.clone();
-        tokio::spawn(async move { launcher.boot(plan, cancel).await })
-            .await
-            .map_err(|e| {
-                PodError::State(if e.is_panic() {
-                    "the VM boot panicked"
-                } else {
-                    "the VM boot was aborted"
-                })
-            })?
-    }
-
     /// Records the boot's outcome; a VM whose boot finished after a stop was asked for is shut
     /// down here.
     async fn finish_boot(
         &self,
         booted: Result<Box<dyn PodVm>, PodError>,
-        on_running: impl FnOnce(&dyn PodVm),
+        on_running: impl FnOnce(&dyn PodVm) + Send,
     ) -> Result<Arc<dyn Guest>, PodError> {
         let late = {
             let mut state = self.lock();
@@ -271,14 +185,106 @@ impl VmSlot {
         late.shutdown().await;
         Err(PodError::Stopped)
     }
+}
+
+impl VmSlot {
+    /// An empty slot booting through `launcher`.
+    pub fn new(launcher: Arc<dyn VmLauncher>) -> VmSlot {
+        VmSlot {
+            inner: Arc::new(Inner {
+                launcher,
+                state: Mutex::new(VmState::Absent),
+                changes: watch::channel(0).0,
+            }),
+        }
+    }
+
+    /// The running VM's agent, or why there is none.
+    pub fn guest(&self) -> Result<Arc<dyn Guest>, PodError> {
+        match &*self.inner.lock() {
+            VmState::Running(vm) => Ok(vm.guest()),
+            VmState::Dead(why) => Err(PodError::VmGone(why.clone())),
+            VmState::Stopping | VmState::Stopped => Err(PodError::Stopped),
+            VmState::Absent | VmState::Booting { .. } => {
+                Err(PodError::State("the pod's VM is not running"))
+            }
+        }
+    }
+
+    /// The running VM's agent, booting the VM from `plan()` first if there is none (a boot
+    /// under way is joined). `on_running` sees the VM once, when it starts running.
+    ///
+    /// The boot and the recording of its outcome run in a task of their own: a caller whose
+    /// request is dropped half-way (ttrpc drops handlers when containerd's connection goes)
+    /// leaves neither a half-made VM nor a slot stuck in `Booting`.
+    pub async fn ensure(
+        &self,
+        plan: impl FnOnce() -> Result<BootPlan, PodError>,
+        on_running: impl FnOnce(&dyn PodVm) + Send + 'static,
+    ) -> Result<Arc<dyn Guest>, PodError> {
+        let mut plan = Some(plan);
+        loop {
+            let next = {
+                let mut state = self.inner.lock();
+                match &*state {
+                    VmState::Running(vm) => Next::Ready(vm.guest()),
+                    VmState::Dead(why) => return Err(PodError::VmGone(why.clone())),
+                    VmState::Stopping | VmState::Stopped => return Err(PodError::Stopped),
+                    VmState::Booting { done, .. } => Next::Wait(done.clone()),
+                    VmState::Absent => {
+                        let cancel = CancellationToken::new();
+                        let (tx, done) = watch::channel(false);
+                        let booting = VmState::Booting {
+                            cancel: cancel.clone(),
+                            done,
+                        };
+                        self.inner.set(&mut state, booting);
+                        Next::Boot(cancel, tx)
+                    }
+                }
+            };
+            match next {
+                Next::Ready(guest) => return Ok(guest),
+                Next::Wait(mut done) => {
+                    // The booting caller reports its own error; we look at the state again.
+                    if done.wait_for(|d| *d).await.is_err() {
+                        return Err(PodError::State("the pod's VM boot was abandoned"));
+                    }
+                }
+                Next::Boot(cancel, done) => {
+                    let plan = match plan.take() {
+                        Some(make) => make(),
+                        None => Err(PodError::State("the pod's VM boot was retried")),
+                    };
+                    let inner = Arc::clone(&self.inner);
+                    let booting = tokio::spawn(async move {
+                        let booted = match plan {
+                            Ok(plan) => inner.launcher.boot(plan, cancel).await,
+                            Err(e) => Err(e),
+                        };
+                        let result = inner.finish_boot(booted, on_running).await;
+                        done.send_replace(true);
+                        result
+                    });
+                    return booting.await.map_err(|e| {
+                        PodError::State(if e.is_panic() {
+                            "the VM boot panicked"
+                        } else {
+                            "the VM boot was aborted"
+                        })
+                    })?;
+                }
+            }
+        }
+    }
 
     /// Stops the VM for good: cancels a boot (and waits for its teardown) or shuts the
     /// running VM down. Later creates fail with [`PodError::Stopped`].
     pub async fn stop(&self) {
         let previous = {
-            let mut state = self.lock();
+            let mut state = self.inner.lock();
             let previous = std::mem::replace(&mut *state, VmState::Stopping);
-            self.changes.send_modify(|n| *n = n.wrapping_add(1));
+            self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
             previous
         };
         match previous {
@@ -294,21 +300,21 @@ impl VmSlot {
             VmState::Running(vm) => vm.shutdown().await,
             VmState::Absent | VmState::Stopping | VmState::Stopped | VmState::Dead(_) => {}
         }
-        let mut state = self.lock();
-        self.set(&mut state, VmState::Stopped);
+        let mut state = self.inner.lock();
+        self.inner.set(&mut state, VmState::Stopped);
     }
 
     /// The VMM exited on its own: records why and tears the rest down (daemons, network,
     /// files). False when the VM was not running (a stop is under way, or it was replaced).
     pub async fn died(&self, why: String) -> bool {
         let vm = {
-            let mut state = self.lock();
+            let mut state = self.inner.lock();
             if !matches!(&*state, VmState::Running(_)) {
                 return false;
             }
             match std::mem::replace(&mut *state, VmState::Dead(why)) {
                 VmState::Running(vm) => {
-                    self.changes.send_modify(|n| *n = n.wrapping_add(1));
+                    self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
                     vm
                 }
                 other => {
@@ -323,9 +329,9 @@ impl VmSlot {
 
     /// Resolves once the VM is no longer running (it died, or a stop began).
     pub async fn left_running(&self) {
-        let mut changes = self.changes.subscribe();
+        let mut changes = self.inner.changes.subscribe();
         loop {
-            if !matches!(&*self.lock(), VmState::Running(_)) {
+            if !matches!(&*self.inner.lock(), VmState::Running(_)) {
                 return;
             }
             if changes.changed().await.is_err() {
