@@ -413,6 +413,117 @@ fn ctr_run_tty_and_an_oom_kill_reports_the_oom_event() {
     finish_containerd(ctrd, env);
 }
 
+/// Mount options of mount points ending in `suffix`, as virtiofsd's mount namespace has them
+/// (it serves the guest from there).
+fn virtiofsd_mount_options(env: &TestEnv, suffix: &str) -> Vec<String> {
+    let fsd: Vec<u32> = env
+        .leftover_processes()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("virtiofsd"))
+        .map(|(pid, _)| pid)
+        .collect();
+    let mut options = Vec::new();
+    for pid in fsd {
+        let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+        for line in info.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if fields.get(4).is_some_and(|p| p.ends_with(suffix)) {
+                options.push(fields.get(5).copied().unwrap_or("").to_string());
+            }
+        }
+    }
+    options
+}
+
+/// `rbind,rro` (Kubernetes `recursiveReadOnly: Enabled`) of a host directory with a tmpfs
+/// mounted inside: the container can write to neither, and the share's binds that virtiofsd
+/// serves from are read-only too (a guest kernel is not trusted to refuse writes). `rbind,ro`
+/// is read-only below its top too: the guest sees the submount as part of one virtio-fs
+/// filesystem (runc would leave the submount writable; README, CRI conformance).
+#[test]
+fn rro_volumes_are_read_only_to_their_submounts_in_the_guest_and_in_virtiofsd() {
+    let env = TestEnv::new("ctr-rro");
+    let ctrd = containerd(&env);
+    let src = env.dir.join("rro-volume");
+    std::fs::create_dir_all(src.join("sub")).expect("mkdir");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &src.join("sub"),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .expect("tmpfs inside the volume");
+    let mount =
+        |dst: &str, opts: &str| format!("type=bind,src={},dst={dst},options={opts}", src.display());
+    let out = ctr(
+        &ctrd,
+        &pangolin_run(
+            &[
+                "-d",
+                "--mount",
+                &mount("/rro", "rbind:rro"),
+                "--mount",
+                &mount("/ro", "rbind:ro"),
+            ],
+            "rro1",
+            &["sleep", "3600"],
+        ),
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        stderr(&out),
+        ctrd.log_tail(20)
+    );
+    let probe = "for f in /rro/top /rro/sub/f /ro/top /ro/sub/f; do \
+                 touch $f 2>/dev/null && echo $f:rw || echo $f:ro; done";
+    let out = ctr(
+        &ctrd,
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "probe",
+            "rro1",
+            "sh",
+            "-c",
+            probe,
+        ],
+    );
+    assert_eq!(
+        stdout(&out),
+        "/rro/top:ro\n/rro/sub/f:ro\n/ro/top:ro\n/ro/sub/f:ro\n",
+        "{}",
+        stderr(&out)
+    );
+    // Host side: the share's binds as virtiofsd sees them (volume 0 is /rro, 1 is /ro).
+    for (suffix, want) in [
+        ("/rro1/mounts/0", "ro"),
+        ("/rro1/mounts/0/sub", "ro"),
+        ("/rro1/mounts/1", "ro"),
+        ("/rro1/mounts/1/sub", "ro"),
+    ] {
+        let options = virtiofsd_mount_options(&env, suffix);
+        assert!(
+            !options.is_empty() && options.iter().all(|o| o.split(',').any(|x| x == want)),
+            "{suffix} in virtiofsd's namespace: {options:?}, want {want}"
+        );
+    }
+    let _ = ctr(&ctrd, &["task", "kill", "-s", "SIGKILL", "rro1"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ctr(&ctrd, &["task", "delete", "rro1"]).status.success() {
+        assert!(Instant::now() < deadline, "task delete");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(ctr(&ctrd, &["container", "delete", "rro1"])
+        .status
+        .success());
+    std::fs::write(src.join("sub/after"), "x").expect("the host's own mount is untouched");
+    let _ = nix::mount::umount2(&src.join("sub"), nix::mount::MntFlags::MNT_DETACH);
+    finish_containerd(ctrd, env);
+}
+
 #[test]
 fn bind_mounts_reach_the_guest_rw_ro_and_file_and_a_missing_source_is_named() {
     let env = TestEnv::new("ctr-volumes");

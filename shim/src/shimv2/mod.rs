@@ -15,6 +15,7 @@
 //! streams; `rootfs`/`volumes` are the host mount primitives; `guest_spec`/`sizing` shape what
 //! the guest and the VM get from the bundle.
 
+pub mod bind;
 mod container;
 mod create;
 mod delete;

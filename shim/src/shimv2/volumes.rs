@@ -1,14 +1,17 @@
 //! A container's host bind mounts (CRI volumes, `ctr run --mount`, the sandbox's hosts,
 //! resolv.conf, hostname and shm files) shared with the guest: each source is bind-mounted at
-//! `<shared>/<container>/mounts/<n>`, read-only there too when the spec says `ro`, and the guest
+//! `<shared>/<container>/mounts/<n>`, read-only there too (with its submounts) when the spec
+//! says `ro` or `rro`, and read-only before it is attached, so virtiofsd's copy is too
+//! ([`super::bind`]); the guest
 //! spec's mount source becomes that path under the guest's virtio-fs mount. The guest's
 //! libcontainer then makes the container's bind mount (with its options and propagation), so
 //! writes to a read-write volume land in the host directory.
 
 use std::path::{Path, PathBuf};
 
-use nix::mount::{mount, MsFlags};
 use oci_spec::runtime::{Mount, Spec};
+
+use super::bind::bind;
 
 /// A volume could not be shared.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +51,12 @@ pub fn is_bind(m: &Mount) -> bool {
         || m.options()
             .as_ref()
             .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
+/// Whether the share's bind of `m` is read-only: `ro` or `rro` (containerd passes `rro` for
+/// Kubernetes' `recursiveReadOnly: Enabled`). Either way the whole tree: see [`super::bind`].
+fn readonly_of(m: &Mount) -> bool {
+    has_option(m, "ro") || has_option(m, "rro")
 }
 
 fn has_option(m: &Mount, name: &str) -> bool {
@@ -97,22 +106,7 @@ pub fn share(
         } else {
             std::fs::File::create(&target).map_err(share_err)?;
         }
-        let mut flags = MsFlags::MS_BIND;
-        if has_option(m, "rbind") {
-            flags |= MsFlags::MS_REC;
-        }
-        mount(Some(&source), &target, None::<&str>, flags, None::<&str>)
-            .map_err(|e| share_err(e.into()))?;
-        if has_option(m, "ro") {
-            mount(
-                None::<&str>,
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None::<&str>,
-            )
-            .map_err(|e| share_err(e.into()))?;
-        }
+        bind(&source, &target, has_option(m, "rbind"), readonly_of(m)).map_err(share_err)?;
         tracing::debug!(destination = %destination.display(), source = %source.display(), "volume shared");
         m.set_source(Some(guest_dir.join(n.to_string())));
     }
