@@ -741,6 +741,16 @@ fn cri_dual_stack_pods_answer_the_host_on_ipv6_and_ipv4_with_runc_and_pangolin()
                 assert!(page.contains(&text), "{handler} via {ip}: {page}");
             }
 
+            // The pod's own loopback, the server being up by now (the agent brings the guest's
+            // loopback up over netlink at boot).
+            let (page, err, code) =
+                exec(&mut cri, &web, &["wget", "-qO-", "http://[::1]:8080/"]).await;
+            assert_eq!(
+                (code, page.trim()),
+                (0, text.as_str()),
+                "{handler}: [::1]: {err}"
+            );
+
             let netns = cri
                 .runtime
                 .pod_sandbox_status(PodSandboxStatusRequest {
