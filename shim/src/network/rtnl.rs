@@ -162,18 +162,27 @@ impl Netns for Rtnl {
 
     async fn create_tap(&mut self, name: &str) -> Result<u32, Cause> {
         tap::create_persistent(name)?;
-        let found: Vec<LinkMessage> = self
+        let found: Result<Vec<LinkMessage>, _> = self
             .handle
             .link()
             .get()
             .match_name(name)
             .execute()
             .try_collect()
-            .await?;
-        found
-            .first()
-            .map(|l| l.header.index)
-            .ok_or_else(|| Cause::Os(std::io::Error::from_raw_os_error(libc::ENODEV)))
+            .await;
+        let index = found.map(|links| links.first().map(|l| l.header.index));
+        if let Ok(Some(index)) = index {
+            return Ok(index);
+        }
+        // The caller only undoes a tap it got an index for: remove this one by name.
+        let by_name = LinkUnspec::new_with_name(name).build();
+        if let Err(e) = self.handle.link().del_with_message(by_name).execute().await {
+            tracing::warn!(tap = name, error = %e, "removing a tap whose index could not be read");
+        }
+        Err(match index {
+            Err(e) => e.into(),
+            Ok(_) => Cause::Os(std::io::Error::from_raw_os_error(libc::ENODEV)),
+        })
     }
 
     async fn set_up(&mut self, index: u32, mtu: u32) -> Result<(), Cause> {
