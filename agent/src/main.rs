@@ -10,6 +10,7 @@ mod error;
 mod guest;
 mod helper;
 mod net;
+mod netlink;
 mod oom;
 mod reaper;
 mod sandbox;

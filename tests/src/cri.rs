@@ -70,6 +70,17 @@ impl Cri {
     /// The pod's IP as PodSandboxStatus reports it (empty without a network).
     pub async fn pod_ip(&mut self, pod: &str) -> Result<String, tonic::Status> {
         Ok(self
+            .pod_ips(pod)
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or_default())
+    }
+
+    /// The pod's IPs as PodSandboxStatus reports them: the primary one (IPv4 in a dual-stack
+    /// pod), then the additional ones; empty without a network.
+    pub async fn pod_ips(&mut self, pod: &str) -> Result<Vec<String>, tonic::Status> {
+        let network = self
             .runtime
             .pod_sandbox_status(PodSandboxStatusRequest {
                 pod_sandbox_id: pod.into(),
@@ -78,9 +89,13 @@ impl Cri {
             .await?
             .into_inner()
             .status
-            .and_then(|s| s.network)
-            .map(|n| n.ip)
-            .unwrap_or_default())
+            .and_then(|s| s.network);
+        Ok(network.map_or_else(Vec::new, |n| {
+            std::iter::once(n.ip)
+                .filter(|ip| !ip.is_empty())
+                .chain(n.additional_ips.into_iter().map(|a| a.ip))
+                .collect()
+        }))
     }
 
     /// StopPodSandbox then RemovePodSandbox (tried even when the stop failed).
@@ -131,13 +146,15 @@ pub async fn remove_all_pods(socket: &Path) -> Vec<String> {
 
 /// A private bridge network for CRI pods: a CNI config in containerd's CNI config directory
 /// (`<containerd dir>/cni`, see [`crate::containerd::config_toml`]), IPAM state in the same
-/// directory, its own bridge and subnet, no masquerade. Removes the bridge on drop (the bridge
-/// plugin creates it and never deletes it).
+/// directory, its own bridge and subnet (or two: IPv4 and an IPv6 ULA one), no masquerade.
+/// Removes the bridge on drop (the bridge plugin creates it and never deletes it).
 pub struct BridgeNetwork {
     /// The Linux bridge the plugin creates (at most 15 bytes).
     pub bridge: String,
     /// The pod subnet (`10.x.y.0/24`).
     pub subnet: String,
+    /// The IPv6 pod subnet of a dual-stack network (`fd23:1:<tag>::/64`).
+    pub subnet6: Option<String>,
     /// Where host-local keeps its leases.
     pub ipam_dir: PathBuf,
 }
@@ -146,11 +163,36 @@ impl BridgeNetwork {
     /// Writes the network for a containerd that will live in `containerd_dir`; `tag` (1-255)
     /// makes the bridge name and subnet unique among concurrent tests.
     pub fn create(containerd_dir: &Path, name: &str, tag: u8) -> Result<BridgeNetwork> {
+        Self::write(containerd_dir, name, tag, false)
+    }
+
+    /// As [`BridgeNetwork::create`], dual-stack: host-local gives every pod an address from
+    /// each of two ranges (the IPv4 subnet and `fd23:1:<tag hex>::/64`), with a default route
+    /// of each family through the bridge. Host setting: IPv6 must not be disabled on the host
+    /// for the bridge to take its gateway address, so this turns it on
+    /// (`net.ipv6.conf.{all,default}.disable_ipv6 = 0`); the bridge plugin itself turns on IPv6
+    /// forwarding, as it does IPv4's.
+    pub fn create_dual_stack(containerd_dir: &Path, name: &str, tag: u8) -> Result<BridgeNetwork> {
+        for scope in ["all", "default"] {
+            let knob = format!("/proc/sys/net/ipv6/conf/{scope}/disable_ipv6");
+            fs::write(&knob, "0").with_context(|| format!("enabling IPv6: {knob}"))?;
+        }
+        Self::write(containerd_dir, name, tag, true)
+    }
+
+    fn write(containerd_dir: &Path, name: &str, tag: u8, dual: bool) -> Result<BridgeNetwork> {
         let bridge = format!("pgn-cri{tag}");
         let subnet = format!("10.231.{tag}.0/24");
+        let subnet6 = dual.then(|| format!("fd23:1:{tag:x}::/64"));
         let ipam_dir = containerd_dir.join("cni-ipam");
         let conf_dir = containerd_dir.join("cni");
         fs::create_dir_all(&conf_dir)?;
+        let mut ranges = vec![serde_json::json!([{ "subnet": subnet }])];
+        let mut routes = vec![serde_json::json!({ "dst": "0.0.0.0/0" })];
+        if let Some(v6) = &subnet6 {
+            ranges.push(serde_json::json!([{ "subnet": v6 }]));
+            routes.push(serde_json::json!({ "dst": "::/0" }));
+        }
         let conflist = serde_json::json!({
             "cniVersion": "0.4.0",
             "name": name,
@@ -162,8 +204,8 @@ impl BridgeNetwork {
                 "hairpinMode": true,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{ "subnet": subnet }]],
-                    "routes": [{ "dst": "0.0.0.0/0" }],
+                    "ranges": ranges,
+                    "routes": routes,
                     "dataDir": ipam_dir,
                 },
             }],
@@ -175,11 +217,13 @@ impl BridgeNetwork {
         Ok(BridgeNetwork {
             bridge,
             subnet,
+            subnet6,
             ipam_dir,
         })
     }
 
-    /// Leases host-local still holds (one file per allocated IP).
+    /// Leases host-local still holds (one file per allocated IP, named by the IP, either
+    /// family; besides them it keeps `lock` and `last_reserved_ip.<range>`).
     pub fn leases(&self) -> Vec<String> {
         let Ok(dirs) = fs::read_dir(&self.ipam_dir) else {
             return Vec::new();
@@ -188,7 +232,7 @@ impl BridgeNetwork {
         for net in dirs.flatten() {
             for f in fs::read_dir(net.path()).into_iter().flatten().flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
-                if name.contains('.') && !name.starts_with("last_reserved_ip") {
+                if name.parse::<std::net::IpAddr>().is_ok() {
                     out.push(name);
                 }
             }
@@ -368,6 +412,33 @@ mod tests {
         );
         fs::write(&f, "hello\n").expect("write");
         assert!(parse_log(&f).is_err());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn leases_of_both_families_are_counted_and_host_locals_own_files_are_not() {
+        let dir = std::env::temp_dir().join(format!("cri-leases-{}", std::process::id()));
+        let net_dir = dir.join("pangolin-test");
+        fs::create_dir_all(&net_dir).expect("mkdir");
+        for f in [
+            "10.231.3.2",
+            "fd23:1:3::2",
+            "lock",
+            "last_reserved_ip.0",
+            "last_reserved_ip.1",
+        ] {
+            fs::write(net_dir.join(f), "x").expect("write");
+        }
+        let net = BridgeNetwork {
+            bridge: "pgn-none".into(),
+            subnet: "10.231.3.0/24".into(),
+            subnet6: Some("fd23:1:3::/64".into()),
+            ipam_dir: dir.clone(),
+        };
+        let mut leases = net.leases();
+        leases.sort();
+        assert_eq!(leases, ["10.231.3.2", "fd23:1:3::2"]);
+        drop(net);
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -133,12 +133,19 @@ struct CriFixture {
     ctrd: PrivateContainerd,
 }
 
+/// Writes a CNI network: [`BridgeNetwork::create`] or its dual-stack sibling.
+type MakeNetwork = fn(&Path, &str, u8) -> anyhow::Result<BridgeNetwork>;
+
 impl CriFixture {
     /// `tag` (1-255) keeps the bridge and subnet apart from other tests'.
     fn new(name: &str, tag: u8) -> CriFixture {
+        Self::with_network(name, tag, BridgeNetwork::create)
+    }
+
+    fn with_network(name: &str, tag: u8, make: MakeNetwork) -> CriFixture {
         let env = TestEnv::new(name);
         let net = Arc::new(
-            BridgeNetwork::create(
+            make(
                 &env.dir.join("containerd"),
                 &format!("pangolin-{name}"),
                 tag,
@@ -637,6 +644,131 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
             err.message().contains("io.pangolin.memory_mib"),
             "error names the annotation: {err}"
         );
+    };
+    drive(ctrd, env, net, body);
+}
+
+/// The line of `ip -6 addr` output holding `ip`, which must be usable (not tentative or failed
+/// duplicate address detection).
+fn usable_v6_line<'a>(addrs: &'a str, ip: &str, prefix_len: u8) -> Option<&'a str> {
+    let want = format!("inet6 {ip}/{prefix_len} ");
+    addrs
+        .lines()
+        .find(|l| l.contains(&want))
+        .filter(|l| !l.contains("tentative") && !l.contains("dadfailed"))
+}
+
+#[test]
+fn cri_dual_stack_pods_answer_the_host_on_ipv6_and_ipv4_with_runc_and_pangolin() {
+    // runc first: the same checks on the reference runtime prove the network itself.
+    let CriFixture { env, net, ctrd } =
+        CriFixture::with_network("cri-dual", 3, BridgeNetwork::create_dual_stack);
+    let logs = env.dir.join("pod-logs");
+    let socket = ctrd.socket.clone();
+    let state = env.state.clone();
+    let leases = Arc::clone(&net);
+    let body = async move {
+        let subnet6 = leases.subnet6.clone().expect("a dual-stack network");
+        let prefix6 = subnet6.trim_end_matches(":/64");
+        let prefix4 = leases.subnet.trim_end_matches("0/24");
+        let mut cri = Cri::connect(&socket).await.expect("CRI connect");
+        for handler in ["runc", PANGOLIN_HANDLER] {
+            let config = cri::pod_config(&format!("dual-{handler}"), &logs, HashMap::new());
+            let t = Instant::now();
+            let pod = cri
+                .run_pod(handler, &config)
+                .await
+                .unwrap_or_else(|e| panic!("RunPodSandbox on {handler}: {e}"));
+            eprintln!("{handler}: RunPodSandbox {:?}", t.elapsed());
+            // PodSandboxStatus: the IPv4 address first, the IPv6 one as the additional IP.
+            let ips = cri.pod_ips(&pod).await.expect("PodSandboxStatus");
+            let [ip4, ip6] = ips.as_slice() else {
+                panic!("{handler}: two pod IPs expected, got {ips:?}");
+            };
+            assert!(
+                ip4.starts_with(prefix4),
+                "{handler}: IPv4 {ip4} not in {}",
+                leases.subnet
+            );
+            assert!(
+                ip6.starts_with(prefix6),
+                "{handler}: IPv6 {ip6} not in {subnet6}"
+            );
+            assert_eq!(leases.leases().len(), 2, "{handler}: one lease per family");
+            if handler == PANGOLIN_HANDLER {
+                assert_eq!(vmm_pids_under(&state).len(), 1, "one VM for the pod");
+            }
+
+            let text = format!("dual-stack-{handler}");
+            let web = create_start(
+                &mut cri,
+                &pod,
+                &config,
+                cri::web_container("web", &text, 8080),
+            )
+            .await;
+            // The pod's view (the guest's, on pangolin): both addresses usable on its NIC, a
+            // default route of each family.
+            let (addrs, err, code) = exec(&mut cri, &web, &["ip", "-6", "addr", "show"]).await;
+            assert_eq!(code, 0, "{handler}: ip -6 addr: {err}");
+            assert!(
+                usable_v6_line(&addrs, ip6, 64).is_some(),
+                "{handler}: {ip6}/64 not usable in the pod:\n{addrs}"
+            );
+            let (routes6, _, _) = exec(&mut cri, &web, &["ip", "-6", "route", "show"]).await;
+            assert!(
+                routes6.contains(&format!("default via {prefix6}:1 ")),
+                "{handler}: IPv6 routes:\n{routes6}"
+            );
+            let (addrs4, _, _) = exec(&mut cri, &web, &["ip", "-4", "-o", "addr", "show"]).await;
+            assert!(
+                addrs4.contains(&format!("inet {ip4}/24")),
+                "{handler}: IPv4 addresses:\n{addrs4}"
+            );
+            let (routes4, _, _) = exec(&mut cri, &web, &["ip", "-4", "route", "show"]).await;
+            assert!(
+                routes4.contains(&format!("default via {prefix4}1 ")),
+                "{handler}: IPv4 routes:\n{routes4}"
+            );
+
+            // The host reaches the pod's server on each address.
+            for ip in [ip6, ip4] {
+                let t = Instant::now();
+                let page = cri::http_get(ip, 8080, Duration::from_secs(60))
+                    .await
+                    .unwrap_or_else(|e| panic!("{handler}: host -> [{ip}]:8080: {e:#}"));
+                eprintln!("{handler}: host -> [{ip}]:8080 after {:?}", t.elapsed());
+                assert!(page.contains(&text), "{handler} via {ip}: {page}");
+            }
+
+            // The pod's own loopback, the server being up by now (the agent brings the guest's
+            // loopback up over netlink at boot).
+            let (page, err, code) =
+                exec(&mut cri, &web, &["wget", "-qO-", "http://[::1]:8080/"]).await;
+            assert_eq!(
+                (code, page.trim()),
+                (0, text.as_str()),
+                "{handler}: [::1]: {err}"
+            );
+
+            let netns = cri
+                .runtime
+                .pod_sandbox_status(PodSandboxStatusRequest {
+                    pod_sandbox_id: pod.clone(),
+                    verbose: true,
+                })
+                .await
+                .map(|st| netns_of(&st.into_inner().info))
+                .expect("verbose PodSandboxStatus");
+            cri.remove_pod(&pod).await.expect("Stop/RemovePodSandbox");
+            assert!(!Path::new(&netns).exists(), "{handler}: netns {netns} left");
+            assert!(
+                leases.leases().is_empty(),
+                "{handler}: leases left: {:?}",
+                leases.leases()
+            );
+            assert!(vmm_pids_under(&state).is_empty(), "{handler}: VM left");
+        }
     };
     drive(ctrd, env, net, body);
 }

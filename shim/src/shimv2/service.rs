@@ -36,7 +36,7 @@ pub fn group_id(bundle: &Path, id: &str) -> String {
     .unwrap_or_else(|| id.to_string())
 }
 
-/// The shim crate's settings. tokio owns our children (VMM, daemons, iproute2): the crate's
+/// The shim crate's settings. tokio owns our children (VMM, virtiofsd): the crate's
 /// SIGCHLD reaper (`waitpid(-1)`) must not steal their exits, so this goes to
 /// `asynchronous::run` itself: the crate installs its signal handling before `Shim::new` runs.
 pub fn shim_config() -> ShimConfig {
