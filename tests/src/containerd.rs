@@ -33,12 +33,34 @@ pub const BUSYBOX_IMAGE: &str = "pangolin.local/busybox:latest";
 /// The sandbox (pause) image CRI is configured with; nothing is pulled.
 pub const PAUSE_IMAGE: &str = "pangolin.local/pause:latest";
 
-/// How long [`PrivateContainerd::start`] waits for the gRPC socket.
+/// How long [`PrivateContainerd::start`] waits for the gRPC socket (before [`patience`]).
 const START_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long each `ctr` command of a stop's cleanup may take.
+/// How long each `ctr` command of a stop's cleanup may take (before [`patience`]).
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a stop waits for containerd to exit after SIGTERM before SIGKILL.
+/// How long a stop waits for containerd to exit after SIGTERM before SIGKILL (before
+/// [`patience`]).
 const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Environment variable: how many times slower than this project's CI machines (2 cores,
+/// guests under QEMU/TCG) the tests' waits may be, e.g. `4` inside the nested test host, where
+/// everything runs under TCG twice over. The nested test host suites set it.
+pub const SLOWDOWN_ENV: &str = "PANGOLIN_TEST_SLOWDOWN";
+
+/// `base` scaled by [`SLOWDOWN_ENV`]. Deadlines only bound how long a failing wait takes
+/// before it fails with its reason; they never judge speed (benchmarks do).
+///
+/// # Panics
+/// When the variable is set but is not a number from 1 to 100.
+pub fn patience(base: Duration) -> Duration {
+    let factor = match std::env::var(SLOWDOWN_ENV) {
+        Err(_) => 1,
+        Ok(v) => match v.parse::<u32>() {
+            Ok(n @ 1..=100) => n,
+            _ => panic!("{SLOWDOWN_ENV}={v:?}: must be a whole number from 1 to 100"),
+        },
+    };
+    base * factor
+}
 
 /// What the generated configuration enables beyond the defaults.
 #[derive(Debug, Clone, Default)]
@@ -122,7 +144,7 @@ impl PrivateContainerd {
     }
 
     fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
+        let deadline = Instant::now() + patience(START_TIMEOUT);
         loop {
             if UnixStream::connect(&self.socket).is_ok() {
                 return Ok(());
@@ -140,8 +162,9 @@ impl PrivateContainerd {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "containerd's socket {} not ready within {START_TIMEOUT:?}; log {}:\n{}",
+                    "containerd's socket {} not ready within {:?}; log {}:\n{}",
                     self.socket.display(),
+                    patience(START_TIMEOUT),
                     self.log.display(),
                     self.log_tail(30)
                 );
@@ -273,7 +296,7 @@ impl PrivateContainerd {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
-        let deadline = Instant::now() + CLEANUP_TIMEOUT;
+        let deadline = Instant::now() + patience(CLEANUP_TIMEOUT);
         loop {
             if let Some(status) = child.try_wait()? {
                 let mut out = String::new();
@@ -438,7 +461,7 @@ fn terminate(child: &mut Child) -> Result<()> {
             nix::sys::signal::Signal::SIGTERM,
         );
     }
-    let deadline = Instant::now() + STOP_GRACE;
+    let deadline = Instant::now() + patience(STOP_GRACE);
     while Instant::now() < deadline {
         if child.try_wait()?.is_some() {
             return Ok(());

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use pangolin_e2e::containerd::{Options, PrivateContainerd, BUSYBOX_IMAGE, PANGOLIN_RUNTIME};
 use pangolin_e2e::{
-    busybox, finish_containerd, pangolin_containerd, run_bounded, stderr, stdout, TestEnv,
+    busybox, finish_containerd, pangolin_containerd, patience, run_bounded, stderr, stdout, TestEnv,
 };
 
 /// A private containerd whose shims use `env`'s configuration, with busybox imported.
@@ -152,7 +152,7 @@ fn ctr_task_exec_ps_pause_resume_metrics_kill_delete() {
     assert!(ctr(&ctrd, &["task", "kill", "-s", "SIGKILL", "task1"])
         .status
         .success());
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + patience(Duration::from_secs(20));
     while !stdout(&ctr(&ctrd, &["task", "ls"])).contains("STOPPED") {
         assert!(Instant::now() < deadline, "task did not stop");
         std::thread::sleep(Duration::from_millis(100));
@@ -174,7 +174,7 @@ fn killing_the_vmm_makes_the_task_exit() {
     let _ = std::process::Command::new("kill")
         .args(["-9", &vmm[0].to_string()])
         .status();
-    let deadline = killed + Duration::from_secs(10);
+    let deadline = killed + patience(Duration::from_secs(10));
     while !stdout(&ctr(&ctrd, &["task", "ls"])).contains("STOPPED") {
         assert!(
             Instant::now() < deadline,
@@ -287,7 +287,7 @@ fn run_in_pty(mut cmd: std::process::Command, rows: u16, cols: u16) -> (String, 
         let _ = master.read_to_end(&mut out);
         String::from_utf8_lossy(&out).replace('\r', "")
     });
-    let deadline = Instant::now() + Duration::from_secs(180);
+    let deadline = Instant::now() + patience(Duration::from_secs(180));
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait") {
             break status;
@@ -331,7 +331,7 @@ fn tty_exec_with_64_character_ids_gets_a_terminal() {
     assert_eq!(code, Some(0), "{text:?}");
     let out = ctr(&ctrd, &["task", "kill", "-s", "SIGKILL", &id]);
     assert!(out.status.success(), "kill: {}", stderr(&out));
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + patience(Duration::from_secs(30));
     loop {
         let out = ctr(&ctrd, &["task", "delete", &id]);
         if out.status.success() {
@@ -390,7 +390,7 @@ fn ctr_run_tty_and_an_oom_kill_reports_the_oom_event() {
         ),
     );
     assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + patience(Duration::from_secs(10));
     let oom = loop {
         let seen = std::fs::read_to_string(&events_file).unwrap_or_default();
         let oom: Vec<String> = seen
@@ -511,7 +511,7 @@ fn rro_volumes_are_read_only_to_their_submounts_in_the_guest_and_in_virtiofsd() 
         );
     }
     let _ = ctr(&ctrd, &["task", "kill", "-s", "SIGKILL", "rro1"]);
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + patience(Duration::from_secs(60));
     while !ctr(&ctrd, &["task", "delete", "rro1"]).status.success() {
         assert!(Instant::now() < deadline, "task delete");
         std::thread::sleep(Duration::from_millis(200));
@@ -634,7 +634,7 @@ fn bind_mounts_reach_the_guest_rw_ro_and_file_and_a_missing_source_is_named() {
     );
     let seen = stdout(&out);
     let _ = ctr(&ctrd, &["task", "kill", "-s", "SIGKILL", "vol3"]);
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + patience(Duration::from_secs(20));
     while !stdout(&ctr(&ctrd, &["task", "ls"])).contains("STOPPED") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }

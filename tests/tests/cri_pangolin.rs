@@ -20,7 +20,9 @@ use k8s_cri::v1::{
 };
 use pangolin_e2e::containerd::{Options, PrivateContainerd, PANGOLIN_HANDLER};
 use pangolin_e2e::cri::{self, BridgeNetwork, Cri};
-use pangolin_e2e::{busybox, finish_containerd, pangolin_containerd, vmm_pids_under, TestEnv};
+use pangolin_e2e::{
+    busybox, finish_containerd, pangolin_containerd, patience, vmm_pids_under, TestEnv,
+};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -115,7 +117,7 @@ fn netns_of(info: &HashMap<String, String>) -> String {
 
 /// Waits until the CRI log at `path` holds `want` (stream, text) lines; the parsed log.
 async fn wait_log(path: &Path, want: &[(&str, &str)]) -> Vec<(String, String)> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + patience(Duration::from_secs(20));
     loop {
         let lines = cri::parse_log(path).unwrap_or_default();
         let has = |(s, t): &(&str, &str)| lines.iter().any(|(ls, lt)| ls == s && lt == t);

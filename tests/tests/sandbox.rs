@@ -166,8 +166,8 @@ fn exec_pause_resume_stats_update_and_remove() {
         // Pause freezes the container: no ticks while paused, ticks again after resume.
         agent.pause(ID).await.expect("pause");
         // Output already in flight may still arrive for a moment; after that, silence.
-        let settled = Instant::now() + Duration::from_millis(500);
-        tokio::time::sleep(Duration::from_millis(2000)).await;
+        let settled = Instant::now() + pangolin_e2e::patience(Duration::from_millis(500));
+        tokio::time::sleep(pangolin_e2e::patience(Duration::from_millis(2000))).await;
         assert_eq!(output_since(&output, settled), "", "output while paused");
         assert!(
             agent.pause(ID).await.is_err(),

@@ -13,7 +13,9 @@ use k8s_cri::v1::{CreateContainerRequest, ExecSyncRequest, StartContainerRequest
 use pangolin_e2e::containerd::{Options, BUSYBOX_IMAGE, PANGOLIN_HANDLER, PANGOLIN_RUNTIME};
 use pangolin_e2e::cri::{self, BridgeNetwork, Cri};
 use pangolin_e2e::shim::{bundle, Shim};
-use pangolin_e2e::{busybox, finish_containerd, pangolin_containerd, run_bounded, stderr, TestEnv};
+use pangolin_e2e::{
+    busybox, finish_containerd, pangolin_containerd, patience, run_bounded, stderr, TestEnv,
+};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -100,7 +102,7 @@ fn a_client_that_gives_up_during_a_stalled_boot_leaves_nothing_long_before_the_b
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("ctr run");
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + patience(Duration::from_secs(60));
     while env.vmm_pids().is_empty() {
         assert!(Instant::now() < deadline, "QEMU never started");
         std::thread::sleep(Duration::from_millis(50));
@@ -204,7 +206,7 @@ fn fifty_containers_that_exit_at_once_each_have_their_start_event_before_their_e
             s.await.expect("join").expect("StartContainer");
         }
         // Every exit is in the stream before the pod goes.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        let deadline = tokio::time::Instant::now() + patience(Duration::from_secs(120));
         loop {
             let seen = task_events(&std::fs::read_to_string(&events_file).unwrap_or_default());
             let exits = ids
@@ -333,7 +335,7 @@ fn the_vmms_death_reaches_containerd_as_task_exit_at_once() {
         nix::unistd::Pid::from_raw(i32::try_from(vmm[0]).expect("pid")),
         nix::sys::signal::Signal::SIGKILL,
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + patience(Duration::from_secs(60));
     let line = loop {
         let text = std::fs::read_to_string(&events_file).unwrap_or_default();
         if let Some(l) = text.lines().find(|l| l.contains("/tasks/exit")) {

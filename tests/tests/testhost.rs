@@ -87,9 +87,12 @@ fn builtin_suites_in_test_host(suites: &[&str], leftovers: &str, clean: &str) ->
             )
         })
         .collect();
+    // Everything in the test host runs under TCG, its guests under nested KVM on top: the
+    // suites' waits get four times their patience there.
     let script = format!(
-        "export {}=builtin; {} && {leftovers}",
+        "export {}=builtin {}=4; {} && {leftovers}",
         pangolin_e2e::HYPERVISOR_ENV,
+        pangolin_e2e::SLOWDOWN_ENV,
         runs.join(" && ")
     );
     let out = in_test_host(&script, 1200);
