@@ -1,46 +1,21 @@
-//! The control socket: one request line per connection, one answer line back.
+//! The control socket server: one request line per connection, one answer line back.
 //!
-//! Requests: `pause`, `resume`, `stop`, `status`. Answers: `ok`, `error: <why>`, or for `status`
-//! a JSON object `{"state":"running"|"paused"|"stopping","vcpus":N,"uptime_ms":N}`. Lines are
-//! at most [`MAX_LINE`] bytes; a client that sends nothing within [`READ_TIMEOUT`] is dropped.
+//! The messages ([`Request`], [`Status`]) are plain data in `pangolin-vmm-config` (the shim
+//! speaks them too); this module reads a request, executes it against the vCPUs and the run
+//! state, and writes the answer. A client that sends nothing within [`READ_TIMEOUT`] is dropped.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use crate::config::api::{Request, State, Status, MAX_LINE, OK};
 use crate::vstate::control::{Control, ExitReason, RunState};
 use crate::vstate::vcpu::VcpuHandle;
 
-/// Longest request line.
-pub const MAX_LINE: usize = 64;
 /// How long a client may take to send its request.
 pub const READ_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long `pause` waits for every vCPU to park.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// A parsed request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Request {
-    /// Park the vCPUs.
-    Pause,
-    /// Unpark them.
-    Resume,
-    /// Stop the VMM (exit status 3).
-    Stop,
-    /// Report the state.
-    Status,
-}
-
-/// Parses one request line.
-pub fn parse(line: &str) -> Option<Request> {
-    match line.trim_end_matches(['\n', '\r']) {
-        "pause" => Some(Request::Pause),
-        "resume" => Some(Request::Resume),
-        "stop" => Some(Request::Stop),
-        "status" => Some(Request::Status),
-        _ => None,
-    }
-}
 
 /// Executes `req` and returns the answer line (without newline).
 pub fn execute(req: Request, control: &Control, vcpus: &[VcpuHandle], started: Instant) -> String {
@@ -51,7 +26,7 @@ pub fn execute(req: Request, control: &Control, vcpus: &[VcpuHandle], started: I
             }
             let kick = || vcpus.iter().for_each(VcpuHandle::kick);
             if control.wait_parked(vcpus.len(), PAUSE_TIMEOUT, kick) {
-                "ok".into()
+                OK.into()
             } else {
                 control.resume();
                 "error: vCPUs did not park".into()
@@ -59,26 +34,27 @@ pub fn execute(req: Request, control: &Control, vcpus: &[VcpuHandle], started: I
         }
         Request::Resume => {
             if control.resume() {
-                "ok".into()
+                OK.into()
             } else {
                 "error: not paused".into()
             }
         }
         Request::Stop => {
             control.exit(ExitReason::Requested);
-            "ok".into()
+            OK.into()
         }
         Request::Status => {
-            let state = match control.state() {
-                RunState::Running => "running",
-                RunState::Paused => "paused",
-                RunState::Stopping => "stopping",
+            let status = Status {
+                state: match control.state() {
+                    RunState::Running => State::Running,
+                    RunState::Paused => State::Paused,
+                    RunState::Stopping => State::Stopping,
+                },
+                vcpus: vcpus.len(),
+                // Saturates after 584 million years.
+                uptime_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             };
-            format!(
-                "{{\"state\":\"{state}\",\"vcpus\":{},\"uptime_ms\":{}}}",
-                vcpus.len(),
-                started.elapsed().as_millis()
-            )
+            serde_json::to_string(&status).unwrap_or_else(|e| format!("error: {e}"))
         }
     }
 }
@@ -94,7 +70,7 @@ pub fn serve(stream: UnixStream, control: &Control, vcpus: &[VcpuHandle], starte
     let reader = stream.try_clone();
     let Ok(reader) = reader else { return };
     let read = BufReader::new(reader.take(MAX_LINE as u64)).read_line(&mut line);
-    let answer = match (read, parse(&line)) {
+    let answer = match (read, Request::parse(&line)) {
         (Ok(_), Some(req)) => execute(req, control, vcpus, started),
         (Ok(_), None) => "error: unknown request".into(),
         (Err(_), _) => return,
@@ -108,20 +84,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requests_parse_and_execute() {
-        assert_eq!(parse("pause\n"), Some(Request::Pause));
-        assert_eq!(parse("status"), Some(Request::Status));
-        assert_eq!(parse("reboot\n"), None);
+    fn requests_execute() {
         let c = Control::new().expect("control");
         let t = Instant::now();
         assert_eq!(execute(Request::Resume, &c, &[], t), "error: not paused");
         assert_eq!(execute(Request::Pause, &c, &[], t), "ok");
-        assert!(
-            execute(Request::Status, &c, &[], t).starts_with("{\"state\":\"paused\",\"vcpus\":0")
-        );
+        let status: Status =
+            serde_json::from_str(&execute(Request::Status, &c, &[], t)).expect("status json");
+        assert_eq!((status.state, status.vcpus), (State::Paused, 0));
         assert_eq!(execute(Request::Resume, &c, &[], t), "ok");
         assert_eq!(execute(Request::Stop, &c, &[], t), "ok");
         assert_eq!(c.exit_reason(), Some(ExitReason::Requested));
+        let status: Status =
+            serde_json::from_str(&execute(Request::Status, &c, &[], t)).expect("status json");
+        assert_eq!(status.state, State::Stopping);
     }
 
     #[test]
@@ -132,7 +108,8 @@ mod tests {
         serve(a, &c, &[], Instant::now());
         let mut out = String::new();
         b.read_to_string(&mut out).expect("read");
-        assert!(out.starts_with("{\"state\":\"running\""));
+        assert!(out.starts_with("{\"state\":\"running\",\"vcpus\":0,\"uptime_ms\":"));
+        assert!(out.ends_with("}\n"));
         let (a, mut b) = UnixStream::pair().expect("pair");
         b.write_all(b"bogus\n").expect("write");
         serve(a, &c, &[], Instant::now());

@@ -6,7 +6,8 @@ pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod bus;
-pub mod config;
+/// The VM configuration and control-socket types (the `pangolin-vmm-config` crate).
+pub use pangolin_vmm_config as config;
 pub mod devices;
 pub mod lifecycle;
 pub mod memory;

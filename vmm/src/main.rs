@@ -2,14 +2,23 @@
 //! guest powers off (exit 0), the VMM fails (1), the config is bad (2), a `stop` request arrives
 //! (3), or SIGTERM/SIGINT (4).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::Parser;
 use pangolin_vmm::builder;
 use pangolin_vmm::config::VmConfig;
 
-fn usage() -> ExitCode {
-    eprintln!("usage: pangolin-vmm --config FILE | --config-json JSON");
-    ExitCode::from(2)
+/// Pangolin's built-in VMM: one KVM microVM per process.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The VM configuration, a JSON file.
+    #[arg(long, value_name = "FILE", required_unless_present = "config_json")]
+    config: Option<PathBuf>,
+    /// The VM configuration as a JSON string.
+    #[arg(long, value_name = "JSON", conflicts_with = "config")]
+    config_json: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -21,17 +30,18 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let json = match args.as_slice() {
-        [flag, path] if flag == "--config" => match std::fs::read_to_string(path) {
+    // clap exits with status 2 on bad arguments, the "bad configuration" status.
+    let args = Args::parse();
+    let json = match (args.config, args.config_json) {
+        (_, Some(json)) => json,
+        (Some(path), None) => match std::fs::read_to_string(&path) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("pangolin-vmm: reading {path}: {e}");
+                eprintln!("pangolin-vmm: reading {}: {e}", path.display());
                 return ExitCode::from(2);
             }
         },
-        [flag, json] if flag == "--config-json" => json.clone(),
-        _ => return usage(),
+        (None, None) => return ExitCode::from(2),
     };
     let config: VmConfig = match serde_json::from_str(&json) {
         Ok(c) => c,

@@ -15,6 +15,7 @@ use pangolin_vmm::devices::virtio::{
     ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
 };
 use pangolin_vmm::memory::GuestMemoryMmap;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
@@ -24,10 +25,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
 const FUSE_INIT: u32 = 26;
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
 const REQ_BUF: u64 = 0x40_0000;
 const REPLY_BUF: u64 = 0x41_0000;
+
+/// A descriptor flag of virtio-bindings (a u32) as the 16-bit `flags` field takes it.
+fn flag(bit: u32) -> u16 {
+    u16::try_from(bit).expect("descriptor flags are 16 bits")
+}
 
 struct Daemon {
     child: Child,
@@ -114,8 +118,13 @@ fn fuse_init_round_trip_through_virtiofsd() {
     let request = MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 1024);
     let len = fuse_init_request(&mem);
     let descs = [
-        RawDescriptor::from(Descriptor::new(REQ_BUF, len, VRING_DESC_F_NEXT, 1)),
-        RawDescriptor::from(Descriptor::new(REPLY_BUF, 4096, VRING_DESC_F_WRITE, 0)),
+        RawDescriptor::from(Descriptor::new(REQ_BUF, len, flag(VRING_DESC_F_NEXT), 1)),
+        RawDescriptor::from(Descriptor::new(
+            REPLY_BUF,
+            4096,
+            flag(VRING_DESC_F_WRITE),
+            0,
+        )),
     ];
     request.add_desc_chains(&descs, 0).expect("chain");
 

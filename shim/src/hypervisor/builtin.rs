@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pangolin_runtime_config::HypervisorKind;
-use pangolin_vmm::config::{FsConfig, NetConfig, VmConfig, VsockConfig};
+use pangolin_vmm_config::api::Request;
+use pangolin_vmm_config::{FsConfig, NetConfig, VmConfig, VsockConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use super::{Hypervisor, HypervisorError, Vm, VmSpec};
@@ -100,10 +101,11 @@ struct BuiltinVm {
 
 impl BuiltinVm {
     /// Sends one control request; returns the answer line.
-    async fn request(&self, line: &str) -> std::io::Result<String> {
+    async fn request(&self, request: Request) -> std::io::Result<String> {
         let exchange = async {
             let mut stream = tokio::net::UnixStream::connect(&self.api).await?;
-            stream.write_all(format!("{line}\n").as_bytes()).await?;
+            let line = format!("{}\n", request.as_str());
+            stream.write_all(line.as_bytes()).await?;
             let mut answer = String::new();
             BufReader::new(stream).read_line(&mut answer).await?;
             Ok::<_, std::io::Error>(answer.trim_end().to_string())
@@ -133,7 +135,7 @@ impl Vm for BuiltinVm {
             return;
         }
         tracing::debug!("VMM still running after guest power-off; asking it to stop");
-        if self.request("stop").await.is_ok()
+        if self.request(Request::Stop).await.is_ok()
             && tokio::time::timeout(Duration::from_millis(500), self.vmm.wait())
                 .await
                 .is_ok()

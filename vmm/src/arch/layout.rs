@@ -12,6 +12,9 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// Last usable GSI of the in-kernel IOAPIC.
 pub const IRQ_MAX: u32 = 23;
+// The configuration accepts one virtio device per interrupt line.
+const _: () =
+    assert!((IRQ_MAX - VIRTIO_IRQ_BASE + 1) as usize == crate::config::MAX_VIRTIO_DEVICES);
 /// IOAPIC MMIO base.
 pub const IOAPIC_ADDR: u64 = 0xFEC0_0000;
 /// Local APIC MMIO base.

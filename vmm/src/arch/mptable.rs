@@ -13,6 +13,8 @@ use crate::memory::GuestMemoryMmap;
 
 /// Most vCPUs the table (and the VMM) supports.
 pub const MAX_VCPUS: u8 = 16;
+// The configuration accepts what the table can describe.
+const _: () = assert!(MAX_VCPUS == crate::config::MAX_VCPUS);
 
 const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;

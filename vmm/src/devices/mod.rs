@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::builder::{Attach, BuildError};
-use crate::config::{parse_mac, VmConfig};
+use crate::config::VmConfig;
 use virtio::mmio::{queue_notify_offset, MmioTransport};
 use virtio::{Interrupt, VirtioDevice};
 
@@ -45,11 +45,7 @@ pub fn attach_all(attach: &mut Attach<'_>, config: &VmConfig) -> Result<(), Buil
         attach_virtio(attach, "blk", dev)?;
     }
     for net in &config.net {
-        let mac =
-            parse_mac(&net.mac).ok_or(BuildError::Config(crate::config::ConfigError::Invalid {
-                field: "net.mac",
-                problem: "must look like aa:bb:cc:dd:ee:ff",
-            }))?;
+        let mac = net.mac_bytes()?;
         let tap = virtio::net::Tap::open(&net.tap).map_err(boxed("net"))?;
         let dev = virtio::net::Net::new(Box::new(tap), mac).map_err(boxed("net"))?;
         attach_virtio(attach, "net", dev)?;

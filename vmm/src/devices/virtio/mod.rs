@@ -12,42 +12,34 @@
 //! through [`Interrupt`]: set a bit in the interrupt status register, then signal the irqfd.
 
 pub mod blk;
+pub mod chain;
 pub mod fs;
+mod guest_errors;
 pub mod mmio;
 pub mod net;
 pub mod rng;
 pub mod single_queue;
+#[cfg(test)]
+pub mod test_utils;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+pub use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use self::guest_errors::{GuestErrors, LOG_EVERY, LOG_FIRST};
 use crate::memory::GuestMemoryMmap;
 
-/// Virtio device ids (virtio 1.2 section 5).
-pub mod device_type {
-    /// Network card.
-    pub const NET: u32 = 1;
-    /// Block device.
-    pub const BLOCK: u32 = 2;
-    /// Entropy source.
-    pub const RNG: u32 = 4;
-    /// Socket device.
-    pub const VSOCK: u32 = 19;
-    /// File system device.
-    pub const FS: u32 = 26;
+/// The feature mask of virtio feature bit `bit` (virtio-bindings gives bit numbers).
+pub const fn feature(bit: u32) -> u64 {
+    1 << bit
 }
 
-/// Feature bit every modern device must offer (virtio 1.x, no legacy interface).
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-
-/// `InterruptStatus` bit: a used buffer was added to a queue.
-pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
-/// `InterruptStatus` bit: the device configuration changed.
-pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
+/// Feature every modern device must offer (virtio 1.x, no legacy interface).
+pub const VIRTIO_F_VERSION_1: u64 = feature(virtio_bindings::virtio_config::VIRTIO_F_VERSION_1);
 
 /// A device could not be activated.
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +121,7 @@ pub struct ActivateContext {
 /// One virtio device, driven by a transport. Implementations also implement
 /// `event_manager::MutEventSubscriber` to process their queues on the event-loop thread.
 pub trait VirtioDevice: Send {
-    /// The virtio device id ([`device_type`]).
+    /// The virtio device id (`virtio_bindings::virtio_ids`).
     fn device_type(&self) -> u32;
     /// Maximum size of each queue; its length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];

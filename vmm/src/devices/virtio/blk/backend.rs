@@ -6,7 +6,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
 /// Length of the identification string `GET_ID` returns.
-pub const ID_BYTES: usize = 20;
+pub const ID_BYTES: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
 
 /// Positioned I/O on a fixed-size disk image.
 pub trait DiskBackend: Send {
@@ -82,55 +82,6 @@ impl DiskBackend for FileDisk {
 
     fn id(&self) -> [u8; ID_BYTES] {
         self.id
-    }
-}
-
-/// An in-memory disk for tests, with a switch to make every I/O fail.
-#[cfg(test)]
-#[derive(Debug, Default)]
-pub struct MemDisk {
-    /// The image.
-    pub data: Vec<u8>,
-    /// Number of flushes served.
-    pub flushes: usize,
-    /// Every operation fails while set.
-    pub fail: bool,
-}
-
-#[cfg(test)]
-impl MemDisk {
-    fn check(&self, offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
-        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
-        let end = start.checked_add(len).filter(|&e| e <= self.data.len());
-        match end {
-            Some(end) if !self.fail => Ok(start..end),
-            _ => Err(io::ErrorKind::UnexpectedEof.into()),
-        }
-    }
-}
-
-#[cfg(test)]
-impl DiskBackend for MemDisk {
-    fn size(&self) -> u64 {
-        u64::try_from(self.data.len()).unwrap_or(0)
-    }
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let range = self.check(offset, buf.len())?;
-        buf.copy_from_slice(&self.data[range]);
-        Ok(())
-    }
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let range = self.check(offset, buf.len())?;
-        self.data[range].copy_from_slice(buf);
-        Ok(())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.check(0, 0)?;
-        self.flushes += 1;
-        Ok(())
-    }
-    fn id(&self) -> [u8; ID_BYTES] {
-        *b"pangolin-test-disk\0\0"
     }
 }
 

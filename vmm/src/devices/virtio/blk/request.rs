@@ -4,59 +4,55 @@
 //! memory, then the data (device-readable for OUT, device-writable for IN and GET_ID), then one
 //! device-writable status byte. Virtio 1.x lets the driver split these across descriptors any way
 //! it likes, so the chain is treated as two byte streams: the readable part followed by the
-//! writable part. A chain we cannot safely answer (no status byte, memory outside the guest, a
-//! readable buffer after a writable one, a loop) is returned with length 0 and nothing written.
+//! writable part ([`chain::request`]: virtio-queue's `Reader` and `Writer`, the writable one
+//! split before its last byte, the status). A chain we cannot safely answer (no status byte,
+//! memory outside the guest, a readable buffer after a writable one, a loop) is returned with
+//! length 0 and nothing written.
 
-use std::io;
+use std::io::{self, Read, Write};
 
-use tracing::{debug, warn};
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_queue::{DescriptorChain, Reader, Writer};
 
-use super::backend::DiskBackend;
+use super::backend::{DiskBackend, ID_BYTES};
 use super::QUEUE_SIZE;
+use crate::devices::virtio::chain::{self, ChainError};
 use crate::memory::GuestMemoryMmap;
 
 /// Bytes per sector; capacity and `sector` are in these units.
 pub const SECTOR_SIZE: u64 = 512;
-const HEADER_LEN: u64 = 16;
-const ID_LEN: u64 = 20;
+/// `struct virtio_blk_outhdr`: type, ioprio, sector.
+const HEADER_LEN: usize = 16;
 
-/// Request types (virtio 1.2 section 5.2.6).
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
+// virtio-bindings makes every `#define` a u32; the status is one byte on the wire.
+const _: () = assert!(VIRTIO_BLK_S_OK < 0x100 && VIRTIO_BLK_S_IOERR < 0x100);
+const _: () = assert!(VIRTIO_BLK_S_UNSUPP < 0x100);
+/// Status values: their low byte (the assertions above say that is all of them).
+const S_OK: u8 = VIRTIO_BLK_S_OK.to_le_bytes()[0];
+const S_IOERR: u8 = VIRTIO_BLK_S_IOERR.to_le_bytes()[0];
+const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP.to_le_bytes()[0];
 
-/// Status values.
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
-
-/// A chain the device cannot answer at all.
+/// A chain the device cannot answer at all: it is returned with length 0, nothing written.
 #[derive(Debug, thiserror::Error)]
-pub enum ChainError {
-    /// The chain loops, exceeds the queue size or points past the table.
-    #[error("descriptor chain not terminated")]
-    Unterminated,
-    /// A buffer lies outside guest memory.
-    #[error("buffer outside guest memory")]
-    OutOfBounds,
-    /// A device-readable buffer follows a device-writable one.
-    #[error("readable buffer after writable one")]
-    Order,
+pub enum UnanswerableError {
+    /// The chain is malformed: a loop, a buffer outside guest memory, a readable buffer after a
+    /// writable one.
+    #[error("malformed descriptor chain")]
+    Chain(#[from] ChainError),
     /// No device-writable byte for the status.
     #[error("no status byte")]
     NoStatus,
     /// Writing the status byte failed.
     #[error("writing the status")]
-    Status(#[source] vm_memory::GuestMemoryError),
+    Status(#[source] io::Error),
 }
 
 /// Why a well-formed chain's request failed; reported to the driver in the status byte.
 #[derive(Debug, thiserror::Error)]
-enum RequestError {
+pub enum RequestError {
     /// The readable part is shorter than the header.
     #[error("short header")]
     Header,
@@ -80,7 +76,7 @@ enum RequestError {
     Io(#[source] io::Error),
     /// Guest memory access failed.
     #[error("guest memory")]
-    Memory(#[source] vm_memory::GuestMemoryError),
+    Memory(#[source] io::Error),
 }
 
 /// The fixed facts about the disk a request is checked against.
@@ -92,225 +88,119 @@ pub struct DiskInfo {
     pub read_only: bool,
 }
 
-/// A sequence of guest buffers seen as one byte stream.
-#[derive(Default)]
-struct Area {
-    segments: Vec<(GuestAddress, u64)>,
-    len: u64,
+/// How a request was answered.
+#[derive(Debug)]
+pub struct Answer {
+    /// Bytes written into the chain, data and status byte: the used length.
+    pub used: u32,
+    /// Why the request failed, if it did (the driver got IOERR or UNSUPP).
+    pub failure: Option<RequestError>,
 }
 
-impl Area {
-    fn push(&mut self, addr: GuestAddress, len: u32) {
-        self.segments.push((addr, u64::from(len)));
-        self.len += u64::from(len);
-    }
-
-    /// Calls `f(addr, len)` for each guest piece of the stream's bytes `[start, start + len)`.
-    fn for_each<E>(
-        &self,
-        start: u64,
-        len: u64,
-        mut f: impl FnMut(GuestAddress, u64) -> Result<(), E>,
-    ) -> Result<(), E> {
-        let end = start.saturating_add(len);
-        let mut seg_start = 0u64;
-        for &(addr, seg_len) in &self.segments {
-            let from = start.max(seg_start);
-            let to = end.min(seg_start + seg_len);
-            if from < to {
-                f(addr.unchecked_add(from - seg_start), to - from)?;
-            }
-            seg_start += seg_len;
-        }
-        Ok(())
-    }
-
-    /// The guest address of the stream's byte `offset`.
-    fn addr_at(&self, offset: u64) -> Option<GuestAddress> {
-        let mut found = None;
-        let _ = self.for_each(offset, 1, |addr, _| {
-            found = Some(addr);
-            Err(())
-        });
-        found
-    }
-
-    fn read(&self, mem: &GuestMemoryMmap, start: u64, buf: &mut [u8]) -> Result<(), RequestError> {
-        let mut done = 0usize;
-        let len = u64::try_from(buf.len()).map_err(|_| RequestError::Header)?;
-        self.for_each(start, len, |addr, n| {
-            let n = usize::try_from(n).map_err(|_| RequestError::Header)?;
-            let part = buf.get_mut(done..done + n).ok_or(RequestError::Header)?;
-            mem.read_slice(part, addr).map_err(RequestError::Memory)?;
-            done += n;
-            Ok(())
-        })
-    }
-}
-
-/// The chain split into its readable and writable streams, all in guest memory.
-struct Layout {
-    readable: Area,
-    writable: Area,
-}
-
-impl Layout {
-    fn parse(
-        mem: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> Result<Self, ChainError> {
-        let descs: Vec<Descriptor> = chain.take(usize::from(QUEUE_SIZE) + 1).collect();
-        if descs.len() > usize::from(QUEUE_SIZE) || descs.last().is_some_and(Descriptor::has_next) {
-            return Err(ChainError::Unterminated);
-        }
-        let mut layout = Layout {
-            readable: Area::default(),
-            writable: Area::default(),
-        };
-        for desc in &descs {
-            let len = usize::try_from(desc.len()).map_err(|_| ChainError::OutOfBounds)?;
-            if !GuestMemoryBackend::check_range(mem, desc.addr(), len) {
-                return Err(ChainError::OutOfBounds);
-            }
-            if desc.is_write_only() {
-                layout.writable.push(desc.addr(), desc.len());
-            } else if layout.writable.len > 0 {
-                return Err(ChainError::Order);
-            } else {
-                layout.readable.push(desc.addr(), desc.len());
-            }
-        }
-        if layout.writable.len == 0 {
-            return Err(ChainError::NoStatus);
-        }
-        Ok(layout)
-    }
-}
-
-/// Validates and serves one request; returns the bytes written to the writable part (the used
-/// length).
+/// Validates and serves one request.
 ///
 /// # Errors
-/// [`ChainError`] if the chain cannot be answered; nothing was written then.
+/// [`UnanswerableError`] if the chain cannot be answered; nothing was written then.
 pub fn handle<D: DiskBackend>(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
     disk: &mut D,
     info: DiskInfo,
     scratch: &mut [u8],
-) -> Result<u32, ChainError> {
-    let layout = Layout::parse(mem, chain)?;
+) -> Result<Answer, UnanswerableError> {
+    let (mut request, mut data_in) = chain::request(mem, chain, usize::from(QUEUE_SIZE))?;
     // The status is the last writable byte; everything writable before it is data.
-    let data_in = layout.writable.len - 1;
-    let status_addr = layout
-        .writable
-        .addr_at(data_in)
-        .ok_or(ChainError::NoStatus)?;
-    let (status, written) = match execute(mem, &layout, disk, info, scratch) {
-        Ok(written) => (S_OK, written),
-        Err(e) => {
-            match &e {
-                RequestError::Io(_) => warn!(error = %e, "virtio-blk: request failed"),
-                _ => debug!(error = %e, "virtio-blk: request refused"),
-            }
-            let status = match e {
-                RequestError::Unsupported(_) => S_UNSUPP,
-                _ => S_IOERR,
-            };
-            (status, 0)
-        }
+    let data_len = (data_in.available_bytes().checked_sub(1)).ok_or(UnanswerableError::NoStatus)?;
+    let mut status = (data_in.split_at(data_len)).map_err(|_| UnanswerableError::NoStatus)?;
+    let (code, written, failure) = match execute(&mut request, &mut data_in, disk, info, scratch) {
+        Ok(written) => (S_OK, written, None),
+        Err(e) if matches!(e, RequestError::Unsupported(_)) => (S_UNSUPP, 0, Some(e)),
+        Err(e) => (S_IOERR, 0, Some(e)),
     };
-    mem.write_obj(status, status_addr)
-        .map_err(ChainError::Status)?;
-    // `written` never exceeds the writable length (a u32 sum of descriptor lengths).
-    Ok(u32::try_from(written + 1).unwrap_or(u32::MAX))
+    status
+        .write_all(&[code])
+        .map_err(UnanswerableError::Status)?;
+    // `written` is at most the writable length less one, and a chain holds under 4 GiB.
+    let used = u32::try_from(written + 1).unwrap_or(u32::MAX);
+    Ok(Answer { used, failure })
 }
 
-/// Carries out the request; returns data bytes written into the writable part.
+/// Carries out the request read from `request`; returns the data bytes written into `data_in`.
 fn execute<D: DiskBackend>(
-    mem: &GuestMemoryMmap,
-    layout: &Layout,
+    request: &mut Reader<'_>,
+    data_in: &mut Writer<'_>,
     disk: &mut D,
     info: DiskInfo,
     scratch: &mut [u8],
-) -> Result<u64, RequestError> {
-    let mut header = [0u8; 16];
-    if layout.readable.len < HEADER_LEN {
+) -> Result<usize, RequestError> {
+    if request.available_bytes() < HEADER_LEN {
         return Err(RequestError::Header);
     }
-    layout.readable.read(mem, 0, &mut header)?;
+    let mut header = [0u8; HEADER_LEN];
+    request
+        .read_exact(&mut header)
+        .map_err(RequestError::Memory)?;
     let (kind, sector) = parse_header(&header);
-    let data_out = layout.readable.len - HEADER_LEN;
-    let data_in = layout.writable.len - 1;
+    let out_len = request.available_bytes();
+    let in_len = data_in.available_bytes();
     match kind {
-        T_IN => {
-            if data_out != 0 {
+        VIRTIO_BLK_T_IN => {
+            if out_len != 0 {
                 return Err(RequestError::Direction);
             }
-            let mut offset = disk_offset(sector, data_in, info)?;
-            layout.writable.for_each(0, data_in, |addr, len| {
-                for_chunks(addr, len, scratch, |addr, buf| {
-                    disk.read_at(buf, offset).map_err(RequestError::Io)?;
-                    offset += u64::try_from(buf.len()).map_err(|_| RequestError::Range)?;
-                    mem.write_slice(buf, addr).map_err(RequestError::Memory)
-                })
+            let mut offset = disk_offset(sector, in_len, info)?;
+            in_chunks(in_len, scratch, |buf| {
+                disk.read_at(buf, offset).map_err(RequestError::Io)?;
+                offset += u64::try_from(buf.len()).map_err(|_| RequestError::Range)?;
+                data_in.write_all(buf).map_err(RequestError::Memory)
             })?;
-            Ok(data_in)
+            Ok(in_len)
         }
-        T_OUT => {
-            if data_in != 0 {
+        VIRTIO_BLK_T_OUT => {
+            if in_len != 0 {
                 return Err(RequestError::Direction);
             }
             if info.read_only {
                 return Err(RequestError::ReadOnly);
             }
-            let mut offset = disk_offset(sector, data_out, info)?;
-            layout
-                .readable
-                .for_each(HEADER_LEN, data_out, |addr, len| {
-                    for_chunks(addr, len, scratch, |addr, buf| {
-                        mem.read_slice(buf, addr).map_err(RequestError::Memory)?;
-                        disk.write_at(buf, offset).map_err(RequestError::Io)?;
-                        offset += u64::try_from(buf.len()).map_err(|_| RequestError::Range)?;
-                        Ok(())
-                    })
-                })?;
+            let mut offset = disk_offset(sector, out_len, info)?;
+            in_chunks(out_len, scratch, |buf| {
+                request.read_exact(buf).map_err(RequestError::Memory)?;
+                disk.write_at(buf, offset).map_err(RequestError::Io)?;
+                offset += u64::try_from(buf.len()).map_err(|_| RequestError::Range)?;
+                Ok(())
+            })?;
             Ok(0)
         }
-        T_FLUSH => {
-            if data_in != 0 || data_out != 0 {
+        VIRTIO_BLK_T_FLUSH => {
+            if in_len != 0 || out_len != 0 {
                 return Err(RequestError::Direction);
             }
             disk.flush().map_err(RequestError::Io)?;
             Ok(0)
         }
-        T_GET_ID => {
-            if data_out != 0 {
+        VIRTIO_BLK_T_GET_ID => {
+            if out_len != 0 {
                 return Err(RequestError::Direction);
             }
             let id = disk.id();
-            let n = data_in.min(ID_LEN);
-            let mut done = 0usize;
-            layout.writable.for_each(0, n, |addr, len| {
-                let len = usize::try_from(len).map_err(|_| RequestError::Range)?;
-                let part = id.get(done..done + len).ok_or(RequestError::Range)?;
-                mem.write_slice(part, addr).map_err(RequestError::Memory)?;
-                done += len;
-                Ok(())
-            })?;
+            let n = in_len.min(ID_BYTES);
+            let part = id.get(..n).ok_or(RequestError::Range)?;
+            data_in.write_all(part).map_err(RequestError::Memory)?;
             Ok(n)
         }
         other => Err(RequestError::Unsupported(other)),
     }
 }
 
-fn parse_header(header: &[u8; 16]) -> (u32, u64) {
+fn parse_header(header: &[u8; HEADER_LEN]) -> (u32, u64) {
     let [t0, t1, t2, t3, _, _, _, _, s @ ..] = *header;
     (u32::from_le_bytes([t0, t1, t2, t3]), u64::from_le_bytes(s))
 }
 
 /// The byte offset of `sector`, if `len` bytes from there are whole sectors within the disk.
-fn disk_offset(sector: u64, len: u64, info: DiskInfo) -> Result<u64, RequestError> {
+fn disk_offset(sector: u64, len: usize, info: DiskInfo) -> Result<u64, RequestError> {
+    let len = u64::try_from(len).map_err(|_| RequestError::Range)?;
     if len % SECTOR_SIZE != 0 {
         return Err(RequestError::Unaligned);
     }
@@ -321,20 +211,18 @@ fn disk_offset(sector: u64, len: u64, info: DiskInfo) -> Result<u64, RequestErro
     sector.checked_mul(SECTOR_SIZE).ok_or(RequestError::Range)
 }
 
-/// Splits the guest piece `[addr, addr + len)` into scratch-sized chunks for `f`.
-fn for_chunks(
-    addr: GuestAddress,
-    len: u64,
+/// Hands `f` the first `len` bytes' worth of scratch-sized chunks, in order.
+fn in_chunks(
+    len: usize,
     scratch: &mut [u8],
-    mut f: impl FnMut(GuestAddress, &mut [u8]) -> Result<(), RequestError>,
+    mut f: impl FnMut(&mut [u8]) -> Result<(), RequestError>,
 ) -> Result<(), RequestError> {
-    let mut done = 0u64;
-    while done < len {
-        let n = usize::try_from(len - done).map_or(scratch.len(), |r| r.min(scratch.len()));
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(scratch.len());
         let buf = scratch.get_mut(..n).filter(|b| !b.is_empty());
-        let buf = buf.ok_or(RequestError::Range)?;
-        f(addr.unchecked_add(done), buf)?;
-        done += u64::try_from(n).map_err(|_| RequestError::Range)?;
+        f(buf.ok_or(RequestError::Range)?)?;
+        left -= n;
     }
     Ok(())
 }
@@ -342,13 +230,12 @@ fn for_chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::blk::backend::MemDisk;
-    use virtio_queue::desc::RawDescriptor;
+    use crate::devices::virtio::blk::test_utils::MemDisk;
+    use crate::devices::virtio::test_utils::{NEXT, WRITE as W};
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueT};
-
-    /// `VRING_DESC_F_WRITE`.
-    const W: u16 = 2;
+    use vm_memory::{Bytes, GuestAddress};
     const HDR: u64 = 0x10_0000;
     const DATA: u64 = 0x20_0000;
     const STATUS: u64 = 0x30_0000;
@@ -371,7 +258,7 @@ mod tests {
     /// in order), guest memory at DATA pre-filled with 0xaa and the status byte with 0xff.
     struct Run {
         mem: GuestMemoryMmap,
-        result: Result<u32, ChainError>,
+        result: Result<Answer, UnanswerableError>,
     }
 
     impl Run {
@@ -403,7 +290,11 @@ mod tests {
                     let desc = Descriptor::from(*raw);
                     let last = i + 1 == descs.len();
                     let next = u16::try_from(i + 1).expect("index");
-                    let flags = if last { desc.flags() } else { desc.flags() | 1 };
+                    let flags = if last {
+                        desc.flags()
+                    } else {
+                        desc.flags() | NEXT
+                    };
                     let next = if last { desc.next() } else { next };
                     RawDescriptor::from(Descriptor::new(desc.addr().0, desc.len(), flags, next))
                 })
@@ -431,10 +322,18 @@ mod tests {
             buf
         }
 
-        /// A well-formed chain answered with `status` and used length `len`.
+        /// The used length of a well-formed chain.
+        fn used(&self) -> Option<u32> {
+            self.result.as_ref().ok().map(|a| a.used)
+        }
+
+        /// A well-formed chain answered with `status` and used length `len`, its failure
+        /// reported unless the status is OK.
         fn answered(&self, status: u8, len: u32) {
-            assert_eq!(self.result.as_ref().ok(), Some(&len), "{:?}", self.result);
+            assert_eq!(self.used(), Some(len), "{:?}", self.result);
             assert_eq!(self.status(), status);
+            let failed = self.result.as_ref().is_ok_and(|a| a.failure.is_some());
+            assert_eq!(failed, status != S_OK, "{:?}", self.result);
         }
     }
 
@@ -450,7 +349,7 @@ mod tests {
     fn in_reads_sectors_across_descriptors_and_chunks() {
         let mut disk = fresh_disk();
         let descs = [header(), d(DATA, 512, W), d(DATA + 512, 1024, W), status()];
-        let run = Run::with(T_IN, 1, &descs, &mut disk, false, 200);
+        let run = Run::with(VIRTIO_BLK_T_IN, 1, &descs, &mut disk, false, 200);
         run.answered(S_OK, 1537);
         assert_eq!(run.data(1536), disk.data[512..2048]);
     }
@@ -459,7 +358,7 @@ mod tests {
     fn out_writes_sectors() {
         let mut disk = fresh_disk();
         let descs = [header(), d(DATA, 1024, 0), status()];
-        let run = Run::new(T_OUT, 6, &descs, &mut disk);
+        let run = Run::new(VIRTIO_BLK_T_OUT, 6, &descs, &mut disk);
         run.answered(S_OK, 1);
         assert!(disk.data[3072..].iter().all(|&b| b == 0xaa));
         assert_eq!(disk.data[3071], u8::try_from(3071 % 251).expect("byte"));
@@ -469,11 +368,16 @@ mod tests {
     fn any_framing_is_accepted() {
         // Header and data in one readable buffer; data and status in one writable buffer.
         let mut disk = fresh_disk();
-        let run = Run::new(T_OUT, 0, &[d(HDR, 16 + 512, 0), status()], &mut disk);
+        let run = Run::new(
+            VIRTIO_BLK_T_OUT,
+            0,
+            &[d(HDR, 16 + 512, 0), status()],
+            &mut disk,
+        );
         run.answered(S_OK, 1);
         let mut disk = fresh_disk();
-        let run = Run::new(T_IN, 0, &[header(), d(DATA, 513, W)], &mut disk);
-        assert_eq!(run.result.as_ref().ok(), Some(&513));
+        let run = Run::new(VIRTIO_BLK_T_IN, 0, &[header(), d(DATA, 513, W)], &mut disk);
+        assert_eq!(run.used(), Some(513));
         assert_eq!(run.data(513)[..512], disk.data[..512]);
         assert_eq!(run.data(513)[512], S_OK);
     }
@@ -483,7 +387,7 @@ mod tests {
         let mut disk = fresh_disk();
         let before = disk.data.clone();
         let descs = [header(), d(DATA, 512, 0), status()];
-        let run = Run::with(T_OUT, 0, &descs, &mut disk, true, 4096);
+        let run = Run::with(VIRTIO_BLK_T_OUT, 0, &descs, &mut disk, true, 4096);
         run.answered(S_IOERR, 1);
         assert_eq!(disk.data, before);
     }
@@ -491,17 +395,22 @@ mod tests {
     #[test]
     fn flush_and_get_id() {
         let mut disk = fresh_disk();
-        Run::new(T_FLUSH, 0, &[header(), status()], &mut disk).answered(S_OK, 1);
+        Run::new(VIRTIO_BLK_T_FLUSH, 0, &[header(), status()], &mut disk).answered(S_OK, 1);
         assert_eq!(disk.flushes, 1);
         let run = Run::new(
-            T_GET_ID,
+            VIRTIO_BLK_T_GET_ID,
             0,
             &[header(), d(DATA, 20, W), status()],
             &mut disk,
         );
         run.answered(S_OK, 21);
         assert_eq!(run.data(20), disk.id());
-        let run = Run::new(T_GET_ID, 0, &[header(), d(DATA, 4, W), status()], &mut disk);
+        let run = Run::new(
+            VIRTIO_BLK_T_GET_ID,
+            0,
+            &[header(), d(DATA, 4, W), status()],
+            &mut disk,
+        );
         run.answered(S_OK, 5);
         assert_eq!(run.data(5), b"pang\xaa");
     }
@@ -522,28 +431,56 @@ mod tests {
     #[test]
     fn bad_requests_get_ioerr_and_touch_nothing() {
         let cases: [(u32, u64, Vec<RawDescriptor>); 10] = [
-            (T_IN, 0, vec![header(), d(DATA, 100, W), status()]),
-            (T_IN, 7, vec![header(), d(DATA, 1024, W), status()]),
-            (T_IN, SECTORS, vec![header(), d(DATA, 512, W), status()]),
-            (T_IN, u64::MAX, vec![header(), d(DATA, 512, W), status()]),
             (
-                T_IN,
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![header(), d(DATA, 100, W), status()],
+            ),
+            (
+                VIRTIO_BLK_T_IN,
+                7,
+                vec![header(), d(DATA, 1024, W), status()],
+            ),
+            (
+                VIRTIO_BLK_T_IN,
+                SECTORS,
+                vec![header(), d(DATA, 512, W), status()],
+            ),
+            (
+                VIRTIO_BLK_T_IN,
+                u64::MAX,
+                vec![header(), d(DATA, 512, W), status()],
+            ),
+            (
+                VIRTIO_BLK_T_IN,
                 0,
                 vec![header(), d(DATA, 512, 0), d(DATA, 512, W), status()],
             ),
             (
-                T_OUT,
+                VIRTIO_BLK_T_OUT,
                 0,
                 vec![header(), d(DATA, 512, 0), d(DATA, 512, W), status()],
             ),
             (
-                T_OUT,
+                VIRTIO_BLK_T_OUT,
                 u64::MAX / 512,
                 vec![header(), d(DATA, 512, 0), status()],
             ),
-            (T_FLUSH, 0, vec![header(), d(DATA, 512, W), status()]),
-            (T_GET_ID, 0, vec![header(), d(DATA, 512, 0), status()]),
-            (T_IN, 0, vec![d(HDR, 8, 0), d(DATA, 512, W), status()]),
+            (
+                VIRTIO_BLK_T_FLUSH,
+                0,
+                vec![header(), d(DATA, 512, W), status()],
+            ),
+            (
+                VIRTIO_BLK_T_GET_ID,
+                0,
+                vec![header(), d(DATA, 512, 0), status()],
+            ),
+            (
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![d(HDR, 8, 0), d(DATA, 512, W), status()],
+            ),
         ];
         for (kind, sector, descs) in cases {
             let mut disk = fresh_disk();
@@ -562,8 +499,14 @@ mod tests {
             fail: true,
             ..fresh_disk()
         };
-        Run::new(T_IN, 0, &[header(), d(DATA, 512, W), status()], &mut disk).answered(S_IOERR, 1);
-        Run::new(T_FLUSH, 0, &[header(), status()], &mut disk).answered(S_IOERR, 1);
+        Run::new(
+            VIRTIO_BLK_T_IN,
+            0,
+            &[header(), d(DATA, 512, W), status()],
+            &mut disk,
+        )
+        .answered(S_IOERR, 1);
+        Run::new(VIRTIO_BLK_T_FLUSH, 0, &[header(), status()], &mut disk).answered(S_IOERR, 1);
     }
 
     #[test]
@@ -571,21 +514,22 @@ mod tests {
         let cases: [(Vec<RawDescriptor>, &str); 5] = [
             (vec![header(), d(DATA, 512, 0)], "NoStatus"),
             (vec![header(), d(STATUS, 0, W)], "NoStatus"),
-            (vec![header(), status(), d(DATA, 512, 0)], "Order"),
+            (vec![header(), status(), d(DATA, 512, 0)], "Chain(Order)"),
             (
                 vec![header(), d(0x3f_ff00, 0x200, W), status()],
-                "OutOfBounds",
+                "Chain(OutOfBounds(",
             ),
             (
                 vec![header(), d(u64::MAX - 8, 512, W), status()],
-                "OutOfBounds",
+                "Chain(OutOfBounds(",
             ),
         ];
         for (descs, expected) in cases {
             let mut disk = fresh_disk();
-            let run = Run::new(T_IN, 0, &descs, &mut disk);
+            let run = Run::new(VIRTIO_BLK_T_IN, 0, &descs, &mut disk);
             let err = run.result.as_ref().expect_err("chain must be refused");
-            assert_eq!(format!("{err:?}"), expected);
+            let err = format!("{err:?}");
+            assert!(err.starts_with(expected), "{err} is not {expected}");
             assert_eq!(run.status(), 0xff);
             assert_eq!(run.data(512), vec![0xaa; 512]);
         }
@@ -595,10 +539,25 @@ mod tests {
     fn loops_are_refused() {
         let mut disk = fresh_disk();
         let mut descs = vec![header(), d(DATA, 512, W), status()];
-        // The last descriptor points back at the first: the walk runs out at the queue size.
-        descs[2] = RawDescriptor::from(Descriptor::new(STATUS, 1, W | 1, 0));
-        let run = Run::new(T_IN, 0, &descs, &mut disk);
-        assert!(matches!(run.result, Err(ChainError::Unterminated)));
+        // The status descriptor points at itself: the walk runs out at the queue size.
+        descs[2] = RawDescriptor::from(Descriptor::new(STATUS, 1, W | NEXT, 2));
+        let run = Run::new(VIRTIO_BLK_T_IN, 0, &descs, &mut disk);
+        assert!(matches!(
+            run.result,
+            Err(UnanswerableError::Chain(ChainError::Unterminated {
+                descriptors: 256,
+                next: 2
+            }))
+        ));
+        assert_eq!(run.status(), 0xff);
+        assert_eq!(run.data(512), vec![0xaa; 512]);
+        // Back to the (readable) header: refused as soon as the walk comes back to it.
+        descs[2] = RawDescriptor::from(Descriptor::new(STATUS, 1, W | NEXT, 0));
+        let run = Run::new(VIRTIO_BLK_T_IN, 0, &descs, &mut disk);
+        assert!(matches!(
+            run.result,
+            Err(UnanswerableError::Chain(ChainError::Order))
+        ));
         assert_eq!(run.status(), 0xff);
     }
 }

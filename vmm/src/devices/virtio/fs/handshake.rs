@@ -10,18 +10,19 @@
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_ring;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::FsError;
-use crate::devices::virtio::VIRTIO_F_VERSION_1;
+use crate::devices::virtio::{feature, VIRTIO_F_VERSION_1};
 use crate::memory::GuestMemoryMmap;
 
-/// `VIRTIO_RING_F_INDIRECT_DESC`: the daemon walks indirect tables, the VMM never does.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// `VIRTIO_RING_F_INDIRECT_DESC`: indirect tables, walked by the daemon (the rings are its).
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = feature(virtio_ring::VIRTIO_RING_F_INDIRECT_DESC);
 /// `VIRTIO_RING_F_EVENT_IDX`: notification suppression handled by the daemon and the driver.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = feature(virtio_ring::VIRTIO_RING_F_EVENT_IDX);
 
 /// Virtio features passed through to the guest when the daemon offers them (the daemon owns the
 /// rings, so ring features are its business; nothing device-specific exists for virtio-fs here).

@@ -8,7 +8,9 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use super::regs;
 use super::state::{QueueConfig, StatusAction, Transport};
 use crate::bus::BusDevice;
-use crate::devices::virtio::{ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    feature, ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 use crate::memory::GuestMemoryMmap;
 
 /// Offset of `QueueNotify` in the window: register each queue's eventfd as an ioeventfd at
@@ -192,7 +194,7 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let event_idx = self.state.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let event_idx = self.state.driver_features & feature(VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut queues = Vec::with_capacity(self.state.queues.len());
         for (index, config) in self.state.queues.iter().enumerate() {
             match config.build(&self.mem, event_idx) {

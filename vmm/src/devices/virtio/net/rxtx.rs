@@ -4,14 +4,21 @@
 //! only once a chain is in hand, so when the guest has no buffers the frame simply stays queued in
 //! the tap (the kernel bounds and drops there) and the caller stops watching the tap until the
 //! guest kicks the rx queue. Transmit: each device-readable chain is one frame, header included,
-//! written to the tap in one go. Each pass handles at most one queue's worth of chains.
+//! copied into the device's transmit buffer and written to the tap in one go. Chains are checked
+//! whole and copied through virtio-queue's `Reader`/`Writer` ([`chain`]). Each pass handles at
+//! most one queue's worth of chains.
 
+use std::fmt::Display;
+use std::io::{Read, Write};
+use std::mem::offset_of;
+
+use virtio_bindings::virtio_net::virtio_net_hdr_v1;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestAddress;
 
-use super::chain::{self, ChainError};
 use super::tap::{TapBackend, VNET_HDR_LEN};
-use super::NetError;
+use super::{NetError, QUEUE_SIZE};
+use crate::devices::virtio::chain::{self, Limits};
+use crate::devices::virtio::GuestErrors;
 use crate::memory::GuestMemoryMmap;
 
 /// Largest frame a tx chain may carry: 64 KiB plus the vnet header.
@@ -19,7 +26,15 @@ pub const MAX_TX_LEN: usize = VNET_HDR_LEN + 65536;
 /// Size of the host buffer a frame is read into (the largest tap frame plus header).
 pub const RX_BUF_LEN: usize = VNET_HDR_LEN + 65535;
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
-const NUM_BUFFERS_OFFSET: usize = 10;
+const NUM_BUFFERS_OFFSET: usize = offset_of!(virtio_net_hdr_v1, num_buffers);
+/// A tx chain: one frame with its vnet header.
+const TX_LIMITS: Limits = Limits {
+    descriptors: QUEUE_SIZE as usize,
+    min_bytes: VNET_HDR_LEN,
+    max_bytes: MAX_TX_LEN,
+};
+/// An rx chain: any size (a frame that does not fit is dropped and the chain kept).
+const RX_LIMITS: Limits = Limits::descriptors(QUEUE_SIZE as usize);
 
 /// Device counters, for logs and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +48,7 @@ pub struct NetStats {
     /// Tx frames the tap refused.
     pub tx_dropped: u64,
     /// Malformed chains returned unused to the guest.
-    pub bad_chains: u64,
+    pub bad_chains: GuestErrors,
 }
 
 /// Why an rx pass ended.
@@ -48,6 +63,9 @@ pub enum RxOutcome {
 }
 
 /// One rx pass; returns why it ended and whether used entries were added.
+///
+/// # Errors
+/// [`NetError`] when the tap fails or the used ring cannot be written: the device stops.
 pub fn receive(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -57,12 +75,12 @@ pub fn receive(
 ) -> Result<(RxOutcome, bool), NetError> {
     let mut used = false;
     for _ in 0..queue.size() {
-        let Some(head) = queue.pop_descriptor_chain(mem).map(|c| c.head_index()) else {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
             return Ok((RxOutcome::NoBuffers, used));
         };
-        let table = GuestAddress(queue.desc_table());
-        let chain = match chain::walk(mem, table, queue.size(), head, true, usize::MAX) {
-            Ok(chain) => chain,
+        let head = chain.head_index();
+        let mut writer = match chain::writer(mem, chain, RX_LIMITS) {
+            Ok(writer) => writer,
             Err(e) => {
                 bad_chain(queue, mem, head, &e, stats)?;
                 used = true;
@@ -79,23 +97,23 @@ pub fn receive(
                 return Err(NetError::TapRead(e));
             }
         };
-        if len < VNET_HDR_LEN || len > chain.total {
+        let room = writer.available_bytes();
+        if len < VNET_HDR_LEN || len > room {
             // The chain stays available for the next frame.
             queue.go_to_previous_position();
             stats.rx_dropped += 1;
-            tracing::debug!(len, room = chain.total, "dropping a received frame");
+            tracing::debug!(len, room, "dropping a received frame");
             continue;
         }
-        let frame = &mut buf[..len];
+        // The tap never returns more than the buffer holds.
+        let frame = buf.get_mut(..len).ok_or(NetError::FrameSize)?;
         frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
-        let written = match chain::scatter(mem, &chain, frame) {
-            Ok(()) => u32::try_from(len).map_err(|_| NetError::FrameSize)?,
-            Err(e) => {
-                bad_chain(queue, mem, head, &e, stats)?;
-                used = true;
-                continue;
-            }
-        };
+        if let Err(e) = writer.write_all(frame) {
+            bad_chain(queue, mem, head, &e, stats)?;
+            used = true;
+            continue;
+        }
+        let written = u32::try_from(len).map_err(|_| NetError::FrameSize)?;
         queue
             .add_used(mem, head, written)
             .map_err(NetError::Queue)?;
@@ -105,65 +123,79 @@ pub fn receive(
     Ok((RxOutcome::Budget, used))
 }
 
-/// One tx pass; returns whether chains remain (budget exhausted) and whether used entries were
-/// added.
+/// One tx pass, each frame copied into `buf` (at least [`MAX_TX_LEN`] bytes); returns whether
+/// chains remain (budget exhausted) and whether used entries were added.
+///
+/// # Errors
+/// [`NetError`] when the used ring cannot be written: the device stops.
 pub fn transmit(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     tap: &mut dyn TapBackend,
+    buf: &mut [u8],
     stats: &mut NetStats,
 ) -> Result<(bool, bool), NetError> {
     let mut used = false;
     for _ in 0..queue.size() {
-        let Some(head) = queue.pop_descriptor_chain(mem).map(|c| c.head_index()) else {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
             return Ok((false, used));
         };
+        let head = chain.head_index();
         used = true;
-        let table = GuestAddress(queue.desc_table());
-        let frame = chain::walk(mem, table, queue.size(), head, false, MAX_TX_LEN)
-            .and_then(|c| chain::gather(mem, &c))
-            .and_then(|f| {
-                if f.len() < VNET_HDR_LEN {
-                    Err(ChainError::TooShort)
-                } else {
-                    Ok(f)
-                }
-            });
-        match frame {
-            Ok(frame) => {
-                match tap.write_frame(&frame) {
-                    Ok(_) => stats.tx_frames += 1,
-                    Err(e) => {
-                        stats.tx_dropped += 1;
-                        tracing::debug!(error = %e, "tap refused a frame");
-                    }
-                }
-                queue.add_used(mem, head, 0).map_err(NetError::Queue)?;
+        let mut reader = match chain::reader(mem, chain, TX_LIMITS) {
+            Ok(reader) => reader,
+            Err(e) => {
+                bad_chain(queue, mem, head, &e, stats)?;
+                continue;
             }
-            Err(e) => bad_chain(queue, mem, head, &e, stats)?,
+        };
+        // At most MAX_TX_LEN bytes (TX_LIMITS).
+        let frame = buf.get_mut(..reader.available_bytes());
+        let Some(frame) = frame else {
+            bad_chain(queue, mem, head, &"frame larger than the buffer", stats)?;
+            continue;
+        };
+        if let Err(e) = reader.read_exact(frame) {
+            bad_chain(queue, mem, head, &e, stats)?;
+            continue;
         }
+        match tap.write_frame(frame) {
+            Ok(_) => stats.tx_frames += 1,
+            Err(e) => {
+                stats.tx_dropped += 1;
+                tracing::debug!(error = %e, "tap refused a frame");
+            }
+        }
+        queue.add_used(mem, head, 0).map_err(NetError::Queue)?;
     }
     Ok((true, used))
 }
 
-/// Returns a malformed chain to the guest unused and counts it.
+/// Returns a malformed chain to the guest unused and counts it (logging only some).
 fn bad_chain(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     head: u16,
-    err: &ChainError,
+    err: &dyn Display,
     stats: &mut NetStats,
 ) -> Result<(), NetError> {
-    stats.bad_chains += 1;
-    tracing::warn!(error = %err, head, "virtio-net: malformed descriptor chain");
+    if stats.bad_chains.record() {
+        let count = stats.bad_chains.count();
+        tracing::warn!(error = %err, head, count, "virtio-net: malformed descriptor chain");
+    }
     queue.add_used(mem, head, 0).map_err(NetError::Queue)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::net::test_tap::{pair, Driver};
+    use crate::devices::virtio::net::test_utils::{pair, Driver};
     use vm_memory::Bytes;
+    use vm_memory::GuestAddress;
+
+    fn tx_buf() -> Vec<u8> {
+        vec![0u8; MAX_TX_LEN]
+    }
 
     fn frame(payload_len: usize) -> Vec<u8> {
         let mut f = vec![0u8; VNET_HDR_LEN];
@@ -185,7 +217,7 @@ mod tests {
         let (mut tap, host) = pair();
         let mut queue = guest.queue();
         let mut stats = NetStats::default();
-        let res = transmit(&mut queue, &mem, &mut tap, &mut stats).expect("tx");
+        let res = transmit(&mut queue, &mem, &mut tap, &mut tx_buf(), &mut stats).expect("tx");
         assert_eq!(res, (false, true));
         let mut got = vec![0u8; 200];
         let n = host.recv(&mut got).expect("frame on the tap");
@@ -193,6 +225,29 @@ mod tests {
         assert_eq!(guest.used_idx(&mem), 1);
         assert_eq!(guest.used(&mem, 0), (0, 0));
         assert_eq!(stats.tx_frames, 1);
+    }
+
+    #[test]
+    fn tx_frames_reuse_one_buffer() {
+        let mem = crate::memory::create(4).expect("memory");
+        let mut guest = Driver::new(&mem, 0x1_0000, 16);
+        mem.write_slice(&[1u8; 74], GuestAddress(0x10_0000))
+            .expect("w");
+        mem.write_slice(&[2u8; 20], GuestAddress(0x11_0000))
+            .expect("w");
+        guest.add(&[(0x10_0000, 74, false)]);
+        guest.add(&[(0x11_0000, 8, false), (0x11_0008, 12, false)]);
+        let (mut tap, host) = pair();
+        let mut queue = guest.queue();
+        let mut stats = NetStats::default();
+        let mut buf = tx_buf();
+        transmit(&mut queue, &mem, &mut tap, &mut buf, &mut stats).expect("tx");
+        let mut got = [0u8; 200];
+        assert_eq!(host.recv(&mut got).expect("first"), 74);
+        assert_eq!(got[..74], [1u8; 74]);
+        let n = host.recv(&mut got).expect("second");
+        assert_eq!(got[..n], [2u8; 20], "only the second frame's bytes");
+        assert_eq!(stats.tx_frames, 2);
     }
 
     #[test]
@@ -207,8 +262,8 @@ mod tests {
         let (mut tap, host) = pair();
         let mut queue = guest.queue();
         let mut stats = NetStats::default();
-        transmit(&mut queue, &mem, &mut tap, &mut stats).expect("tx");
-        assert_eq!(stats.bad_chains, 4);
+        transmit(&mut queue, &mem, &mut tap, &mut tx_buf(), &mut stats).expect("tx");
+        assert_eq!(stats.bad_chains.count(), 4);
         assert_eq!(stats.tx_frames, 0);
         assert_eq!(guest.used_idx(&mem), 4);
         let mut got = [0u8; 16];
@@ -274,7 +329,7 @@ mod tests {
         let mut buf = vec![0u8; RX_BUF_LEN];
         let res = receive(&mut queue, &mem, &mut tap, &mut buf, &mut stats).expect("rx");
         assert_eq!(res, (RxOutcome::NoBuffers, true));
-        assert_eq!(stats.bad_chains, 1);
+        assert_eq!(stats.bad_chains.count(), 1);
         assert_eq!(stats.rx_dropped, 1);
         assert_eq!(stats.rx_frames, 1);
         assert_eq!(guest.used(&mem, 0), (0, 0));

@@ -11,10 +11,14 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-/// Size of the vnet header on the tap and in every virtio-net buffer.
-pub const VNET_HDR_LEN: usize = 12;
+use virtio_bindings::virtio_net::virtio_net_hdr_v1;
+
+/// Size of the vnet header on the tap and in every virtio-net buffer (`virtio_net_hdr_v1`: 12).
+pub const VNET_HDR_LEN: usize = std::mem::size_of::<virtio_net_hdr_v1>();
 /// `IFNAMSIZ`: interface names are at most 15 bytes plus NUL.
 const IFNAMSIZ: usize = 16;
+// The configuration accepts the names the kernel does.
+const _: () = assert!(IFNAMSIZ - 1 == crate::config::MAX_TAP_NAME_LEN);
 
 /// Frames in and out of the host network.
 pub trait TapBackend: Send {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use event_manager::EventSet;
+use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
@@ -22,7 +23,7 @@ use super::muxer::Muxer;
 use super::packet::{read_tx, RxBuffer};
 use super::{VsockError, EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VSOCK_HOST_CID};
 use crate::devices::virtio::{
-    device_type, ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    ActivateContext, ActivateError, GuestErrors, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -53,6 +54,8 @@ pub struct Vsock {
     muxer: Muxer,
     tx_payload: Vec<u8>,
     rx_payload: Vec<u8>,
+    /// Malformed chains and failed packet writes.
+    guest_errors: GuestErrors,
 }
 
 impl Vsock {
@@ -86,6 +89,7 @@ impl Vsock {
             muxer: Muxer::new(guest_cid, uds_path, listener),
             tx_payload: Vec::new(),
             rx_payload: Vec::new(),
+            guest_errors: GuestErrors::default(),
         })
     }
 
@@ -179,7 +183,12 @@ impl Vsock {
             let head = chain.head_index();
             match read_tx(&active.mem, chain, &mut self.tx_payload) {
                 Ok(hdr) => self.muxer.on_guest_packet(&hdr, &self.tx_payload, reg, now),
-                Err(e) => tracing::debug!(error = %e, "vsock: dropping malformed tx chain"),
+                Err(e) => {
+                    if self.guest_errors.record() {
+                        let count = self.guest_errors.count();
+                        tracing::debug!(error = %e, count, "vsock: dropping malformed tx chain");
+                    }
+                }
             }
             if let Err(e) = queue.add_used(&active.mem, head, 0) {
                 tracing::warn!(error = %e, "vsock: tx used ring");
@@ -216,14 +225,19 @@ impl Vsock {
                         queue.go_to_previous_position();
                         return used;
                     };
-                    buf.write(&active.mem, &hdr, &self.rx_payload)
-                        .unwrap_or_else(|e| {
-                            tracing::warn!(error = %e, "vsock: writing an rx packet");
-                            0
-                        })
+                    buf.write(&hdr, &self.rx_payload).unwrap_or_else(|e| {
+                        if self.guest_errors.record() {
+                            let count = self.guest_errors.count();
+                            tracing::warn!(error = %e, count, "vsock: writing an rx packet");
+                        }
+                        0
+                    })
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "vsock: returning malformed rx chain");
+                    if self.guest_errors.record() {
+                        let count = self.guest_errors.count();
+                        tracing::debug!(error = %e, count, "vsock: returning malformed rx chain");
+                    }
                     0
                 }
             };
@@ -274,7 +288,7 @@ fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
 
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
-        device_type::VSOCK
+        VIRTIO_ID_VSOCK
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -332,8 +346,9 @@ impl VirtioDevice for Vsock {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::test_utils::{NEXT, WRITE};
     use crate::devices::virtio::vsock::packet::{op, Header, HDR_SIZE, TYPE_STREAM};
-    use crate::devices::virtio::vsock::test_utils::{TempDir, TestRegistry, F_NEXT, F_WRITE};
+    use crate::devices::virtio::vsock::test_utils::{TempDir, TestRegistry};
     use crate::devices::virtio::vsock::{VsockError, MAX_CONTROL_PACKETS};
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
@@ -397,7 +412,7 @@ mod tests {
             for _ in 0..n {
                 let idx = self.rx_next % QUEUE_SIZE;
                 let addr = RX_BASE + u64::from(idx) * SLOT;
-                let desc = SplitDescriptor::new(addr, RX_BUF, F_WRITE, 0);
+                let desc = SplitDescriptor::new(addr, RX_BUF, WRITE, 0);
                 self.rx
                     .add_desc_chains(&[RawDescriptor::from(desc)], idx)
                     .expect("rx");
@@ -431,7 +446,7 @@ mod tests {
                 .map(|(i, d)| {
                     let i = u16::try_from(i).expect("i");
                     let last = i + 1 == n;
-                    let flags = if last { d.flags() } else { d.flags() | F_NEXT };
+                    let flags = if last { d.flags() } else { d.flags() | NEXT };
                     let next = if last { 0 } else { start + i + 1 };
                     RawDescriptor::from(SplitDescriptor::new(d.addr().0, d.len(), flags, next))
                 })
@@ -643,7 +658,7 @@ mod tests {
         let mem = memory();
         let mut guest = Guest::new(&mem);
         let (mut dev, mut reg, _irq) = started(&dir, &guest);
-        let w = F_WRITE;
+        let w = WRITE;
         // tx: writable descriptor, too short, out of RAM, payload beyond the maximum.
         guest.send_chain(&[SplitDescriptor::new(TX_BASE, 64, w, 0)]);
         guest.send_chain(&[SplitDescriptor::new(TX_BASE, 20, 0, 0)]);
@@ -675,6 +690,7 @@ mod tests {
         assert_eq!(pkts.len(), 2);
         assert_eq!(pkts[0].2, 0, "bad rx chain used with length 0");
         assert_eq!(pkts[1].0.op, op::RST);
+        assert_eq!(dev.guest_errors.count(), 5, "four tx chains, one rx chain");
     }
 
     #[test]

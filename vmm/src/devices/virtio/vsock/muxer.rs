@@ -21,6 +21,7 @@ use super::event_handler::FdRegistry;
 use super::packet::{op, Header, SHUTDOWN_BOTH, TYPE_STREAM};
 use super::unix::{connect_nonblocking, guest_port_path, LineOutcome, PendingClient};
 use super::{CONN_BUF_SIZE, HOST_PORT_BASE, MAX_CONNECTIONS, MAX_CONTROL_PACKETS, VSOCK_HOST_CID};
+use crate::devices::virtio::GuestErrors;
 
 /// How long a host client may take to send `CONNECT` and the guest to answer it.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,6 +46,8 @@ pub struct Muxer {
     control: VecDeque<Header>,
     rx_ready: VecDeque<ConnKey>,
     next_port: u32,
+    /// Guest connections refused at the connection limit.
+    refused: GuestErrors,
 }
 
 impl Muxer {
@@ -61,6 +64,7 @@ impl Muxer {
             control: VecDeque::new(),
             rx_ready: VecDeque::new(),
             next_port: HOST_PORT_BASE,
+            refused: GuestErrors::default(),
         }
     }
 
@@ -302,7 +306,13 @@ impl Muxer {
     /// A guest `REQUEST` for a port nothing is connected to: try `<uds_path>_<port>`.
     fn guest_connect(&mut self, hdr: &Header, reg: &mut dyn FdRegistry) {
         if self.connection_count() >= MAX_CONNECTIONS {
-            tracing::warn!("vsock: connection limit reached, refusing guest connection");
+            if self.refused.record() {
+                let count = self.refused.count();
+                tracing::warn!(
+                    count,
+                    "vsock: connection limit reached, refusing guest connection"
+                );
+            }
             self.control.push_back(self.rst_reply(hdr));
             return;
         }

@@ -5,12 +5,16 @@
 //! The guest lays a packet over one descriptor chain: device-readable descriptors on the tx
 //! queue, device-writable ones on the rx queue. Drivers put the header and payload in one
 //! descriptor (Linux 6.2+) or in two; this parser accepts any split, header included, as long as
-//! the whole chain has the right direction, lies in guest RAM and is long enough.
+//! the whole chain has the right direction, lies in guest RAM and is long enough (checked by
+//! [`chain`](crate::devices::virtio::chain), read and written through virtio-queue's
+//! `Reader`/`Writer`).
 
-use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use std::io::{Read, Write};
+
+use virtio_queue::{DescriptorChain, Writer};
 
 use super::{MAX_PKT_PAYLOAD, QUEUE_SIZE};
+use crate::devices::virtio::chain::{self, ChainError, Limits};
 use crate::memory::GuestMemoryMmap;
 
 /// Size of the packet header.
@@ -110,197 +114,102 @@ impl Header {
     }
 }
 
+/// Chains on either queue: at most a queue's worth of descriptors, room for the header.
+const LIMITS: Limits = Limits {
+    descriptors: QUEUE_SIZE as usize,
+    min_bytes: HDR_SIZE,
+    max_bytes: usize::MAX,
+};
+
 /// A descriptor chain does not hold a valid packet.
 #[derive(Debug, thiserror::Error)]
 pub enum PacketError {
-    /// The chain is shorter than the header (plus payload, on tx).
-    #[error("descriptor chain too short")]
-    TooShort,
-    /// The chain has more descriptors than the queue.
-    #[error("descriptor chain too long")]
-    TooLong,
-    /// A descriptor is writable on tx or read-only on rx.
-    #[error("descriptor has the wrong direction")]
-    WrongDirection,
-    /// A descriptor points outside guest RAM.
-    #[error("descriptor outside guest memory")]
-    OutOfBounds,
+    /// The chain itself is malformed (direction, bounds, length, termination).
+    #[error("malformed descriptor chain")]
+    Chain(#[from] ChainError),
     /// The header's `len` exceeds [`MAX_PKT_PAYLOAD`].
     #[error("payload length {0} exceeds the maximum")]
     PayloadTooLong(u32),
+    /// The payload does not fit the chain: shorter than the header's `len` on tx, smaller than
+    /// the payload on rx.
+    #[error("payload longer than the descriptor chain")]
+    TooShort,
     /// Copying from or to guest memory failed.
     #[error("guest memory access")]
-    Memory(#[from] vm_memory::GuestMemoryError),
-}
-
-/// One validated descriptor: a range of guest RAM.
-#[derive(Clone, Copy, Debug)]
-struct Segment {
-    addr: GuestAddress,
-    len: usize,
-}
-
-/// Collects a chain's descriptors, all of the given direction and inside guest RAM.
-fn collect(
-    mem: &GuestMemoryMmap,
-    descs: impl Iterator<Item = Descriptor>,
-    writable: bool,
-) -> Result<(Vec<Segment>, usize), PacketError> {
-    let mut segs = Vec::new();
-    let mut total = 0usize;
-    for desc in descs {
-        if segs.len() >= usize::from(QUEUE_SIZE) {
-            return Err(PacketError::TooLong);
-        }
-        if desc.is_write_only() != writable {
-            return Err(PacketError::WrongDirection);
-        }
-        let len = usize::try_from(desc.len()).map_err(|_| PacketError::OutOfBounds)?;
-        if len > 0 && !mem.check_range(desc.addr(), len) {
-            return Err(PacketError::OutOfBounds);
-        }
-        total = total.checked_add(len).ok_or(PacketError::OutOfBounds)?;
-        segs.push(Segment {
-            addr: desc.addr(),
-            len,
-        });
-    }
-    Ok((segs, total))
-}
-
-/// Copies `out.len()` bytes starting `offset` bytes into the chain.
-fn gather(
-    mem: &GuestMemoryMmap,
-    segs: &[Segment],
-    mut offset: usize,
-    out: &mut [u8],
-) -> Result<(), PacketError> {
-    let mut done = 0;
-    for seg in segs {
-        if done == out.len() {
-            break;
-        }
-        if offset >= seg.len {
-            offset -= seg.len;
-            continue;
-        }
-        let n = (seg.len - offset).min(out.len() - done);
-        let addr = seg
-            .addr
-            .checked_add(u64::try_from(offset).map_err(|_| PacketError::OutOfBounds)?)
-            .ok_or(PacketError::OutOfBounds)?;
-        mem.read_slice(&mut out[done..done + n], addr)?;
-        done += n;
-        offset = 0;
-    }
-    if done == out.len() {
-        Ok(())
-    } else {
-        Err(PacketError::TooShort)
-    }
-}
-
-/// Writes `data` starting `offset` bytes into the chain.
-fn scatter(
-    mem: &GuestMemoryMmap,
-    segs: &[Segment],
-    mut offset: usize,
-    data: &[u8],
-) -> Result<(), PacketError> {
-    let mut done = 0;
-    for seg in segs {
-        if done == data.len() {
-            break;
-        }
-        if offset >= seg.len {
-            offset -= seg.len;
-            continue;
-        }
-        let n = (seg.len - offset).min(data.len() - done);
-        let addr = seg
-            .addr
-            .checked_add(u64::try_from(offset).map_err(|_| PacketError::OutOfBounds)?)
-            .ok_or(PacketError::OutOfBounds)?;
-        mem.write_slice(&data[done..done + n], addr)?;
-        done += n;
-        offset = 0;
-    }
-    if done == data.len() {
-        Ok(())
-    } else {
-        Err(PacketError::TooShort)
-    }
+    Memory(#[source] std::io::Error),
 }
 
 /// Reads a guest packet from a tx chain: returns its header and copies an `OP_RW` payload into
 /// `payload` (cleared for other ops, whose payload is ignored).
+///
+/// # Errors
+/// [`PacketError`] when the chain is malformed or does not hold the packet its header announces.
 pub fn read_tx(
     mem: &GuestMemoryMmap,
-    descs: impl Iterator<Item = Descriptor>,
+    chain: DescriptorChain<&GuestMemoryMmap>,
     payload: &mut Vec<u8>,
 ) -> Result<Header, PacketError> {
     payload.clear();
-    let (segs, total) = collect(mem, descs, false)?;
-    if total < HDR_SIZE {
-        return Err(PacketError::TooShort);
-    }
+    let mut reader = chain::reader(mem, chain, LIMITS)?;
     let mut raw = [0u8; HDR_SIZE];
-    gather(mem, &segs, 0, &mut raw)?;
+    reader.read_exact(&mut raw).map_err(PacketError::Memory)?;
     let hdr = Header::from_bytes(&raw);
     if hdr.len > MAX_PKT_PAYLOAD {
         return Err(PacketError::PayloadTooLong(hdr.len));
     }
     if hdr.op == op::RW && hdr.len > 0 {
         let len = usize::try_from(hdr.len).map_err(|_| PacketError::PayloadTooLong(hdr.len))?;
-        if total - HDR_SIZE < len {
+        if reader.available_bytes() < len {
             return Err(PacketError::TooShort);
         }
         payload.resize(len, 0);
-        gather(mem, &segs, HDR_SIZE, payload)?;
+        reader.read_exact(payload).map_err(PacketError::Memory)?;
     }
     Ok(hdr)
 }
 
 /// A validated rx chain, ready to receive one packet.
-#[derive(Debug)]
-pub struct RxBuffer {
-    segs: Vec<Segment>,
-    total: usize,
+pub struct RxBuffer<'a> {
+    writer: Writer<'a>,
 }
 
-impl RxBuffer {
+impl<'a> RxBuffer<'a> {
     /// Validates an rx chain: all writable, inside guest RAM, room for at least the header.
+    ///
+    /// # Errors
+    /// [`PacketError::Chain`] naming what is wrong with the chain.
     pub fn parse(
-        mem: &GuestMemoryMmap,
-        descs: impl Iterator<Item = Descriptor>,
+        mem: &'a GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
     ) -> Result<Self, PacketError> {
-        let (segs, total) = collect(mem, descs, true)?;
-        if total < HDR_SIZE {
-            return Err(PacketError::TooShort);
-        }
-        Ok(Self { segs, total })
+        let writer = chain::writer(mem, chain, LIMITS)?;
+        Ok(Self { writer })
     }
 
     /// Most payload bytes this buffer takes.
     pub fn payload_capacity(&self) -> usize {
         let max = usize::try_from(MAX_PKT_PAYLOAD).unwrap_or(usize::MAX);
-        (self.total - HDR_SIZE).min(max)
+        // `parse` made sure the header fits.
+        (self.writer.available_bytes().saturating_sub(HDR_SIZE)).min(max)
     }
 
     /// Writes `hdr` (its `len` set from `payload`) and `payload`; returns the used length.
-    pub fn write(
-        &self,
-        mem: &GuestMemoryMmap,
-        hdr: &Header,
-        payload: &[u8],
-    ) -> Result<u32, PacketError> {
-        let len = u32::try_from(payload.len()).map_err(|_| PacketError::TooShort)?;
+    ///
+    /// # Errors
+    /// [`PacketError::TooShort`] when `payload` exceeds [`Self::payload_capacity`] (nothing is
+    /// written then); [`PacketError::Memory`] when guest memory cannot be written.
+    pub fn write(mut self, hdr: &Header, payload: &[u8]) -> Result<u32, PacketError> {
         if payload.len() > self.payload_capacity() {
             return Err(PacketError::TooShort);
         }
+        let len = u32::try_from(payload.len()).map_err(|_| PacketError::TooShort)?;
         let hdr = Header { len, ..*hdr };
-        scatter(mem, &self.segs, 0, &hdr.to_bytes())?;
-        scatter(mem, &self.segs, HDR_SIZE, payload)?;
+        self.writer
+            .write_all(&hdr.to_bytes())
+            .map_err(PacketError::Memory)?;
+        self.writer
+            .write_all(payload)
+            .map_err(PacketError::Memory)?;
         // `len` is at most MAX_PKT_PAYLOAD: no overflow.
         Ok(len + HDR_SIZE_U32)
     }
@@ -309,14 +218,24 @@ impl RxBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::vsock::test_utils::{F_NEXT, F_WRITE as W};
+    use crate::devices::virtio::test_utils::{chain_at, linked, raw, INDIRECT, NEXT, WRITE as W};
+    use virtio_queue::mock::{DescriptorTable, MockSplitQueue};
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// Where the test queue lives, clear of the buffers.
+    const QUEUE_AT: u64 = 0x8_0000;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem")
     }
 
-    fn desc(addr: u64, len: u32, flags: u16) -> Descriptor {
-        Descriptor::new(addr, len, flags | F_NEXT, 0)
+    /// The chain of `(addr, len, flags)` buffers, as the device pops it.
+    fn chain<'a>(
+        m: &'a GuestMemoryMmap,
+        bufs: &[(u64, u32, u16)],
+    ) -> DescriptorChain<&'a GuestMemoryMmap> {
+        let q = MockSplitQueue::create(m, GuestAddress(QUEUE_AT), QUEUE_SIZE);
+        chain_at(m, &q, &linked(0, bufs))
     }
 
     fn sample() -> Header {
@@ -351,7 +270,7 @@ mod tests {
         m.write_slice(b"hello", GuestAddress(0x1000 + 44))
             .expect("w");
         let mut payload = Vec::new();
-        let got = read_tx(&m, [desc(0x1000, 49, 0)].into_iter(), &mut payload).expect("one");
+        let got = read_tx(&m, chain(&m, &[(0x1000, 49, 0)]), &mut payload).expect("one");
         assert_eq!((got, payload.as_slice()), (h, &b"hello"[..]));
         // Header split over two descriptors, payload in a third.
         m.write_slice(&h.to_bytes()[..10], GuestAddress(0x2000))
@@ -359,12 +278,8 @@ mod tests {
         m.write_slice(&h.to_bytes()[10..], GuestAddress(0x3000))
             .expect("w");
         m.write_slice(b"hello", GuestAddress(0x4000)).expect("w");
-        let descs = [
-            desc(0x2000, 10, 0),
-            desc(0x3000, 34, 0),
-            desc(0x4000, 64, 0),
-        ];
-        let got = read_tx(&m, descs.into_iter(), &mut payload).expect("split");
+        let descs = [(0x2000, 10, 0), (0x3000, 34, 0), (0x4000, 64, 0)];
+        let got = read_tx(&m, chain(&m, &descs), &mut payload).expect("split");
         assert_eq!((got, payload.as_slice()), (h, &b"hello"[..]));
     }
 
@@ -372,16 +287,38 @@ mod tests {
     fn tx_rejects_short_long_out_of_bounds_and_writable_chains() {
         let m = mem();
         let mut p = Vec::new();
-        let short = read_tx(&m, [desc(0x1000, 43, 0)].into_iter(), &mut p);
-        assert!(matches!(short, Err(PacketError::TooShort)), "{short:?}");
-        let empty = read_tx(&m, std::iter::empty(), &mut p);
-        assert!(matches!(empty, Err(PacketError::TooShort)));
-        let wrong = read_tx(&m, [desc(0x1000, 64, W)].into_iter(), &mut p);
-        assert!(matches!(wrong, Err(PacketError::WrongDirection)));
-        let oob = read_tx(&m, [desc(0xff_fff0, 64, 0)].into_iter(), &mut p);
-        assert!(matches!(oob, Err(PacketError::OutOfBounds)));
-        let huge = read_tx(&m, [desc(0x1000, u32::MAX, 0)].into_iter(), &mut p);
-        assert!(matches!(huge, Err(PacketError::OutOfBounds)));
+        let mut tx = |bufs: &[(u64, u32, u16)]| read_tx(&m, chain(&m, bufs), &mut p);
+        let short = tx(&[(0x1000, 43, 0)]);
+        assert!(
+            matches!(short, Err(PacketError::Chain(ChainError::TooShort(44)))),
+            "{short:?}"
+        );
+        let empty = tx(&[(0x1000, 0, 0)]);
+        assert!(matches!(
+            empty,
+            Err(PacketError::Chain(ChainError::TooShort(_)))
+        ));
+        let wrong = tx(&[(0x1000, 64, W)]);
+        assert!(matches!(
+            wrong,
+            Err(PacketError::Chain(ChainError::Direction))
+        ));
+        let oob = tx(&[(0xff_fff0, 64, 0)]);
+        assert!(matches!(
+            oob,
+            Err(PacketError::Chain(ChainError::OutOfBounds(_)))
+        ));
+        let huge = tx(&[(0x1000, u32::MAX, 0)]);
+        assert!(matches!(
+            huge,
+            Err(PacketError::Chain(ChainError::OutOfBounds(_)))
+        ));
+        // Payload descriptor out of bounds.
+        let oob = tx(&[(0x1000, 44, 0), (0x20_0000, 100, 0)]);
+        assert!(matches!(
+            oob,
+            Err(PacketError::Chain(ChainError::OutOfBounds(_)))
+        ));
         // len beyond the maximum payload.
         let h = Header {
             len: MAX_PKT_PAYLOAD + 1,
@@ -389,7 +326,7 @@ mod tests {
         };
         m.write_slice(&h.to_bytes(), GuestAddress(0x1000))
             .expect("w");
-        let big = read_tx(&m, [desc(0x1000, 0x2_0000, 0)].into_iter(), &mut p);
+        let big = read_tx(&m, chain(&m, &[(0x1000, 0x2_0000, 0)]), &mut p);
         assert!(
             matches!(big, Err(PacketError::PayloadTooLong(_))),
             "{big:?}"
@@ -401,24 +338,39 @@ mod tests {
         };
         m.write_slice(&h.to_bytes(), GuestAddress(0x1000))
             .expect("w");
-        let trunc = read_tx(
-            &m,
-            [desc(0x1000, 44, 0), desc(0x2000, 50, 0)].into_iter(),
-            &mut p,
-        );
+        let descs = [(0x1000, 44, 0), (0x2000, 50, 0)];
+        let trunc = read_tx(&m, chain(&m, &descs), &mut p);
         assert!(matches!(trunc, Err(PacketError::TooShort)));
-        // Payload descriptor out of bounds.
-        let oob = read_tx(
-            &m,
-            [desc(0x1000, 44, 0), desc(0x20_0000, 100, 0)].into_iter(),
-            &mut p,
+    }
+
+    #[test]
+    fn tx_rejects_loops_and_chains_longer_than_the_queue() {
+        let m = mem();
+        let mut p = Vec::new();
+        let q = MockSplitQueue::create(&m, GuestAddress(QUEUE_AT), QUEUE_SIZE);
+        let looped = [raw(0x1000, 44, NEXT, 1), raw(0x2000, 1, NEXT, 0)];
+        let err = read_tx(&m, chain_at(&m, &q, &looped), &mut p);
+        assert!(
+            matches!(
+                err,
+                Err(PacketError::Chain(ChainError::Unterminated {
+                    descriptors: 256,
+                    ..
+                }))
+            ),
+            "{err:?}"
         );
-        assert!(matches!(oob, Err(PacketError::OutOfBounds)));
-        // Too many descriptors.
-        let many = std::iter::repeat_n(desc(0x1000, 1, 0), 300);
+        // 300 descriptors through an indirect table.
+        let table = DescriptorTable::new(&m, GuestAddress(0x5_0000), 300);
+        for i in 0..300u16 {
+            let flags = if i == 299 { 0 } else { NEXT };
+            table.store(i, raw(0x1000, 1, flags, i + 1)).expect("store");
+        }
+        let head = [raw(0x5_0000, 300 * 16, INDIRECT, 0)];
+        let err = read_tx(&m, chain_at(&m, &q, &head), &mut p);
         assert!(matches!(
-            read_tx(&m, many, &mut p),
-            Err(PacketError::TooLong)
+            err,
+            Err(PacketError::Chain(ChainError::TooLong(256)))
         ));
     }
 
@@ -433,7 +385,7 @@ mod tests {
         m.write_slice(&h.to_bytes(), GuestAddress(0x1000))
             .expect("w");
         let mut p = vec![1, 2, 3];
-        let got = read_tx(&m, [desc(0x1000, 44, 0)].into_iter(), &mut p).expect("req");
+        let got = read_tx(&m, chain(&m, &[(0x1000, 44, 0)]), &mut p).expect("req");
         assert_eq!(got.op, op::REQUEST);
         assert!(p.is_empty());
     }
@@ -441,10 +393,10 @@ mod tests {
     #[test]
     fn rx_buffer_writes_header_and_payload_across_descriptors() {
         let m = mem();
-        let rx = RxBuffer::parse(&m, [desc(0x1000, 20, W), desc(0x2000, 100, W)].into_iter())
-            .expect("rx");
+        let bufs = [(0x1000, 20, W), (0x2000, 100, W)];
+        let rx = RxBuffer::parse(&m, chain(&m, &bufs)).expect("rx");
         assert_eq!(rx.payload_capacity(), 76);
-        let used = rx.write(&m, &sample(), b"abc").expect("write");
+        let used = rx.write(&sample(), b"abc").expect("write");
         assert_eq!(used, 47);
         let mut raw = [0u8; HDR_SIZE];
         m.read_slice(&mut raw[..20], GuestAddress(0x1000))
@@ -456,20 +408,39 @@ mod tests {
         m.read_slice(&mut data, GuestAddress(0x2000 + 24))
             .expect("r");
         assert_eq!(&data, b"abc");
-        assert!(rx.write(&m, &sample(), &[0u8; 77]).is_err());
+        // Too much payload: refused, nothing written.
+        m.write_slice(&[0xee; 20], GuestAddress(0x1000)).expect("w");
+        let rx = RxBuffer::parse(&m, chain(&m, &bufs)).expect("rx");
+        assert!(matches!(
+            rx.write(&sample(), &[0u8; 77]),
+            Err(PacketError::TooShort)
+        ));
+        let mut untouched = [0u8; 20];
+        m.read_slice(&mut untouched, GuestAddress(0x1000))
+            .expect("r");
+        assert_eq!(untouched, [0xee; 20]);
     }
 
     #[test]
     fn rx_rejects_read_only_short_and_out_of_bounds_chains() {
         let m = mem();
-        let ro = RxBuffer::parse(&m, [desc(0x1000, 100, 0)].into_iter());
-        assert!(matches!(ro, Err(PacketError::WrongDirection)));
-        let short = RxBuffer::parse(&m, [desc(0x1000, 40, W)].into_iter());
-        assert!(matches!(short, Err(PacketError::TooShort)));
-        let oob = RxBuffer::parse(
-            &m,
-            [desc(0x1000, 44, W), desc(0xff_ff00, 0x200, W)].into_iter(),
-        );
-        assert!(matches!(oob, Err(PacketError::OutOfBounds)));
+        let ro = RxBuffer::parse(&m, chain(&m, &[(0x1000, 100, 0)]));
+        assert!(matches!(ro, Err(PacketError::Chain(ChainError::Direction))));
+        let short = RxBuffer::parse(&m, chain(&m, &[(0x1000, 40, W)]));
+        assert!(matches!(
+            short,
+            Err(PacketError::Chain(ChainError::TooShort(44)))
+        ));
+        let oob = RxBuffer::parse(&m, chain(&m, &[(0x1000, 44, W), (0xff_ff00, 0x200, W)]));
+        assert!(matches!(
+            oob,
+            Err(PacketError::Chain(ChainError::OutOfBounds(_)))
+        ));
+        // A read-only descriptor after writable ones: refused (a Writer alone would skip it).
+        let mixed = RxBuffer::parse(&m, chain(&m, &[(0x1000, 44, W), (0x2000, 64, 0)]));
+        assert!(matches!(
+            mixed,
+            Err(PacketError::Chain(ChainError::Direction))
+        ));
     }
 }

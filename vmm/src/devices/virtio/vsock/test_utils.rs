@@ -8,11 +8,6 @@ use event_manager::EventSet;
 
 use super::event_handler::{FdRegistry, RegistryError};
 
-/// Descriptor flag: another descriptor follows (virtio 1.2 section 2.7.5).
-pub const F_NEXT: u16 = 1;
-/// Descriptor flag: device-writable.
-pub const F_WRITE: u16 = 2;
-
 /// A directory removed on drop.
 pub struct TempDir(PathBuf);
 

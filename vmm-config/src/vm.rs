@@ -4,9 +4,14 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::arch::layout::{IRQ_MAX, VIRTIO_IRQ_BASE};
-use crate::arch::mptable::MAX_VCPUS;
-
+/// Most vCPUs a VM may have (the VMM's MP table describes at most this many).
+pub const MAX_VCPUS: u8 = 16;
+/// Most virtio devices a VM may have: one interrupt line each (GSIs 5 to 23).
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// Longest virtio-fs tag (the size of the tag field in the device's configuration space).
+pub const MAX_FS_TAG_LEN: usize = 36;
+/// Longest tap interface name (`IFNAMSIZ` less the terminating NUL).
+pub const MAX_TAP_NAME_LEN: usize = 15;
 /// Smallest guest RAM accepted, in MiB.
 pub const MIN_MEMORY_MIB: u32 = 32;
 /// Largest guest RAM accepted, in MiB.
@@ -54,7 +59,7 @@ pub struct VmConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VsockConfig {
-    /// The guest's context id (3 or more).
+    /// The guest's context id, 3 to `u32::MAX - 1`.
     pub guest_cid: u64,
     /// The Unix socket to listen on.
     pub uds_path: PathBuf,
@@ -122,6 +127,16 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(out)
 }
 
+impl NetConfig {
+    /// The MAC address as bytes.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `net.mac` when it is not `aa:bb:cc:dd:ee:ff`.
+    pub fn mac_bytes(&self) -> Result<[u8; 6], ConfigError> {
+        parse_mac(&self.mac).ok_or(invalid("net.mac", "must look like aa:bb:cc:dd:ee:ff"))
+    }
+}
+
 impl VmConfig {
     /// Number of virtio-mmio devices this configuration asks for.
     pub fn virtio_device_count(&self) -> usize {
@@ -143,28 +158,26 @@ impl VmConfig {
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
             return Err(invalid("memory_mib", "must be 32 to 262144"));
         }
-        let slots = usize::try_from(IRQ_MAX - VIRTIO_IRQ_BASE + 1).unwrap_or(0);
-        if self.virtio_device_count() > slots {
+        if self.virtio_device_count() > MAX_VIRTIO_DEVICES {
             return Err(invalid(
                 "devices",
                 "more virtio devices than interrupt lines (19)",
             ));
         }
         if let Some(v) = &self.vsock {
-            if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX) {
-                return Err(invalid("vsock.guest_cid", "must be 3 to 4294967295"));
+            // 0-2 are the hypervisor, local and host; u32::MAX is VMADDR_CID_ANY.
+            if v.guest_cid < 3 || v.guest_cid >= u64::from(u32::MAX) {
+                return Err(invalid("vsock.guest_cid", "must be 3 to 4294967294"));
             }
         }
         for fs in &self.fs {
-            if fs.tag.is_empty() || fs.tag.len() > 36 {
+            if fs.tag.is_empty() || fs.tag.len() > MAX_FS_TAG_LEN {
                 return Err(invalid("fs.tag", "must be 1 to 36 bytes"));
             }
         }
         for net in &self.net {
-            if parse_mac(&net.mac).is_none() {
-                return Err(invalid("net.mac", "must look like aa:bb:cc:dd:ee:ff"));
-            }
-            if net.tap.is_empty() || net.tap.len() > 15 {
+            net.mac_bytes()?;
+            if net.tap.is_empty() || net.tap.len() > MAX_TAP_NAME_LEN {
                 return Err(invalid("net.tap", "must be 1 to 15 bytes"));
             }
         }
@@ -220,11 +233,48 @@ mod tests {
             uds_path: "/v".into(),
         });
         assert_eq!(field(VmConfig { vsock, ..base() }), "vsock.guest_cid");
+        let vsock = Some(VsockConfig {
+            guest_cid: u64::from(u32::MAX),
+            uds_path: "/v".into(),
+        });
+        assert_eq!(field(VmConfig { vsock, ..base() }), "vsock.guest_cid");
         let net = vec![NetConfig {
             tap: "tap0".into(),
             mac: "zz".into(),
         }];
         assert_eq!(field(VmConfig { net, ..base() }), "net.mac");
+        let net = vec![NetConfig {
+            tap: "sixteen-chars-xx".into(),
+            mac: "02:00:00:00:00:0a".into(),
+        }];
+        assert_eq!(field(VmConfig { net, ..base() }), "net.tap");
+        let fs = |tag: &str| {
+            vec![FsConfig {
+                socket: "/s".into(),
+                tag: tag.into(),
+            }]
+        };
+        assert_eq!(
+            field(VmConfig {
+                fs: fs(""),
+                ..base()
+            }),
+            "fs.tag"
+        );
+        assert_eq!(
+            field(VmConfig {
+                fs: fs(&"t".repeat(37)),
+                ..base()
+            }),
+            "fs.tag"
+        );
+        assert_eq!(
+            field(VmConfig {
+                fs: fs(&"t".repeat(36)),
+                ..base()
+            }),
+            "ok"
+        );
         let blk = vec![
             BlkConfig {
                 path: "/b".into(),

@@ -1,6 +1,7 @@
-//! A minimal vhost-user daemon for tests: accepts one connection, records every message (code,
-//! body, number of fds), answers the `GET_*` requests, keeps the call eventfds so a test can play
-//! the daemon signalling a used buffer, and hangs up on [`FakeBackend::finish`].
+//! Test helpers: a minimal vhost-user daemon ([`FakeBackend`]: accepts one connection, records
+//! every message (code, body, number of fds), answers the `GET_*` requests, keeps the call
+//! eventfds so a test can play the daemon signalling a used buffer, and hangs up on
+//! [`FakeBackend::finish`]), a device connected to it, and queues to activate it with.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -10,6 +11,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::GuestAddress;
+
+use super::handshake::{PROTOCOL_FEATURES_BIT, VIRTIO_RING_F_EVENT_IDX};
+use super::{VhostUserFs, QUEUE_SIZE};
+use crate::devices::virtio::VIRTIO_F_VERSION_1;
+use crate::memory::GuestMemoryMmap;
 
 /// vhost-user request codes the tests look at.
 pub mod req {
@@ -213,4 +223,28 @@ fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> Option<Vec<OwnedFd>> {
         }
     }
     Some(fds)
+}
+
+/// What the fake daemon offers unless a test says otherwise.
+pub const BACKEND_FEATURES: u64 =
+    VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES_BIT | VIRTIO_RING_F_EVENT_IDX;
+
+/// A device connected to a fresh fake daemon offering `features`, with 4 MiB of guest RAM.
+pub fn connect(features: u64) -> (VhostUserFs, FakeBackend, GuestMemoryMmap) {
+    let mem = crate::memory::create(4).expect("memory");
+    let backend = FakeBackend::start(features, 2);
+    let fs = VhostUserFs::new(backend.path(), "myfs", &mem).expect("connect");
+    (fs, backend, mem)
+}
+
+/// Both queues of the device, in `mem`.
+pub fn queues(mem: &GuestMemoryMmap) -> Vec<Queue> {
+    [0x10_0000u64, 0x20_0000]
+        .iter()
+        .map(|&base| {
+            MockSplitQueue::create(mem, GuestAddress(base), QUEUE_SIZE)
+                .create_queue::<Queue>()
+                .expect("queue")
+        })
+        .collect()
 }
