@@ -8,15 +8,17 @@ use std::path::Path;
 
 use pangolin_vmm::devices::virtio::net::{Tap, TapBackend, TapError};
 
-fn available() -> bool {
+mod common;
+
+/// Whether `test` can run: a tap needs `/dev/net/tun` and root (else the test fails, unless
+/// the skip is expected: [`common::cannot_run`]).
+fn available(test: &str) -> bool {
     if !Path::new("/dev/net/tun").exists() {
-        eprintln!("SKIPPED: /dev/net/tun does not exist on this machine");
-        return false;
+        return !common::cannot_run(test, "/dev/net/tun does not exist on this machine");
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: creating a tap interface needs root");
-        return false;
+        return !common::cannot_run(test, "creating a tap interface needs root");
     }
     true
 }
@@ -27,7 +29,7 @@ fn exists(name: &str) -> bool {
 
 #[test]
 fn tap_is_created_by_name_and_vanishes_on_drop() {
-    if !available() {
+    if !available("tap_is_created_by_name_and_vanishes_on_drop") {
         return;
     }
     let name = format!("pgtest{}", std::process::id() % 100_000);
@@ -70,7 +72,7 @@ fn open_raw(name: &str, flags: libc::c_int) -> OwnedFd {
 
 #[test]
 fn an_open_tap_descriptor_is_adopted_if_it_has_a_vnet_header() {
-    if !available() {
+    if !available("an_open_tap_descriptor_is_adopted_if_it_has_a_vnet_header") {
         return;
     }
     let name = format!("pgfd{}", std::process::id() % 100_000);

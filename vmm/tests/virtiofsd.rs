@@ -4,6 +4,8 @@
 //! call forwarding. Needs root (virtiofsd sandboxes itself in namespaces).
 #![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -103,8 +105,12 @@ fn wait_for_exit(daemon: &mut Daemon) -> std::process::ExitStatus {
 
 #[test]
 fn fuse_init_round_trip_through_virtiofsd() {
-    if !Path::new(VIRTIOFSD).exists() {
-        eprintln!("SKIPPED: {VIRTIOFSD} is not installed (Debian package qemu-system-common)");
+    if !Path::new(VIRTIOFSD).exists()
+        && common::cannot_run(
+            "fuse_init_round_trip_through_virtiofsd",
+            "virtiofsd is not installed (Debian package qemu-system-common)",
+        )
+    {
         return;
     }
     let (mut daemon, socket) = start_daemon("init");
@@ -179,8 +185,12 @@ fn fuse_init_round_trip_through_virtiofsd() {
 
 #[test]
 fn dead_daemon_is_noticed_by_the_event_loop() {
-    if !Path::new(VIRTIOFSD).exists() {
-        eprintln!("SKIPPED: {VIRTIOFSD} is not installed (Debian package qemu-system-common)");
+    if !Path::new(VIRTIOFSD).exists()
+        && common::cannot_run(
+            "dead_daemon_is_noticed_by_the_event_loop",
+            "virtiofsd is not installed (Debian package qemu-system-common)",
+        )
+    {
         return;
     }
     let (mut daemon, socket) = start_daemon("dead");
