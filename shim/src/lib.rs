@@ -1,5 +1,6 @@
-//! Pangolin's host side: hypervisor backends, the guest agent client, and sandbox lifecycle.
-//! Shared by the `pangolin` CLI and (later) `containerd-shim-pangolin-v2`. See DESIGN.md.
+//! Pangolin's host side: hypervisor backends, the guest agent client, sandbox lifecycle, pod
+//! networking and the containerd shim v2 (`shimv2`). Shared by `containerd-shim-pangolin-v2`
+//! and the `pangolin` CLI. See DESIGN.md.
 #![deny(missing_docs)]
 
 pub mod agent;
