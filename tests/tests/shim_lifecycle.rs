@@ -281,16 +281,17 @@ fn an_exec_that_leaves_a_child_holding_its_output_returns_when_it_exits() {
             })
             .await
             .expect("StartContainer");
+        // The child outlives any bound here: an ExecSync that waits for it never returns.
         let t = Instant::now();
-        let resp = cri
-            .runtime
-            .exec_sync(ExecSyncRequest {
-                container_id: id.clone(),
-                cmd: vec!["sh".into(), "-c".into(), "sleep 60 & echo out".into()],
-                timeout: 30,
-            })
+        let exec = cri.runtime.exec_sync(ExecSyncRequest {
+            container_id: id.clone(),
+            cmd: vec!["sh".into(), "-c".into(), "sleep 3600 & echo out".into()],
+            timeout: 30,
+        });
+        let resp = tokio::time::timeout(patience(Duration::from_secs(60)), exec)
             .await
             .expect("ExecSync returns although `sleep` holds the exec's stdout")
+            .expect("ExecSync")
             .into_inner();
         eprintln!("ExecSync returned after {:?}", t.elapsed());
         assert_eq!(String::from_utf8_lossy(&resp.stdout), "out\n");
