@@ -2,20 +2,7 @@
 //!
 //! Run with `HELPER_ARG` as argv[1] it is instead the single-threaded libcontainer helper.
 
-mod cgroup;
-mod clock;
-mod confinement;
-mod container;
-mod error;
-mod guest;
-mod helper;
-mod net;
-mod netlink;
-mod oom;
-mod reaper;
-mod sandbox;
-mod service;
-mod stdio;
+use pangolin_agent::{guest, helper};
 
 fn main() {
     let mut args = std::env::args().skip(1);

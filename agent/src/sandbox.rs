@@ -250,7 +250,10 @@ impl Sandbox {
 }
 
 /// Fills in what the guest decides: root, cgroupsPath. Returns the cgroupsPath.
-fn prepare_spec(spec: &mut Spec, id: &str, rootfs: &Path) -> Result<PathBuf, AgentError> {
+///
+/// # Errors
+/// [`AgentError::Invalid`] when the root or linux section cannot be built.
+pub fn prepare_spec(spec: &mut Spec, id: &str, rootfs: &Path) -> Result<PathBuf, AgentError> {
     let readonly = spec
         .root()
         .as_ref()

@@ -29,14 +29,22 @@ impl Service {
 
 type Ctx = TtrpcContext;
 
-fn u16_field(value: u32, field: &'static str) -> Result<u16, AgentError> {
+/// `value` as a u16 request field named `field`.
+///
+/// # Errors
+/// [`AgentError::Invalid`] above 65535.
+pub fn u16_field(value: u32, field: &'static str) -> Result<u16, AgentError> {
     u16::try_from(value).map_err(|_| AgentError::Invalid {
         field,
         reason: format!("{value} > 65535"),
     })
 }
 
-fn signal_field(value: u32) -> Result<i32, AgentError> {
+/// A signal number from the request.
+///
+/// # Errors
+/// [`AgentError::Invalid`] when it does not fit an `i32`.
+pub fn signal_field(value: u32) -> Result<i32, AgentError> {
     i32::try_from(value).map_err(|_| AgentError::Invalid {
         field: "signal",
         reason: format!("{value} too large"),

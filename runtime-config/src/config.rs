@@ -135,6 +135,8 @@ string_enum! {
 pub struct Config {
     /// How the microVM is booted.
     pub hypervisor: HypervisorConfig,
+    /// How the built-in VMM is confined.
+    pub jail: JailConfig,
     /// How container filesystems are shared into the guest.
     pub virtiofs: VirtiofsConfig,
     /// How the host reaches the guest agent.
@@ -182,6 +184,44 @@ impl Default for HypervisorConfig {
             qemu_path: PathBuf::from("/usr/bin/qemu-system-x86_64"),
             vmm_path: PathBuf::from("/usr/libexec/pangolin/pangolin-vmm"),
             accel: Accel::Auto,
+        }
+    }
+}
+
+/// How the built-in VMM is confined: its own mount, IPC and UTS namespaces whose filesystem is
+/// only its sandbox's socket directory, a non-root uid/gid, no capabilities, no_new_privs, and
+/// every host resource opened by the host side and passed in. Only this file can change it
+/// (no annotation or pod field can).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JailConfig {
+    /// The jail is the VMM's second wall after the microVM itself; off only for debugging.
+    pub enabled: bool,
+    /// A dedicated id no host account uses, so a compromised VMM owns nothing on the host.
+    pub uid: u32,
+    /// The jailed VMM's group, likewise dedicated.
+    pub gid: u32,
+    /// Bounds what a compromised VMM can hold open.
+    pub max_open_files: u64,
+    /// One uid/gid per VM instead of the shared `uid`/`gid`: jailed VMMs cannot even signal
+    /// each other.
+    pub per_vm_ids: bool,
+    /// First id of the per-VM range.
+    pub first_per_vm_id: u32,
+    /// Ids in the per-VM range (most VMs at once).
+    pub per_vm_id_count: u32,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            uid: 20_050,
+            gid: 20_050,
+            max_open_files: 1024,
+            per_vm_ids: false,
+            first_per_vm_id: 200_000,
+            per_vm_id_count: 65_536,
         }
     }
 }

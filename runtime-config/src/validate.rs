@@ -33,6 +33,17 @@ impl Config {
         absolute("hypervisor.qemu_path", &h.qemu_path)?;
         absolute("hypervisor.vmm_path", &h.vmm_path)?;
 
+        let j = &self.jail;
+        in_range("jail.uid", j.uid, 1..=u32::MAX - 1)?;
+        in_range("jail.gid", j.gid, 1..=u32::MAX - 1)?;
+        in_range("jail.max_open_files", j.max_open_files, 64..=1_048_576)?;
+        in_range("jail.first_per_vm_id", j.first_per_vm_id, 1..=u32::MAX - 1)?;
+        in_range(
+            "jail.per_vm_id_count",
+            j.per_vm_id_count,
+            1..=u32::MAX - j.first_per_vm_id,
+        )?;
+
         absolute("virtiofs.virtiofsd_path", &self.virtiofs.virtiofsd_path)?;
 
         let v = &self.vsock;

@@ -96,6 +96,19 @@ impl Daemon {
         log: &Path,
         netns: Option<&Path>,
     ) -> Result<Daemon, DaemonError> {
+        Self::spawn_with(name, program, args, log, netns, None)
+    }
+
+    /// As [`Daemon::spawn_in`], with `stdin` as the daemon's standard input (a Unix socket the
+    /// host then sends descriptors on), else /dev/null.
+    pub fn spawn_with(
+        name: &'static str,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+        netns: Option<&Path>,
+        stdin: Option<std::os::fd::OwnedFd>,
+    ) -> Result<Daemon, DaemonError> {
         let ns = match netns {
             Some(path) => Some(
                 std::fs::File::open(path).map_err(|source| DaemonError::Spawn {
@@ -115,7 +128,7 @@ impl Daemon {
             .map_err(|e| DaemonError::Log(log.into(), e))?;
         let mut cmd = Command::new(program);
         cmd.args(args)
-            .stdin(Stdio::null())
+            .stdin(stdin.map_or_else(Stdio::null, Stdio::from))
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .kill_on_drop(true);

@@ -8,6 +8,7 @@ pub mod artifacts;
 pub mod daemon;
 pub mod host;
 pub mod hypervisor;
+pub mod jail_ids;
 pub mod network;
 pub mod sandbox;
 pub mod shimv2;

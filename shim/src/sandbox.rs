@@ -62,6 +62,9 @@ pub enum SandboxError {
     /// The pod network could not be wired.
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
+    /// No per-VM jail id could be taken.
+    #[error(transparent)]
+    JailId(#[from] crate::jail_ids::IdError),
     /// The boot was cancelled (the pod is being stopped); what it had started is gone.
     #[error("the boot was cancelled")]
     Cancelled,
@@ -114,6 +117,8 @@ struct Parts {
     virtiofsd: Option<Daemon>,
     vm: Option<Box<dyn Vm>>,
     network: Option<crate::network::PodNetwork>,
+    /// The VMM's own jail id, freed once the VMM is gone.
+    jail_id: Option<crate::jail_ids::JailId>,
     done: bool,
 }
 
@@ -129,6 +134,7 @@ impl Parts {
             fsd.stop(Duration::from_millis(500)).await;
         }
         remove_workdir(&self.workdir);
+        drop(self.jail_id.take());
         self.done = true;
     }
 }
@@ -266,15 +272,33 @@ impl Sandbox {
                 });
             }
         }
+        let mut jail_id = None;
         let backend: Box<dyn Hypervisor> = match kind {
             HypervisorKind::Qemu => Box::new(Qemu {
                 qemu_path: config.hypervisor.qemu_path.clone(),
                 vhost_vsock_path: config.vsock.vhost_device_vsock_path.clone(),
                 accel: hypervisor::qemu_accel(config.hypervisor.accel, &host)?,
             }),
-            HypervisorKind::Builtin => Box::new(Builtin {
-                vmm_path: config.hypervisor.vmm_path.clone(),
-            }),
+            HypervisorKind::Builtin => {
+                let j = &config.jail;
+                let (uid, gid) = if j.enabled && j.per_vm_ids {
+                    let dir = config.runtime.state_dir.join(".jail-ids");
+                    let held = crate::jail_ids::take(&dir, j.first_per_vm_id, j.per_vm_id_count)?;
+                    let id = held.id;
+                    jail_id = Some(held);
+                    (id, id)
+                } else {
+                    (j.uid, j.gid)
+                };
+                Box::new(Builtin {
+                    vmm_path: config.hypervisor.vmm_path.clone(),
+                    jail: j.enabled.then_some(hypervisor::jail::JailIds {
+                        uid,
+                        gid,
+                        max_open_files: j.max_open_files,
+                    }),
+                })
+            }
             // `resolve` never returns Auto: refuse rather than guess.
             other => {
                 return Err(HypervisorError::Unsupported {
@@ -305,6 +329,7 @@ impl Sandbox {
             virtiofsd: None,
             vm: None,
             network: None,
+            jail_id,
             done: false,
         };
         let cancel = options.cancel.clone().unwrap_or_default();

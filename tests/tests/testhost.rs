@@ -118,7 +118,7 @@ fn builtin_suites_in_test_host(suites: &[&str], leftovers: &str, clean: &str) ->
 #[test]
 fn builtin_vmm_passes_the_run_and_sandbox_suites_in_the_nested_test_host() {
     let passed = builtin_suites_in_test_host(
-        &["run", "sandbox"],
+        &["run", "sandbox", "jail"],
         "echo \"leftover-vmm=$(pgrep -c pangolin-vmm)\"",
         "leftover-vmm=0",
     );

@@ -4,7 +4,10 @@
 #![deny(missing_docs)]
 
 pub mod api;
+mod jail;
 mod vm;
+
+pub use jail::{InheritedFds, JailConfig, MIN_OPEN_FILES};
 
 pub use vm::{
     parse_mac, BlkConfig, ConfigError, FsConfig, NetConfig, VmConfig, VsockConfig, MAX_FS_TAG_LEN,

@@ -52,6 +52,12 @@ pub struct VmConfig {
     /// Whether to add a virtio-rng device.
     #[serde(default)]
     pub rng: bool,
+    /// Descriptors the host opened for the VMM; without them the VMM opens the paths itself.
+    #[serde(default)]
+    pub fds: Option<crate::jail::InheritedFds>,
+    /// The jail to enter before building the VM (requires `fds`).
+    #[serde(default)]
+    pub jail: Option<crate::jail::JailConfig>,
 }
 
 /// Hybrid vsock: host connections arrive on `uds_path`, guest connections to port P go to
@@ -109,7 +115,7 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(field: &'static str, problem: &'static str) -> ConfigError {
+pub(crate) fn invalid(field: &'static str, problem: &'static str) -> ConfigError {
     ConfigError::Invalid { field, problem }
 }
 
@@ -181,7 +187,7 @@ impl VmConfig {
                 return Err(invalid("net.tap", "must be 1 to 15 bytes"));
             }
         }
-        Ok(())
+        crate::jail::validate(self)
     }
 }
 
@@ -203,6 +209,8 @@ mod tests {
             net: vec![],
             blk: vec![],
             rng: false,
+            fds: None,
+            jail: None,
         }
     }
 

@@ -1,8 +1,7 @@
 //! Assembles a VMM from a [`VmConfig`]: memory, KVM VM, devices, boot image, vCPU threads, and
 //! the event loop that runs until the guest or the host stops it.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::net::UnixListener;
+use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +17,7 @@ use crate::devices::legacy::serial::SerialConsole;
 use crate::devices::legacy::EventFdTrigger;
 use crate::lifecycle::{self, Lifecycle};
 use crate::memory::{self, GuestMemoryMmap};
+use crate::resources::Resources;
 use crate::vstate::control::{Control, ExitReason};
 use crate::vstate::vcpu::{self, VcpuHandle};
 use crate::vstate::vm::Vm;
@@ -31,17 +31,9 @@ pub enum BuildError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// A file the configuration names could not be opened.
-    #[error("{what} {path}")]
-    Open {
-        /// Which file.
-        what: &'static str,
-        /// Its path.
-        path: std::path::PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// A host resource could not be opened or adopted.
+    #[error(transparent)]
+    Resource(#[from] crate::resources::ResourceError),
     /// Guest memory.
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
@@ -96,14 +88,6 @@ pub struct Vmm {
     _vm: Vm,
 }
 
-fn open_err(
-    what: &'static str,
-    path: &std::path::Path,
-) -> impl FnOnce(std::io::Error) -> BuildError {
-    let path = path.to_path_buf();
-    move |source| BuildError::Open { what, path, source }
-}
-
 /// Devices being attached: the buses, the growing command line, the event loop.
 pub struct Attach<'a> {
     /// Guest memory.
@@ -120,37 +104,33 @@ pub struct Attach<'a> {
     pub next_slot: u32,
 }
 
-/// Builds and boots the VM described by `config`; vCPUs run when this returns.
+/// Builds and boots the VM described by `config` from its host `resources`; vCPUs run when
+/// this returns.
 ///
 /// # Errors
 /// [`BuildError`] naming what failed.
-pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
+pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError> {
     let started = Instant::now();
     config.validate()?;
     let signals = lifecycle::termination_signalfd()?;
     vcpu::install_kick_handler()?;
-    let mut kernel = File::open(&config.kernel).map_err(open_err("kernel", &config.kernel))?;
-    let mut initramfs = match &config.initramfs {
-        Some(p) => Some(File::open(p).map_err(open_err("initramfs", p))?),
-        None => None,
-    };
-    let console = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&config.console_log)
-        .map_err(open_err("console log", &config.console_log))?;
-    let api = match &config.api_socket {
-        Some(p) => {
-            let l = UnixListener::bind(p).map_err(open_err("control socket", p))?;
-            l.set_nonblocking(true)
-                .map_err(open_err("control socket", p))?;
-            Some(l)
-        }
-        None => None,
-    };
+    let Resources {
+        kvm,
+        mut kernel,
+        mut initramfs,
+        console,
+        api,
+        vsock,
+        taps,
+        disks,
+    } = resources;
+    if let Some(l) = &api {
+        l.set_nonblocking(true)
+            .map_err(|e| BuildError::Event("control socket", e))?;
+    }
 
     let mem = memory::create(u64::from(config.memory_mib))?;
-    let vm = Vm::new(&mem)?;
+    let vm = Vm::with_kvm(kvm, &mem)?;
     let mut events: EventManager<Subscriber> =
         EventManager::new().map_err(BuildError::EventLoop)?;
     let control = Arc::new(Control::new()?);
@@ -186,7 +166,8 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         events: &mut events,
         next_slot: 0,
     };
-    crate::devices::attach_all(&mut attach, config)?;
+    let host = crate::devices::HostSide { vsock, taps, disks };
+    crate::devices::attach_all(&mut attach, config, host)?;
 
     let entry = boot::load(&mem, &mut kernel, initramfs.as_mut(), &cmdline)?;
     mptable::write(&mem, config.vcpus)?;

@@ -9,6 +9,8 @@ pub mod bus;
 /// The VM configuration and control-socket types (the `pangolin-vmm-config` crate).
 pub use pangolin_vmm_config as config;
 pub mod devices;
+pub mod jail;
 pub mod lifecycle;
 pub mod memory;
+pub mod resources;
 pub mod vstate;

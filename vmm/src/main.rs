@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use pangolin_vmm::builder;
 use pangolin_vmm::config::VmConfig;
+use pangolin_vmm::jail;
+use pangolin_vmm::resources::Resources;
 
 /// Pangolin's built-in VMM: one KVM microVM per process.
 #[derive(Debug, Parser)]
@@ -21,7 +23,22 @@ struct Args {
     config_json: Option<String>,
 }
 
+/// Closes every descriptor above stdio the VMM inherited: it keeps only what the host sends on
+/// stdin ([`Resources`]), so nothing else of its parent's leaks into it.
+fn close_inherited() {
+    // SAFETY: close_range(2) only closes descriptors; no Rust object owns any of them yet
+    // (main has not opened anything).
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if rc != 0 {
+        eprintln!(
+            "pangolin-vmm: close_range: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 fn main() -> ExitCode {
+    close_inherited();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -50,23 +67,50 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let vmm = match builder::build(&config) {
+    if let Err(e) = config.validate() {
+        eprintln!("pangolin-vmm: config: {e}");
+        return ExitCode::from(2);
+    }
+    // Everything the VMM needs on the host, opened (or adopted from the host side) before the
+    // jail closes the host's filesystem off.
+    let resources = match Resources::of(&config) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pangolin-vmm: {}", chain(&e));
+            return ExitCode::from(1);
+        }
+    };
+    match &config.jail {
+        Some(j) => {
+            if let Err(e) = jail::enter(j) {
+                eprintln!("pangolin-vmm: {}", chain(&e));
+                return ExitCode::from(1);
+            }
+        }
+        None => tracing::warn!("not jailed: the VMM keeps the privileges it was started with"),
+    }
+    let vmm = match builder::build(&config, resources) {
         Ok(v) => v,
         Err(builder::BuildError::Config(e)) => {
             eprintln!("pangolin-vmm: config: {e}");
             return ExitCode::from(2);
         }
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            eprintln!("pangolin-vmm: {msg}");
+            eprintln!("pangolin-vmm: {}", chain(&e));
             return ExitCode::from(1);
         }
     };
     let code = vmm.run().code();
     ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// An error with every source appended.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    msg
 }

@@ -1,4 +1,5 @@
-//! `cargo xtask <command>`: guest | test | demo | bench | install | ctr | testhost. See README.md.
+//! `cargo xtask <command>`: guest | test | fuzz | demo | bench | install | ctr | testhost. See
+//! README.md.
 
 mod bench;
 /// The e2e tests' private containerd, shared as source (xtask does not depend on the e2e crate).
@@ -7,6 +8,7 @@ mod bench;
 mod containerd;
 mod cpio;
 mod deps;
+mod fuzz;
 mod guest;
 mod install;
 mod testhost;
@@ -16,10 +18,14 @@ use std::process::{Command, ExitCode};
 
 use anyhow::Context;
 
-const USAGE: &str = "usage: cargo xtask <guest|test|demo|bench|install|ctr|testhost> [args]
+const USAGE: &str = "usage: cargo xtask <guest|test|fuzz|demo|bench|install|ctr|testhost> [args]
   guest   build target/guest/{vmlinux,initramfs.cpio.gz}, the test host's kernel and initramfs,
           and target/rootfs/busybox
-  test    install what is missing, build the guest, run every test (real VMs)
+  test    install what is missing, build the guest, run every test (real VMs), then every fuzz
+          target for 20 s
+  fuzz [--time S] [TARGET...]
+          run every fuzz target of fuzz/ (or the named ones) for S seconds each (default 60):
+          execs/s, execs, coverage at start and end, crashes
   demo    run a container in a microVM and show what happened and how long it took
   bench   time `pangolin run -- true` over repeated runs (median/min/max)
   install [--destdir DIR] [--debug]
@@ -80,11 +86,17 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         }
     }
     let status = child.wait()?;
+    // The guest-facing parsers' fuzz targets, briefly: a crash fails the run like a test.
+    let fuzzed = fuzz::run(fuzz::CI_SECONDS, &[]);
+    if let Err(e) = &fuzzed {
+        eprintln!("xtask: fuzzing: {e:#}");
+    }
+    // Last, so the run's closing line is the test summary.
     println!("{passed} passed, {failed} failed, {ignored} skipped");
     if !status.success() {
         anyhow::bail!("tests failed");
     }
-    Ok(())
+    fuzzed
 }
 
 /// The number before `label` in a cargo test summary ("ok. 14 passed; 0 failed; ...").
@@ -227,6 +239,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("guest") => deps::ensure().and_then(|()| build_guests().map(|_| ())),
         Some("test") => test(&args[1..]),
+        Some("fuzz") => fuzz::command(&args[1..]),
         Some("demo") => demo(),
         Some("install") => install::install(&args[1..]),
         Some("bench") => bench::bench(&args[1..]),

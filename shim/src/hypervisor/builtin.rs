@@ -22,6 +22,8 @@ const API_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct Builtin {
     /// The VMM binary.
     pub vmm_path: PathBuf,
+    /// The jail the VMM enters (None: not jailed, configuration.toml's `jail.enabled = false`).
+    pub jail: Option<super::jail::JailIds>,
 }
 
 /// The VMM configuration for `spec`, with the control socket at `api`.
@@ -56,6 +58,8 @@ pub fn vm_config(spec: &VmSpec, api: PathBuf) -> VmConfig {
             .collect(),
         blk: Vec::new(),
         rng: true,
+        fds: None,
+        jail: None,
     }
 }
 
@@ -74,7 +78,14 @@ impl Hypervisor for Builtin {
             });
         }
         let api = spec.workdir.join("vmm-api.sock");
-        let config = vm_config(spec, api.clone());
+        let mut config = vm_config(spec, api.clone());
+        let handoff = match self.jail {
+            Some(ids) => Some(super::jail::prepare(spec, &mut config, ids).await?),
+            None => {
+                tracing::warn!("jail.enabled = false: the VMM runs as root with every capability");
+                None
+            }
+        };
         let config_file = spec.workdir.join("vmm.json");
         let json = serde_json::to_vec_pretty(&config)
             .map_err(std::io::Error::other)
@@ -84,7 +95,24 @@ impl Hypervisor for Builtin {
         let args = vec!["--config".to_string(), config_file.display().to_string()];
         let log = spec.workdir.join("vmm.log");
         let netns = spec.net.as_ref().map(|n| n.netns.as_path());
-        let vmm = Daemon::spawn_in("pangolin-vmm", &self.vmm_path, &args, &log, netns)?;
+        let vmm = match handoff {
+            None => Daemon::spawn_in("pangolin-vmm", &self.vmm_path, &args, &log, netns)?,
+            Some(fds) => {
+                let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+                    .map_err(|e| HypervisorError::Io("the VMM's descriptor socket", e))?;
+                let vmm = Daemon::spawn_with(
+                    "pangolin-vmm",
+                    &self.vmm_path,
+                    &args,
+                    &log,
+                    netns,
+                    Some(theirs.into()),
+                )?;
+                super::jail::send(&ours, &fds)
+                    .map_err(|e| HypervisorError::Io("sending the VMM its descriptors", e))?;
+                vmm
+            }
+        };
         Ok(Box::new(BuiltinVm {
             vmm,
             api,

@@ -6,6 +6,7 @@
 //! PVM or absent KVM the built-in VMM cannot boot Linux in usable time.
 
 pub mod builtin;
+pub mod jail;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};

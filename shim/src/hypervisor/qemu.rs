@@ -31,6 +31,9 @@ pub struct Qemu {
     pub accel: Accel,
 }
 
+/// QEMU's `-sandbox` setting (Kata's choice): QEMU filters its own syscalls.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// Command-line arguments for QEMU booting `spec`.
 pub fn qemu_args(spec: &VmSpec, accel: Accel, vhost_vsock_socket: &Path) -> Vec<String> {
     let mem = format!("{}M", spec.memory_mib);
@@ -53,6 +56,10 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, vhost_vsock_socket: &Path) -> Vec<
         format!("memory-backend-memfd,id=mem,size={mem},share=on"),
         "-nodefaults".into(),
         "-no-user-config".into(),
+        // QEMU's own seccomp filter: no obsolete syscalls, no setuid/capset, no fork/exec, no
+        // scheduler or resource changes (QEMU needs none of them here).
+        "-sandbox".into(),
+        SANDBOX.into(),
         "-nographic".into(),
         "-no-reboot".into(),
         "-serial".into(),
@@ -259,6 +266,7 @@ mod tests {
         assert!(joined.contains("vhost-user-fs-device,chardev=fs,tag=pangolin"));
         assert!(joined.contains("-no-reboot"));
         assert!(joined.contains("-smp 2"));
+        assert!(joined.contains(&format!("-sandbox {SANDBOX}")));
     }
 
     #[test]

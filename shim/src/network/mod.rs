@@ -46,6 +46,17 @@ pub enum NetworkError {
         #[source]
         source: std::io::Error,
     },
+    /// A queue of the pod's tap could not be opened (for a jailed VMM).
+    #[error("opening a queue of tap {tap} in network namespace {netns}")]
+    OpenTap {
+        /// The tap.
+        tap: String,
+        /// The namespace.
+        netns: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The worker thread in the namespace stopped without an answer.
     #[error("the worker thread in network namespace {netns} stopped without an answer")]
     Worker {
@@ -165,6 +176,22 @@ pub struct PodNetwork {
     /// The interface mirrored.
     pub iface: PodInterface,
     tap_index: u32,
+}
+
+/// A queue descriptor of tap `tap` in `netns`, for a VMM that cannot open it itself (jailed).
+///
+/// # Errors
+/// [`NetworkError::OpenTap`] (or entering the namespace failed).
+pub async fn open_tap(netns: &Path, tap: &str) -> Result<std::os::fd::OwnedFd, NetworkError> {
+    let (path, name) = (netns.to_path_buf(), tap.to_string());
+    netns::run(netns, move || {
+        tap::open_queue(&name).map_err(|source| NetworkError::OpenTap {
+            tap: name.clone(),
+            netns: path.clone(),
+            source,
+        })
+    })
+    .await
 }
 
 /// Reads the pod's interface in `netns`: None when it has no addressed Ethernet link (a pod

@@ -38,6 +38,35 @@ pub(crate) fn create_persistent(name: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A queue descriptor of the existing tap `name` in the calling thread's network namespace,
+/// nonblocking, with the flags the VMM expects (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`): for a
+/// jailed VMM, which cannot open `/dev/net/tun` itself.
+///
+/// # Errors
+/// As [`create_persistent`] (`ENODEV`-like errors when no such tap exists).
+pub(crate) fn open_queue(name: &str) -> std::io::Result<std::os::fd::OwnedFd> {
+    let flags = attach_flags()?;
+    let mut req = ifreq(name, flags)?;
+    let tun = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open("/dev/net/tun")?;
+    // SAFETY: TUNSETIFF reads and writes the `struct ifreq` `req` points to, which lives
+    // across the call; the descriptor is an open /dev/net/tun.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &raw mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(std::os::fd::OwnedFd::from(tun))
+}
+
+/// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`: attach to the tap, as the VMM would.
+fn attach_flags() -> std::io::Result<libc::c_short> {
+    let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+    let bits = u16::try_from(flags).map_err(|_| std::io::Error::other("TUN flags over 16 bits"))?;
+    Ok(libc::c_short::from_ne_bytes(bits.to_ne_bytes()))
+}
+
 /// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL` as the 16 bits of `ifr_flags`.
 fn tap_flags() -> std::io::Result<libc::c_short> {
     let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL;

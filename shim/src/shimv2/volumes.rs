@@ -55,7 +55,7 @@ pub fn is_bind(m: &Mount) -> bool {
 
 /// Whether the share's bind of `m` is read-only: `ro` or `rro` (containerd passes `rro` for
 /// Kubernetes' `recursiveReadOnly: Enabled`). Either way the whole tree: see [`super::bind`].
-fn readonly_of(m: &Mount) -> bool {
+pub fn readonly_of(m: &Mount) -> bool {
     has_option(m, "ro") || has_option(m, "rro")
 }
 

@@ -25,10 +25,14 @@ fn boxed<E: std::error::Error + Send + Sync + 'static>(
 ///
 /// # Errors
 /// [`BuildError::Device`] naming the device that could not be created or wired.
-pub fn attach_all(attach: &mut Attach<'_>, config: &VmConfig) -> Result<(), BuildError> {
-    if let Some(v) = &config.vsock {
-        let dev =
-            virtio::vsock::Vsock::new(v.guest_cid, v.uds_path.clone()).map_err(boxed("vsock"))?;
+pub fn attach_all(
+    attach: &mut Attach<'_>,
+    config: &VmConfig,
+    host: HostSide,
+) -> Result<(), BuildError> {
+    if let (Some(v), Some(listener)) = (&config.vsock, host.vsock) {
+        let dev = virtio::vsock::Vsock::with_listener(v.guest_cid, v.uds_path.clone(), listener)
+            .map_err(boxed("vsock"))?;
         attach_virtio(attach, "vsock", dev)?;
     }
     if config.rng {
@@ -40,17 +44,32 @@ pub fn attach_all(attach: &mut Attach<'_>, config: &VmConfig) -> Result<(), Buil
             virtio::fs::VhostUserFs::new(&fs.socket, &fs.tag, attach.mem).map_err(boxed("fs"))?;
         attach_virtio(attach, "fs", dev)?;
     }
-    for blk in &config.blk {
-        let dev = virtio::blk::Block::new(&blk.path, blk.read_only).map_err(boxed("blk"))?;
+    for (blk, file) in config.blk.iter().zip(host.disks) {
+        let disk = virtio::blk::FileDisk::from_file(file).map_err(boxed("blk"))?;
+        let dev = virtio::blk::Block::with_backend(disk, blk.read_only).map_err(boxed("blk"))?;
         attach_virtio(attach, "blk", dev)?;
     }
-    for net in &config.net {
+    for (net, fd) in config.net.iter().zip(host.taps) {
         let mac = net.mac_bytes()?;
-        let tap = virtio::net::Tap::open(&net.tap).map_err(boxed("net"))?;
+        let tap = match fd {
+            Some(fd) => virtio::net::Tap::from_fd(fd),
+            None => virtio::net::Tap::open(&net.tap),
+        }
+        .map_err(boxed("net"))?;
         let dev = virtio::net::Net::new(Box::new(tap), mac).map_err(boxed("net"))?;
         attach_virtio(attach, "net", dev)?;
     }
     Ok(())
+}
+
+/// The host ends of the devices, opened or adopted by [`crate::resources::Resources`].
+pub struct HostSide {
+    /// The vsock device's listener.
+    pub vsock: Option<std::os::unix::net::UnixListener>,
+    /// One tap queue per `net` entry (None: opened by name here).
+    pub taps: Vec<Option<std::os::fd::OwnedFd>>,
+    /// One disk image per `blk` entry.
+    pub disks: Vec<std::fs::File>,
 }
 
 /// Puts `dev` behind a virtio-mmio transport in the next slot: MMIO window, irqfd, one

@@ -47,7 +47,14 @@ impl Vm {
     /// # Errors
     /// [`VmError`] naming the KVM call or capability that failed.
     pub fn new(mem: &GuestMemoryMmap) -> Result<Self, VmError> {
-        let kvm = Kvm::new().map_err(VmError::Open)?;
+        Self::with_kvm(Kvm::new().map_err(VmError::Open)?, mem)
+    }
+
+    /// As [`Vm::new`] on an already-open `/dev/kvm` (a jailed VMM gets it from the host side).
+    ///
+    /// # Errors
+    /// As [`Vm::new`].
+    pub fn with_kvm(kvm: Kvm, mem: &GuestMemoryMmap) -> Result<Self, VmError> {
         for cap in REQUIRED {
             if !kvm.check_extension(cap) {
                 return Err(VmError::Capability(cap));

@@ -19,7 +19,7 @@ pub mod mmio;
 pub mod net;
 pub mod rng;
 pub mod single_queue;
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod test_utils;
 pub mod vsock;
 

@@ -48,6 +48,14 @@ impl FileDisk {
     /// Opening or `stat`ing the file failed.
     pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        Self::from_file(file)
+    }
+
+    /// Serves an already-open image (a jailed VMM gets it from the host side).
+    ///
+    /// # Errors
+    /// `stat`ing the file failed.
+    pub fn from_file(file: File) -> io::Result<Self> {
         let meta = file.metadata()?;
         // The id only has to be stable for one image on one host: device and inode numbers.
         let text = format!("{:x}{:x}", meta.dev(), meta.ino());

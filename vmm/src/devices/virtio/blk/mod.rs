@@ -14,8 +14,8 @@
 mod backend;
 mod device;
 pub mod request;
-#[cfg(test)]
-mod test_utils;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod test_utils;
 
 use std::io;
 

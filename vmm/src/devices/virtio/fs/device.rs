@@ -2,6 +2,7 @@
 //! rings to the daemon on activation.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -61,7 +62,29 @@ impl VhostUserFs {
     pub fn new(socket: &Path, tag: &str, mem: &GuestMemoryMmap) -> Result<Self, FsError> {
         let config = config_space(tag)?;
         let max_queues = u64::try_from(NUM_QUEUES).map_err(|_| FsError::Tag)?;
-        let mut frontend = Frontend::connect(socket, max_queues).map_err(FsError::Connect)?;
+        let frontend = Frontend::connect(socket, max_queues).map_err(FsError::Connect)?;
+        Self::with_frontend(frontend, config, mem)
+    }
+
+    /// [`Self::new`] over a connected stream (the fuzz targets play the daemon on a socket pair).
+    ///
+    /// # Errors
+    /// [`FsError`] when the tag is invalid or the daemon refuses.
+    pub fn from_stream(
+        stream: UnixStream,
+        tag: &str,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Self, FsError> {
+        let config = config_space(tag)?;
+        let max_queues = u64::try_from(NUM_QUEUES).map_err(|_| FsError::Tag)?;
+        Self::with_frontend(Frontend::from_stream(stream, max_queues), config, mem)
+    }
+
+    fn with_frontend(
+        mut frontend: Frontend,
+        config: [u8; CONFIG_LEN],
+        mem: &GuestMemoryMmap,
+    ) -> Result<Self, FsError> {
         let negotiated = connect_handshake(&mut frontend, mem, NUM_QUEUES)?;
         let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(FsError::EventFd);
         Ok(Self {
@@ -288,6 +311,32 @@ mod tests {
         let one_queue = FakeBackend::start(BACKEND_FEATURES, 1);
         let err = VhostUserFs::new(one_queue.path(), "t", &mem2).expect_err("refused");
         assert!(matches!(err, FsError::TooFewQueues(1)));
+    }
+
+    #[test]
+    fn from_stream_reads_the_daemon_replies_from_the_stream() {
+        let mem = crate::memory::create(2).expect("memory");
+        // A daemon whose only reply (GET_FEATURES) lacks VERSION_1, then hangs up its side.
+        let (ours, mut daemon) = UnixStream::pair().expect("socketpair");
+        let mut reply = Vec::new();
+        for word in [req::GET_FEATURES, 0x1 | 0x4, 8] {
+            reply.extend_from_slice(&word.to_le_bytes());
+        }
+        reply.extend_from_slice(&PROTOCOL_FEATURES_BIT.to_le_bytes());
+        std::io::Write::write_all(&mut daemon, &reply).expect("reply");
+        daemon.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let err = VhostUserFs::from_stream(ours, "t", &mem).expect_err("refused");
+        assert!(matches!(err, FsError::NoVersion1));
+        // No reply at all: the handshake fails instead of waiting.
+        let (ours, daemon) = UnixStream::pair().expect("socketpair");
+        daemon.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let err = VhostUserFs::from_stream(ours, "t", &mem).expect_err("refused");
+        assert!(matches!(err, FsError::Handshake(_)));
+        let (ours, _daemon) = UnixStream::pair().expect("socketpair");
+        assert!(matches!(
+            VhostUserFs::from_stream(ours, "", &mem),
+            Err(FsError::Tag)
+        ));
     }
 
     #[test]

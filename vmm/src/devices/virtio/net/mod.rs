@@ -15,8 +15,8 @@ mod device;
 mod event_handler;
 mod rxtx;
 mod tap;
-#[cfg(test)]
-mod test_utils;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod test_utils;
 
 use virtio_bindings::virtio_net;
 

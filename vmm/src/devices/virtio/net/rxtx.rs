@@ -183,6 +183,11 @@ fn bad_chain(
         let count = stats.bad_chains.count();
         tracing::warn!(error = %err, head, count, "virtio-net: malformed descriptor chain");
     }
+    if head >= queue.size() {
+        // An available entry naming no descriptor: there is nothing the used ring could return
+        // (virtio-queue refuses the index), and refusing it must not stop the device.
+        return Ok(());
+    }
     queue.add_used(mem, head, 0).map_err(NetError::Queue)
 }
 
@@ -190,8 +195,7 @@ fn bad_chain(
 mod tests {
     use super::*;
     use crate::devices::virtio::net::test_utils::{pair, Driver};
-    use vm_memory::Bytes;
-    use vm_memory::GuestAddress;
+    use vm_memory::{Address, Bytes, GuestAddress};
 
     fn tx_buf() -> Vec<u8> {
         vec![0u8; MAX_TX_LEN]
@@ -271,6 +275,34 @@ mod tests {
             host.recv(&mut got).expect_err("nothing sent").kind(),
             std::io::ErrorKind::WouldBlock
         );
+    }
+
+    /// Found by the `virtio_net` fuzz target: an available entry with a head index past the
+    /// descriptor table made `add_used` fail, which stopped the device for good.
+    #[test]
+    fn out_of_range_head_index_is_skipped_not_fatal() {
+        let mem = crate::memory::create(4).expect("memory");
+        let mut guest = Driver::new(&mem, 0x1_0000, 16);
+        guest.add(&[(0x10_0000, 74, false)]);
+        guest.add(&[(0x12_0000, 2048, true)]);
+        // Both available entries now name descriptor 999 of a 16-entry table.
+        let ring = guest.q.avail_addr().unchecked_add(4);
+        mem.write_obj(999u16, ring).expect("w");
+        mem.write_obj(999u16, ring.unchecked_add(2)).expect("w");
+        let (mut tap, host) = pair();
+        let mut stats = NetStats::default();
+        let mut queue = guest.queue();
+        transmit(&mut queue, &mem, &mut tap, &mut tx_buf(), &mut stats).expect("tx survives");
+        let mut queue = guest.queue();
+        host.send(&frame(10)).expect("send");
+        let mut buf = vec![0u8; RX_BUF_LEN];
+        receive(&mut queue, &mem, &mut tap, &mut buf, &mut stats).expect("rx survives");
+        assert_eq!(stats.bad_chains.count(), 4, "two entries, seen by tx and rx");
+        assert_eq!(guest.used_idx(&mem), 0, "nothing returnable");
+        // The next good chain is served.
+        guest.add(&[(0x14_0000, 2048, true)]);
+        receive(&mut queue, &mem, &mut tap, &mut buf, &mut stats).expect("rx");
+        assert_eq!(stats.rx_frames, 1);
     }
 
     #[test]

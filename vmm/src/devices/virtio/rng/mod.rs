@@ -13,8 +13,8 @@
 
 mod device;
 mod entropy;
-#[cfg(test)]
-mod test_utils;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod test_utils;
 
 use std::io;
 

@@ -58,6 +58,14 @@ pub struct Vsock {
     guest_errors: GuestErrors,
 }
 
+/// Refuses the reserved cids (0-2: hypervisor, local, host) and VMADDR_CID_ANY.
+fn check_cid(guest_cid: u64) -> Result<(), VsockError> {
+    if guest_cid <= VSOCK_HOST_CID || guest_cid >= u64::from(u32::MAX) {
+        return Err(VsockError::GuestCid(guest_cid));
+    }
+    Ok(())
+}
+
 impl Vsock {
     /// A device for guest `guest_cid`, listening for host clients at `uds_path` (created here;
     /// removed when the device is dropped).
@@ -66,15 +74,27 @@ impl Vsock {
     /// [`VsockError`] when the cid is reserved, the socket cannot be bound or an eventfd or
     /// timer cannot be created.
     pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Self, VsockError> {
-        if guest_cid <= VSOCK_HOST_CID || guest_cid >= u64::from(u32::MAX) {
-            return Err(VsockError::GuestCid(guest_cid));
-        }
+        check_cid(guest_cid)?;
+        let listener = UnixListener::bind(&uds_path).map_err(VsockError::Bind)?;
+        Self::with_listener(guest_cid, uds_path, listener)
+    }
+
+    /// As [`Vsock::new`], serving `listener`, already bound at `uds_path` (a jailed VMM gets it
+    /// from the host side).
+    ///
+    /// # Errors
+    /// As [`Vsock::new`].
+    pub fn with_listener(
+        guest_cid: u64,
+        uds_path: PathBuf,
+        listener: UnixListener,
+    ) -> Result<Self, VsockError> {
+        check_cid(guest_cid)?;
         let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd);
         let queue_evts = vec![new_evt()?, new_evt()?, new_evt()?];
         let activate_evt = new_evt()?;
         let timer = TimerFd::new().map_err(|e| VsockError::EventFd(e.into()))?;
         set_nonblocking(timer.as_raw_fd()).map_err(VsockError::EventFd)?;
-        let listener = UnixListener::bind(&uds_path).map_err(VsockError::Bind)?;
         listener.set_nonblocking(true).map_err(VsockError::Bind)?;
         Ok(Self {
             guest_cid,
@@ -94,7 +114,7 @@ impl Vsock {
     }
 
     /// The eventfd the transport's activation signals to the event loop.
-    pub(super) fn activate_evt(&self) -> &EventFd {
+    pub fn activate_evt(&self) -> &EventFd {
         &self.activate_evt
     }
 

@@ -21,9 +21,9 @@ mod connection;
 mod device;
 mod event_handler;
 mod muxer;
-mod packet;
-#[cfg(test)]
-mod test_utils;
+pub mod packet;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod test_utils;
 mod unix;
 
 pub use device::Vsock;

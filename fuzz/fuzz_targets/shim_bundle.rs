@@ -1,0 +1,40 @@
+//! What a pod brings to the host side: the bundle's OCI config.json as the shim reads it
+//! (`serde_json` into oci-spec's `Spec`), then the shim's own shaping of it: the pod network
+//! namespace (`pod_netns`), the guest's spec (`guest_spec`: host namespaces and hooks dropped, a
+//! cgroup namespace added), the VM size from annotations and resource limits (`vm_config` over
+//! the default configuration), and the bind-mount options of every mount (`is_bind`,
+//! `readonly_of`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use pangolin_runtime_config::Config;
+use pangolin_shim::shimv2::guest_spec::{guest_spec, pod_netns};
+use pangolin_shim::shimv2::sizing::vm_config;
+use pangolin_shim::shimv2::volumes::{is_bind, readonly_of};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(spec) = serde_json::from_slice::<Spec>(data) else { return };
+    let _ = pod_netns(&spec);
+    if let Some(mounts) = spec.mounts() {
+        for m in mounts {
+            let _ = (is_bind(m), readonly_of(m));
+        }
+    }
+    let base = Config::default();
+    if let Ok(config) = vm_config(&base, &spec) {
+        assert!(config.validate().is_ok(), "vm_config produced an invalid configuration");
+    }
+    let hostname = spec.hostname().clone();
+    if let Ok(json) = guest_spec(spec, Some("pod")) {
+        let guest: Spec = serde_json::from_str(&json).expect("guest_spec emits a valid spec");
+        assert!(guest.hooks().is_none(), "hooks reach the guest");
+        if let Some(nss) = guest.linux().as_ref().and_then(|l| l.namespaces().as_ref()) {
+            assert!(nss.iter().all(|ns| ns.path().is_none()), "host namespace path reaches the guest");
+            assert!(!nss.iter().any(|ns| ns.typ() == LinuxNamespaceType::Network));
+        }
+        if hostname.is_some() {
+            assert_eq!(guest.hostname(), &hostname);
+        }
+    }
+});

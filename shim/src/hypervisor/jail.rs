@@ -1,0 +1,155 @@
+//! What the host side does for a jailed built-in VMM: it opens every resource the VMM needs
+//! (`/dev/kvm`, the boot images, the console log, the control and vsock listeners, the pod's
+//! tap queue) and sends them in one `SCM_RIGHTS` message on the VMM's stdin; it hands the
+//! sandbox directory (the only directory the jail keeps) and the sockets the VMM connects to
+//! (virtiofsd's, the agent's readiness listener) to the jail's uid/gid; and it tells the VMM
+//! where the jail's root goes. The VMM then jails itself before building the VM (see
+//! `vmm/src/jail.rs`).
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+
+use pangolin_vmm_config::{InheritedFds, JailConfig, VmConfig};
+
+use super::{HypervisorError, VmSpec};
+
+/// Who a jailed VMM runs as, and its limits (from configuration.toml's `[jail]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JailIds {
+    /// The VMM's uid.
+    pub uid: u32,
+    /// The VMM's gid.
+    pub gid: u32,
+    /// Its RLIMIT_NOFILE.
+    pub max_open_files: u64,
+}
+
+fn io(what: &'static str) -> impl Fn(std::io::Error) -> HypervisorError {
+    move |e| HypervisorError::Io(what, e)
+}
+
+/// Opens the VMM's resources for `config` (which it completes with `fds` and `jail`), prepares
+/// the sandbox directory for the jail's ids, and returns the descriptors in the order `fds`
+/// names them.
+///
+/// # Errors
+/// [`HypervisorError`] naming what could not be opened or prepared.
+pub async fn prepare(
+    spec: &VmSpec,
+    config: &mut VmConfig,
+    ids: JailIds,
+) -> Result<Vec<OwnedFd>, HypervisorError> {
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    let mut push = |fd: OwnedFd| -> i32 {
+        fds.push(fd);
+        i32::try_from(fds.len() - 1).unwrap_or(i32::MAX)
+    };
+    let kvm = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/kvm")
+        .map_err(io("opening /dev/kvm for the VMM"))?;
+    let kvm = push(kvm.into());
+    let kernel = push(
+        File::open(&spec.kernel)
+            .map_err(io("opening the guest kernel"))?
+            .into(),
+    );
+    let initramfs = push(
+        File::open(&spec.initramfs)
+            .map_err(io("opening the guest initramfs"))?
+            .into(),
+    );
+    let console = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.console_log)
+        .map_err(io("opening the console log"))?;
+    let console = push(console.into());
+    let api = match &config.api_socket {
+        Some(p) => Some(push(
+            UnixListener::bind(p)
+                .map_err(io("binding the control socket"))?
+                .into(),
+        )),
+        None => None,
+    };
+    let vsock = match &config.vsock {
+        Some(v) => Some(push(
+            UnixListener::bind(&v.uds_path)
+                .map_err(io("binding the vsock socket"))?
+                .into(),
+        )),
+        None => None,
+    };
+    let mut taps = Vec::new();
+    if let Some(nic) = &spec.net {
+        let fd = crate::network::open_tap(&nic.netns, &nic.tap)
+            .await
+            .map_err(|e| HypervisorError::Io("opening the pod's tap", std::io::Error::other(e)))?;
+        taps.push(push(fd));
+    }
+    config.fds = Some(InheritedFds {
+        kvm,
+        kernel,
+        initramfs: Some(initramfs),
+        console,
+        api,
+        vsock,
+        taps,
+        disks: Vec::new(),
+    });
+    let root = spec.workdir.join("jail");
+    std::fs::create_dir_all(&root).map_err(io("creating the jail's root"))?;
+    hand_over(&spec.workdir, ids)?;
+    config.jail = Some(JailConfig {
+        root,
+        bind: vec![spec.workdir.clone()],
+        uid: ids.uid,
+        gid: ids.gid,
+        max_open_files: ids.max_open_files,
+    });
+    Ok(fds)
+}
+
+/// Gives the sandbox directory (mode 0700) and every socket in it to the jail's ids: the VMM
+/// binds nothing, but connects to virtiofsd's socket and to the host's vsock listeners there.
+fn hand_over(workdir: &Path, ids: JailIds) -> Result<(), HypervisorError> {
+    let chown = |path: &Path| {
+        std::os::unix::fs::chown(path, Some(ids.uid), Some(ids.gid))
+            .map_err(io("handing the sandbox directory to the jail's uid"))
+    };
+    chown(workdir)?;
+    std::fs::set_permissions(workdir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io("handing the sandbox directory to the jail's uid"))?;
+    for entry in std::fs::read_dir(workdir).map_err(io("reading the sandbox directory"))? {
+        let entry = entry.map_err(io("reading the sandbox directory"))?;
+        if entry.file_type().is_ok_and(|t| t.is_socket()) {
+            chown(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Sends `fds` to the VMM in one `SCM_RIGHTS` message on `sock` (its stdin's other end).
+///
+/// # Errors
+/// The kernel's error for `sendmsg`.
+pub fn send(sock: &UnixStream, fds: &[OwnedFd]) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let iov = [std::io::IoSlice::new(b"f")];
+    sendmsg::<UnixAddr>(
+        sock.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&raw)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    Ok(())
+}
