@@ -2,9 +2,10 @@
 //!
 //! The messages ([`Request`], [`Status`]) are plain data in `pangolin-vmm-config` (the shim
 //! speaks them too); this module reads a request, executes it against the vCPUs and the run
-//! state, and writes the answer. A client that sends nothing within [`READ_TIMEOUT`] is dropped.
+//! state, and writes the answer. Connections are served by the event loop without blocking
+//! it ([`Connection`]); at most [`MAX_CONNECTIONS`] are open at once.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -12,8 +13,6 @@ use crate::config::api::{Request, State, Status, MAX_LINE, OK};
 use crate::vstate::control::{Control, ExitReason, RunState};
 use crate::vstate::vcpu::VcpuHandle;
 
-/// How long a client may take to send its request.
-pub const READ_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long `pause` waits for every vCPU to park.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -59,24 +58,98 @@ pub fn execute(req: Request, control: &Control, vcpus: &[VcpuHandle], started: I
     }
 }
 
-/// Serves one accepted connection.
-pub fn serve(stream: UnixStream, control: &Control, vcpus: &[VcpuHandle], started: Instant) {
-    if stream.set_nonblocking(false).is_err()
-        || stream.set_read_timeout(Some(READ_TIMEOUT)).is_err()
-    {
-        return;
+/// Most control connections open at once; a new one beyond that closes the oldest.
+pub const MAX_CONNECTIONS: usize = 4;
+
+/// Whether a connection is finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Its request line is not complete yet: keep watching it.
+    Pending,
+    /// Answered (or given up on): close it.
+    Done,
+}
+
+/// One accepted control connection, served by the event loop without ever blocking it: each
+/// readiness event reads what has arrived, and the request runs once its line is complete. A
+/// client that stalls only keeps its own slot (see [`MAX_CONNECTIONS`]).
+#[derive(Debug)]
+pub struct Connection {
+    stream: UnixStream,
+    line: Vec<u8>,
+    opened: Instant,
+}
+
+impl Connection {
+    /// Adopts an accepted stream (made non-blocking).
+    ///
+    /// # Errors
+    /// The stream cannot be made non-blocking.
+    pub fn new(stream: UnixStream) -> std::io::Result<Self> {
+        stream.set_nonblocking(true)?;
+        Ok(Self {
+            stream,
+            line: Vec::with_capacity(MAX_LINE),
+            opened: Instant::now(),
+        })
     }
-    let mut line = String::new();
-    let reader = stream.try_clone();
-    let Ok(reader) = reader else { return };
-    let read = BufReader::new(reader.take(MAX_LINE as u64)).read_line(&mut line);
-    let answer = match (read, Request::parse(&line)) {
-        (Ok(_), Some(req)) => execute(req, control, vcpus, started),
-        (Ok(_), None) => "error: unknown request".into(),
-        (Err(_), _) => return,
-    };
-    let mut stream = stream;
-    let _ = stream.write_all(format!("{answer}\n").as_bytes());
+
+    /// The stream, to watch.
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    /// When it was accepted.
+    pub fn opened(&self) -> Instant {
+        self.opened
+    }
+
+    /// Reads what has arrived; once the request line is complete, executes it and answers.
+    pub fn on_readable(
+        &mut self,
+        control: &Control,
+        vcpus: &[VcpuHandle],
+        started: Instant,
+    ) -> Progress {
+        let mut chunk = [0u8; MAX_LINE];
+        loop {
+            let room = MAX_LINE.saturating_sub(self.line.len());
+            if room == 0 {
+                // An overlong line is refused.
+                self.answer("error: unknown request");
+                return Progress::Done;
+            }
+            let Some(buf) = chunk.get_mut(..room) else {
+                return Progress::Done;
+            };
+            match self.stream.read(buf) {
+                Ok(0) => return Progress::Done,
+                Ok(n) => {
+                    let got = buf.get(..n).unwrap_or_default();
+                    if let Some(end) = got.iter().position(|&b| b == b'\n') {
+                        self.line
+                            .extend_from_slice(got.get(..end).unwrap_or_default());
+                        let text = String::from_utf8_lossy(&self.line).into_owned();
+                        let answer = match Request::parse(&text) {
+                            Some(req) => execute(req, control, vcpus, started),
+                            None => "error: unknown request".into(),
+                        };
+                        self.answer(&answer);
+                        return Progress::Done;
+                    }
+                    self.line.extend_from_slice(got);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Progress::Pending,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Progress::Done,
+            }
+        }
+    }
+
+    fn answer(&mut self, answer: &str) {
+        // A few dozen bytes into an empty socket buffer: a client that does not read loses it.
+        let _ = self.stream.write_all(format!("{answer}\n").as_bytes());
+    }
 }
 
 #[cfg(test)]
@@ -100,29 +173,56 @@ mod tests {
         assert_eq!(status.state, State::Stopping);
     }
 
+    /// Sends `bytes` on a fresh connection and serves it; returns the progress and the answer.
+    fn exchange(bytes: &[u8], c: &Control) -> (Progress, String) {
+        let (a, mut b) = UnixStream::pair().expect("pair");
+        let mut conn = Connection::new(a).expect("conn");
+        b.write_all(bytes).expect("write");
+        let progress = conn.on_readable(c, &[], Instant::now());
+        drop(conn);
+        let mut out = String::new();
+        let _ = b.read_to_string(&mut out);
+        (progress, out)
+    }
+
     #[test]
     fn socket_round_trip_and_garbage() {
-        let (a, mut b) = UnixStream::pair().expect("pair");
         let c = Control::new().expect("control");
-        b.write_all(b"status\n").expect("write");
-        serve(a, &c, &[], Instant::now());
-        let mut out = String::new();
-        b.read_to_string(&mut out).expect("read");
+        let (p, out) = exchange(b"status\n", &c);
+        assert_eq!(p, Progress::Done);
         assert!(out.starts_with("{\"state\":\"running\",\"vcpus\":0,\"uptime_ms\":"));
         assert!(out.ends_with("}\n"));
+        assert_eq!(exchange(b"bogus\n", &c).1, "error: unknown request\n");
+        // An overlong line is refused once MAX_LINE bytes arrived without a newline.
+        assert_eq!(exchange(&[b'x'; 200], &c).1, "error: unknown request\n");
+    }
+
+    #[test]
+    fn a_partial_request_waits_without_blocking_and_completes_later() {
+        let c = Control::new().expect("control");
         let (a, mut b) = UnixStream::pair().expect("pair");
-        b.write_all(b"bogus\n").expect("write");
-        serve(a, &c, &[], Instant::now());
+        let mut conn = Connection::new(a).expect("conn");
+        let t = Instant::now();
+        assert_eq!(
+            conn.on_readable(&c, &[], t),
+            Progress::Pending,
+            "nothing sent"
+        );
+        b.write_all(b"sta").expect("write");
+        assert_eq!(
+            conn.on_readable(&c, &[], t),
+            Progress::Pending,
+            "half a line"
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "the loop was blocked"
+        );
+        b.write_all(b"tus\n").expect("write");
+        assert_eq!(conn.on_readable(&c, &[], t), Progress::Done);
+        drop(conn);
         let mut out = String::new();
         b.read_to_string(&mut out).expect("read");
-        assert_eq!(out, "error: unknown request\n");
-        // An overlong line is cut at MAX_LINE: refused (the peer may see a reset instead).
-        let (a, mut b) = UnixStream::pair().expect("pair");
-        b.write_all(&[b'x'; 200]).expect("write");
-        serve(a, &c, &[], Instant::now());
-        let mut out = String::new();
-        if b.read_to_string(&mut out).is_ok() {
-            assert_eq!(out, "error: unknown request\n");
-        }
+        assert!(out.starts_with("{\"state\":\"running\""), "{out}");
     }
 }

@@ -17,6 +17,8 @@ const RESET: u32 = 1;
 const SIGNAL: u32 = 2;
 const API: u32 = 3;
 const EXIT: u32 = 4;
+/// Control connections get tokens from here up (one per accepted connection).
+const API_CONN: u32 = 16;
 
 /// Setting up signal handling failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,9 @@ pub struct Lifecycle {
     api: Option<UnixListener>,
     vcpus: Arc<Vec<VcpuHandle>>,
     started: Instant,
+    /// Open control connections by token, oldest first.
+    conns: Vec<(u32, api::Connection)>,
+    next_conn: u32,
 }
 
 impl Lifecycle {
@@ -72,6 +77,56 @@ impl Lifecycle {
             api,
             vcpus,
             started,
+            conns: Vec::new(),
+            next_conn: API_CONN,
+        }
+    }
+
+    /// Watches a newly accepted control connection; the oldest one goes if all slots are taken.
+    fn add_connection(&mut self, stream: std::os::unix::net::UnixStream, ops: &mut EventOps) {
+        let conn = match api::Connection::new(stream) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "control connection");
+                return;
+            }
+        };
+        if self.conns.len() >= api::MAX_CONNECTIONS {
+            if let Some((token, old)) = (!self.conns.is_empty()).then(|| self.conns.remove(0)) {
+                tracing::debug!(
+                    token,
+                    age_ms = old.opened().elapsed().as_millis(),
+                    "closing the oldest control connection"
+                );
+                let _ = ops.remove(Events::with_data(old.stream(), token, EventSet::IN));
+            }
+        }
+        let token = self.next_conn;
+        self.next_conn = self.next_conn.checked_add(1).unwrap_or(API_CONN);
+        if let Err(e) = ops.add(Events::with_data(
+            conn.stream(),
+            token,
+            EventSet::IN | EventSet::READ_HANG_UP,
+        )) {
+            tracing::warn!(error = ?e, "registering a control connection");
+            return;
+        }
+        self.conns.push((token, conn));
+        // The request may already be there.
+        self.serve_connection(token, ops);
+    }
+
+    fn serve_connection(&mut self, token: u32, ops: &mut EventOps) {
+        let Some(at) = self.conns.iter().position(|(t, _)| *t == token) else {
+            return;
+        };
+        let progress = match self.conns.get_mut(at) {
+            Some((_, conn)) => conn.on_readable(&self.control, &self.vcpus, self.started),
+            None => return,
+        };
+        if progress == api::Progress::Done {
+            let (token, conn) = self.conns.remove(at);
+            let _ = ops.remove(Events::with_data(conn.stream(), token, EventSet::IN));
         }
     }
 }
@@ -93,7 +148,7 @@ impl MutEventSubscriber for Lifecycle {
         }
     }
 
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             RESET => {
                 let _ = self.reset_evt.read();
@@ -110,18 +165,17 @@ impl MutEventSubscriber for Lifecycle {
                 self.control.exit(ExitReason::Signal);
             }
             API => {
-                if let Some(api) = &self.api {
-                    match api.accept() {
-                        Ok((stream, _)) => {
-                            api::serve(stream, &self.control, &self.vcpus, self.started)
-                        }
-                        Err(e) => tracing::debug!(error = %e, "control socket accept"),
-                    }
+                let accepted = self.api.as_ref().map(UnixListener::accept);
+                match accepted {
+                    Some(Ok((stream, _))) => self.add_connection(stream, ops),
+                    Some(Err(e)) => tracing::debug!(error = %e, "control socket accept"),
+                    None => {}
                 }
             }
             EXIT => {
                 let _ = self.control.exit_evt.read();
             }
+            token if token >= API_CONN => self.serve_connection(token, ops),
             other => tracing::warn!(data = other, "unknown lifecycle event"),
         }
     }
