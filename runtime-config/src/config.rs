@@ -169,6 +169,8 @@ pub struct HypervisorConfig {
     pub vmm_path: PathBuf,
     /// Lets QEMU run without KVM (nested/CI hosts) at the cost of speed.
     pub accel: Accel,
+    /// Per-thread seccomp filters in the built-in VMM; off only to debug a filter.
+    pub seccomp: bool,
 }
 
 impl Default for HypervisorConfig {
@@ -184,6 +186,7 @@ impl Default for HypervisorConfig {
             qemu_path: PathBuf::from("/usr/bin/qemu-system-x86_64"),
             vmm_path: PathBuf::from("/usr/libexec/pangolin/pangolin-vmm"),
             accel: Accel::Auto,
+            seccomp: true,
         }
     }
 }

@@ -168,7 +168,17 @@ impl Daemon {
                 tracing::warn!(name, error = %e, "waiting for a daemon");
                 ExitStatus::from_raw(255 << 8)
             });
-            tracing::debug!(name, %status, "daemon exited");
+            if status.signal() == Some(libc::SIGSYS) {
+                // Only a seccomp filter kills with SIGSYS: the kernel log has the syscall number.
+                tracing::error!(
+                    name,
+                    %status,
+                    "daemon killed by its seccomp filter (SIGSYS): a system call off its allow-list; \
+                     the kernel log names it (audit type=1326 ... syscall=N)"
+                );
+            } else {
+                tracing::debug!(name, %status, "daemon exited");
+            }
             status_tx.send_replace(Some(status));
         });
         Ok(Daemon {

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod artifacts;
 pub mod daemon;
 pub mod host;
+pub mod host_cgroup;
 pub mod hypervisor;
 pub mod jail_ids;
 pub mod network;

@@ -6,6 +6,7 @@
 //! fails half-way tears down what it had started before returning the error.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pangolin_protocols::agent::GuestDetails;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{AgentClient, AgentError};
 use crate::daemon::{resolve_program, Daemon, DaemonError};
 use crate::host::HostInfo;
+use crate::host_cgroup::PodCgroup;
 use crate::hypervisor::{
     self, builtin::Builtin, qemu::Qemu, Hypervisor, HypervisorError, NicSpec, Vm, VmSpec,
 };
@@ -56,6 +58,9 @@ pub enum SandboxError {
     /// The hypervisor failed.
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
+    /// The pod's host cgroup could not be made or used.
+    #[error(transparent)]
+    Cgroup(#[from] crate::host_cgroup::CgroupError),
     /// The agent failed.
     #[error(transparent)]
     Agent(#[from] AgentError),
@@ -79,6 +84,9 @@ pub struct BootOptions<'a> {
     pub console_log: Option<&'a Path>,
     /// The pod's network namespace (CNI's); its interface is mirrored into the guest.
     pub netns: Option<&'a Path>,
+    /// The pod's host cgroup (from `linux.cgroupsPath`): every process the sandbox starts runs
+    /// in it, and it is removed with the sandbox.
+    pub cgroup: Option<&'a Path>,
     /// Cancels the boot: what was started is torn down and the boot fails with
     /// [`SandboxError::Cancelled`] at once, not at the boot deadline.
     pub cancel: Option<CancellationToken>,
@@ -119,6 +127,8 @@ struct Parts {
     network: Option<crate::network::PodNetwork>,
     /// The VMM's own jail id, freed once the VMM is gone.
     jail_id: Option<crate::jail_ids::JailId>,
+    /// The pod's host cgroup, removed (killing anything left in it) once the rest is down.
+    cgroup: Option<Arc<PodCgroup>>,
     done: bool,
 }
 
@@ -133,6 +143,9 @@ impl Parts {
         if let Some(mut fsd) = self.virtiofsd.take() {
             fsd.stop(Duration::from_millis(500)).await;
         }
+        if let Some(cgroup) = self.cgroup.take() {
+            cgroup.remove();
+        }
         remove_workdir(&self.workdir);
         drop(self.jail_id.take());
         self.done = true;
@@ -141,8 +154,12 @@ impl Parts {
 
 impl Drop for Parts {
     fn drop(&mut self) {
-        // Daemons are killed by their own Drop (kill-on-drop); only the directory is left.
+        // Daemons are killed by their own Drop (kill-on-drop); the cgroup and the directory
+        // are left.
         if !self.done {
+            if let Some(cgroup) = self.cgroup.take() {
+                cgroup.remove();
+            }
             remove_workdir(&self.workdir);
         }
     }
@@ -292,6 +309,7 @@ impl Sandbox {
                 };
                 Box::new(Builtin {
                     vmm_path: config.hypervisor.vmm_path.clone(),
+                    seccomp: config.hypervisor.seccomp,
                     jail: j.enabled.then_some(hypervisor::jail::JailIds {
                         uid,
                         gid,
@@ -330,8 +348,18 @@ impl Sandbox {
             vm: None,
             network: None,
             jail_id,
+            cgroup: None,
             done: false,
         };
+        if let Some(path) = options.cgroup {
+            match PodCgroup::new(path) {
+                Ok(c) => parts.cgroup = Some(Arc::new(c)),
+                Err(e) => {
+                    parts.teardown(Duration::ZERO).await;
+                    return Err(e.into());
+                }
+            }
+        }
         let cancel = options.cancel.clone().unwrap_or_default();
         let booted = tokio::select! {
             booted = Self::boot(id, config, options, backend.as_ref(), &mut parts, start) => booted,
@@ -406,6 +434,14 @@ impl Sandbox {
                 let args = virtiofsd_args(&socket, source, config.virtiofs.cache);
                 let mut fsd =
                     Daemon::spawn("virtiofsd", &bin, &args, &workdir.join("virtiofsd.log"))?;
+                let placed = match (&parts.cgroup, fsd.pid()) {
+                    (Some(cgroup), Some(pid)) => cgroup.add("virtiofsd", pid),
+                    _ => Ok(()),
+                };
+                if let Err(e) = placed {
+                    parts.virtiofsd = Some(fsd);
+                    return Err(e.into());
+                }
                 let ready = fsd.wait_for_socket(&socket, Duration::from_secs(10)).await;
                 parts.virtiofsd = Some(fsd);
                 ready?;
@@ -427,6 +463,7 @@ impl Sandbox {
             guest_cid: config.vsock.guest_cid,
             vsock_uds: workdir.join("vm.vsock"),
             net: nic,
+            cgroup: parts.cgroup.clone(),
         };
         // Listen for the agent's readiness call before the guest can make it.
         let ready_path = PathBuf::from(format!("{}_{AGENT_READY_PORT}", spec.vsock_uds.display()));

@@ -91,6 +91,9 @@ pub struct TestEnv {
     pub config_file: PathBuf,
     /// The configuration it holds.
     pub config: Config,
+    /// The kernel's uptime when the test began: seccomp kills logged after it are this test's
+    /// (or a concurrent one's) and fail it.
+    started: f64,
 }
 
 impl TestEnv {
@@ -126,6 +129,7 @@ impl TestEnv {
             state,
             config_file,
             config,
+            started: uptime(),
         }
     }
 
@@ -178,8 +182,47 @@ impl TestEnv {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+        let kills = seccomp_kills_since(self.started);
+        assert!(
+            kills.is_empty(),
+            "a pod helper was killed by its seccomp filter during the test:\n{}",
+            kills.join("\n")
+        );
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Seconds since the kernel booted (the kernel log's clock).
+fn uptime() -> f64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// Kernel log lines (`audit: type=1326`, what the kernel logs when a seccomp filter kills) for
+/// the VMM, QEMU or virtiofsd since `since` (uptime seconds). Empty where the kernel log cannot
+/// be read or the kernel has no audit support (then the shim's log still says SIGSYS).
+pub fn seccomp_kills_since(since: f64) -> Vec<String> {
+    let Ok(out) = Command::new("dmesg").output() else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("type=1326") && l.contains("sig=31"))
+        .filter(|l| {
+            ["/pangolin-vmm\"", "/qemu-system-x86_64\"", "/virtiofsd\""]
+                .iter()
+                .any(|exe| l.contains(exe))
+        })
+        .filter(|l| {
+            l.strip_prefix('[')
+                .and_then(|r| r.split(']').next())
+                .and_then(|t| t.trim().parse::<f64>().ok())
+                .is_some_and(|t| t >= since)
+        })
+        .map(str::to_string)
+        .collect()
 }
 
 /// target/<profile>, where the workspace's binaries (the shim among them) are built.

@@ -5,6 +5,7 @@
 
 #![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
 
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -558,6 +559,84 @@ fn helpers_are_sandboxed_and_volume_symlinks_cannot_reach_the_host() {
     assert!(ctr(&ctrd, &["container", "delete", "links1"])
         .status
         .success());
+    finish_containerd(ctrd, env);
+}
+
+/// The cgroup that charges `pid`'s memory: the memory controller's (cgroup v1 or hybrid) or
+/// the unified hierarchy's (v2).
+fn memory_cgroup(pid: u32) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let path_of = |want: &dyn Fn(&str, &str) -> bool| {
+        text.lines().find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (id, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+            want(id, ctrls).then(|| path.to_string())
+        })
+    };
+    path_of(&|_, c| c.split(',').any(|c| c == "memory"))
+        .or_else(|| path_of(&|id, c| id == "0" && c.is_empty()))
+        .unwrap_or_else(|| format!("<no memory cgroup for {pid}: {text}>"))
+}
+
+/// Every process a pod starts on the host (VMM or QEMU, virtiofsd, vhost-device-vsock) runs in
+/// the pod's cgroup, `linux.cgroupsPath` (ctr's is `/<namespace>/<id>`), so its host memory and
+/// CPU are the pod's; the cgroup is removed with the pod.
+#[test]
+fn a_pods_host_processes_run_in_its_cgroup_which_goes_with_the_pod() {
+    let env = TestEnv::new("ctr-cgroup");
+    let ctrd = containerd(&env);
+    let out = ctr(&ctrd, &pangolin_run(&["-d"], "cg1", &["sleep", "3600"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let procs = env.leftover_processes();
+    let helpers: Vec<(u32, String)> = procs
+        .iter()
+        .filter(|(_, cmd)| {
+            let exe = cmd.split_whitespace().next().unwrap_or_default();
+            [
+                "/virtiofsd",
+                "qemu-system-x86_64",
+                "pangolin-vmm",
+                "vhost-device-vsock",
+            ]
+            .iter()
+            .any(|name| exe.ends_with(name))
+        })
+        .cloned()
+        .collect();
+    assert!(
+        helpers.iter().any(|(_, c)| c.contains("virtiofsd"))
+            && helpers
+                .iter()
+                .any(|(_, c)| c.contains("qemu-system") || c.contains("pangolin-vmm")),
+        "the pod's VM and virtiofsd among {procs:?}"
+    );
+    let pod = memory_cgroup(helpers[0].0);
+    assert!(pod.ends_with("/cg1"), "{:?} runs in {pod}", helpers[0]);
+    for (pid, cmd) in &helpers {
+        assert_eq!(memory_cgroup(*pid), pod, "{cmd}");
+    }
+    assert_ne!(
+        memory_cgroup(std::process::id()),
+        pod,
+        "the test itself is elsewhere"
+    );
+    let _ = ctr(&ctrd, &["task", "kill", "-s", "SIGKILL", "cg1"]);
+    let deadline = Instant::now() + patience(Duration::from_secs(60));
+    while !ctr(&ctrd, &["task", "delete", "cg1"]).status.success() {
+        assert!(Instant::now() < deadline, "task delete");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(ctr(&ctrd, &["container", "delete", "cg1"]).status.success());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let hierarchies: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.contains(" - cgroup ") || l.contains(" - cgroup2 "))
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .collect();
+    for root in hierarchies {
+        let dir = format!("{root}{pod}");
+        assert!(!Path::new(&dir).exists(), "{dir} outlived the pod");
+    }
     finish_containerd(ctrd, env);
 }
 

@@ -1,7 +1,7 @@
 //! The built-in VMM's jail, read off the live process: every thread runs as the configured
 //! non-root uid/gid with no capability in any set and no_new_privs, in mount, IPC, UTS and
 //! network namespaces of its own whose root holds only the path to the sandbox directory, and it holds
-//! no descriptor it was not given for the VM. Runs on any KVM (on this project's PVM machines
+//! no descriptor it was not given for the VM, and every thread runs under its seccomp filter. Runs on any KVM (on this project's PVM machines
 //! the guest never finishes booting, but the VMM runs; in the nested test host it boots).
 
 #![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
@@ -76,6 +76,10 @@ fn the_builtin_vmm_runs_jailed_without_privileges_namespaces_or_stray_descriptor
         for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
             assert_eq!(field(&status, caps), "0000000000000000", "{name} {caps}");
         }
+        // Each thread its own filter (`hypervisor.seccomp = true`, the default): the vCPUs
+        // install theirs before the main thread installs its own, so none stacks on another.
+        assert_eq!(field(&status, "Seccomp"), "2", "{name} seccomp mode");
+        assert_eq!(field(&status, "Seccomp_filters"), "1", "{name} filters");
     }
     for kind in ["mnt", "ipc", "uts", "net"] {
         assert_ne!(
@@ -206,5 +210,78 @@ fn per_vm_ids_give_concurrent_vmms_distinct_uids_from_the_range() {
         !env.state.join(".jail-ids").exists(),
         "the ids were not released"
     );
+    env.finish();
+}
+
+/// `hypervisor.seccomp = false` leaves the VMM's threads unfiltered (the jail still holds) and
+/// says so in the VMM's log.
+#[test]
+fn seccomp_false_runs_the_vmm_unfiltered_and_logs_it() {
+    let env = TestEnv::with("jail-noseccomp", |c| {
+        c.hypervisor.boot_timeout_ms = 60_000;
+        c.hypervisor.seccomp = false;
+    });
+    let mut run = env.pangolin();
+    run.args(["run", "--hypervisor", "builtin", "--rootfs"])
+        .arg(busybox())
+        .args(["--", "sleep", "5"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = run.spawn().expect("pangolin run");
+    let deadline = Instant::now() + patience(Duration::from_secs(30));
+    let (vmm, log) = loop {
+        let found = env.vmm_pids().into_iter().find_map(|pid| {
+            let has_vcpu = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with("vcpu"))
+                });
+            let log = std::fs::read_dir(&env.state)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .find_map(|d| std::fs::read_to_string(d.path().join("vmm.log")).ok())?;
+            has_vcpu.then(|| (pid.to_string(), log))
+        });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no VMM with a vCPU thread appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for task in std::fs::read_dir(format!("/proc/{vmm}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let status = std::fs::read_to_string(task.path().join("status")).expect("status");
+        let name = field(&status, "Name");
+        assert_eq!(field(&status, "Seccomp"), "0", "{name}");
+        assert_eq!(
+            field(&status, "NoNewPrivs"),
+            "1",
+            "{name}: the jail still holds"
+        );
+    }
+    assert!(
+        log.contains("seccomp = false"),
+        "the VMM's log does not say it runs unfiltered:\n{log}"
+    );
+    let deadline = Instant::now() + patience(Duration::from_secs(120));
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("pangolin run did not end");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     env.finish();
 }

@@ -168,6 +168,7 @@ mod tests {
                 gid: 2050,
                 max_open_files: 1024,
             }),
+            seccomp: true,
         }
     }
 

@@ -58,6 +58,14 @@ pub struct VmConfig {
     /// The jail to enter before building the VM (requires `fds`).
     #[serde(default)]
     pub jail: Option<crate::jail::JailConfig>,
+    /// Whether each thread installs its seccomp filter before the guest runs (default true;
+    /// false is for debugging a filter and is logged as a warning).
+    #[serde(default = "enabled")]
+    pub seccomp: bool,
+}
+
+fn enabled() -> bool {
+    true
 }
 
 /// Hybrid vsock: host connections arrive on `uds_path`, guest connections to port P go to
@@ -211,6 +219,7 @@ mod tests {
             rng: false,
             fds: None,
             jail: None,
+            seccomp: true,
         }
     }
 

@@ -18,8 +18,9 @@ use crate::devices::legacy::EventFdTrigger;
 use crate::lifecycle::{self, Lifecycle};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::resources::Resources;
+use crate::seccomp::{self, Filters};
 use crate::vstate::control::{Control, ExitReason};
-use crate::vstate::vcpu::{self, VcpuHandle};
+use crate::vstate::vcpu::{self, StartGate, VcpuHandle};
 use crate::vstate::vm::Vm;
 
 /// The event loop's subscriber type.
@@ -58,6 +59,9 @@ pub enum BuildError {
     /// Bus layout.
     #[error(transparent)]
     Bus(#[from] crate::bus::BusError),
+    /// A seccomp filter.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     /// The event loop.
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
@@ -102,6 +106,8 @@ pub struct Attach<'a> {
     pub events: &'a mut EventManager<Subscriber>,
     /// Index of the next virtio-mmio slot.
     pub next_slot: u32,
+    /// The vCPU filter's context: descriptors vCPU threads may use (see [`crate::seccomp`]).
+    pub seccomp: crate::seccomp::VmContext,
 }
 
 /// Builds and boots the VM described by `config` from its host `resources`; vCPUs run when
@@ -165,9 +171,19 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
         cmdline: &mut cmdline,
         events: &mut events,
         next_slot: 0,
+        seccomp: crate::seccomp::VmContext {
+            vhost_user_sockets: Vec::new(),
+            kick_signal: vcpu::kick_signal(),
+        },
     };
     let host = crate::devices::HostSide { vsock, taps, disks };
     crate::devices::attach_all(&mut attach, config, host)?;
+    let filters = if config.seccomp {
+        Some(Filters::compile(&attach.seccomp)?)
+    } else {
+        tracing::warn!("seccomp = false: the VMM's threads run without a syscall filter");
+        None
+    };
 
     let entry = boot::load(&mem, &mut kernel, initramfs.as_mut(), &cmdline)?;
     mptable::write(&mem, config.vcpus)?;
@@ -184,15 +200,31 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
             &gdt,
         )?);
     }
+    // Every vCPU installs its filter, then waits at this gate until the main thread has
+    // installed its own: no guest instruction runs before every thread is filtered.
+    let start = Arc::new(StartGate::default());
     let mut handles = Vec::with_capacity(fds.len());
     for (id, fd) in (0u8..).zip(fds) {
-        handles.push(vcpu::spawn(
+        let spawned = vcpu::spawn(
             id,
             fd,
-            pio.clone(),
-            mmio.clone(),
-            control.clone(),
-        )?);
+            vcpu::Run {
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                control: control.clone(),
+                filter: filters.as_ref().map(|f| f.vcpu.clone()),
+                start: start.clone(),
+            },
+        );
+        match spawned {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                // The vCPUs already spawned are waiting at the gate: let them see Stopping.
+                control.exit(ExitReason::Failed("vCPU spawn"));
+                start.open();
+                return Err(e.into());
+            }
+        }
     }
     let vcpus = Arc::new(handles);
     tracing::info!(
@@ -211,6 +243,14 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
         started,
     );
     events.add_subscriber(Arc::new(Mutex::new(lifecycle)));
+    if let Some(f) = &filters {
+        if let Err(e) = seccomp::install("event-loop", &f.event_loop) {
+            control.exit(ExitReason::Failed("seccomp"));
+            start.open();
+            return Err(e.into());
+        }
+    }
+    start.open();
     Ok(Vmm {
         control,
         vcpus,

@@ -13,4 +13,5 @@ pub mod jail;
 pub mod lifecycle;
 pub mod memory;
 pub mod resources;
+pub mod seccomp;
 pub mod vstate;

@@ -152,7 +152,11 @@ fn parse(log: &str) -> Report {
             r.crashed = true;
         }
         if let Some(at) = line.find("Test unit written to ") {
-            r.artifact = Some(line[at + "Test unit written to ".len()..].trim().to_string());
+            r.artifact = Some(
+                line[at + "Test unit written to ".len()..]
+                    .trim()
+                    .to_string(),
+            );
         }
     }
     r
@@ -217,7 +221,11 @@ pub fn run(seconds: u64, targets: &[String]) -> anyhow::Result<()> {
             bail!("unknown fuzz target {t} (targets: {})", known.join(" "));
         }
     }
-    let targets = if targets.is_empty() { known } else { targets.to_vec() };
+    let targets = if targets.is_empty() {
+        known
+    } else {
+        targets.to_vec()
+    };
     build()?;
     let mut rows = Vec::new();
     for (i, t) in targets.iter().enumerate() {
@@ -234,7 +242,11 @@ pub fn run(seconds: u64, targets: &[String]) -> anyhow::Result<()> {
             show(r.cov_start),
             show(r.cov_end),
             show(r.ft_end),
-            if r.crashed { ", CRASHED" } else { ", 0 crashes" }
+            if r.crashed {
+                ", CRASHED"
+            } else {
+                ", 0 crashes"
+            }
         );
         rows.push((t.clone(), r));
     }
@@ -305,7 +317,10 @@ mod tests {
             stat::number_of_executed_units: 9000\n\
             stat::average_exec_per_sec:     4500\n";
         let r = parse(log);
-        assert_eq!((r.cov_start, r.cov_end, r.ft_end), (Some(120), Some(155), Some(420)));
+        assert_eq!(
+            (r.cov_start, r.cov_end, r.ft_end),
+            (Some(120), Some(155), Some(420))
+        );
         assert_eq!((r.execs, r.execs_per_sec, r.crashed), (9000, 4500, false));
         let crash = parse(
             "thread '<unnamed>' panicked at x.rs:1:1:\n==1== ERROR: libFuzzer: deadly signal\n\

@@ -24,6 +24,8 @@ pub struct Builtin {
     pub vmm_path: PathBuf,
     /// The jail the VMM enters (None: not jailed, configuration.toml's `jail.enabled = false`).
     pub jail: Option<super::jail::JailIds>,
+    /// Whether the VMM's threads install their seccomp filters (`hypervisor.seccomp`).
+    pub seccomp: bool,
 }
 
 /// The VMM configuration for `spec`, with the control socket at `api`.
@@ -60,6 +62,7 @@ pub fn vm_config(spec: &VmSpec, api: PathBuf) -> VmConfig {
         rng: true,
         fds: None,
         jail: None,
+        seccomp: true,
     }
 }
 
@@ -79,6 +82,12 @@ impl Hypervisor for Builtin {
         }
         let api = spec.workdir.join("vmm-api.sock");
         let mut config = vm_config(spec, api.clone());
+        config.seccomp = self.seccomp;
+        if !self.seccomp {
+            tracing::warn!(
+                "hypervisor.seccomp = false: the VMM's threads run without syscall filters"
+            );
+        }
         let handoff = match self.jail {
             Some(ids) => Some(super::jail::prepare(spec, &mut config, ids).await?),
             None => {
@@ -96,7 +105,11 @@ impl Hypervisor for Builtin {
         let log = spec.workdir.join("vmm.log");
         let netns = spec.net.as_ref().map(|n| n.netns.as_path());
         let vmm = match handoff {
-            None => Daemon::spawn_in("pangolin-vmm", &self.vmm_path, &args, &log, netns)?,
+            None => {
+                let vmm = Daemon::spawn_in("pangolin-vmm", &self.vmm_path, &args, &log, netns)?;
+                spec.place("pangolin-vmm", vmm.pid())?;
+                vmm
+            }
             Some(fds) => {
                 let (ours, theirs) = std::os::unix::net::UnixStream::pair()
                     .map_err(|e| HypervisorError::Io("the VMM's descriptor socket", e))?;
@@ -108,6 +121,8 @@ impl Hypervisor for Builtin {
                     netns,
                     Some(theirs.into()),
                 )?;
+                // Placed before it gets its descriptors: it allocates nothing until then.
+                spec.place("pangolin-vmm", vmm.pid())?;
                 super::jail::send(&ours, &fds)
                     .map_err(|e| HypervisorError::Io("sending the VMM its descriptors", e))?;
                 vmm
@@ -192,6 +207,7 @@ mod tests {
             guest_cid: 3,
             vsock_uds: "/run/p/s1/vm.vsock".into(),
             net: None,
+            cgroup: None,
         };
         let c = vm_config(&spec, "/run/p/s1/api.sock".into());
         assert!(c.validate().is_ok());

@@ -43,6 +43,21 @@ pub struct VmSpec {
     pub vsock_uds: PathBuf,
     /// The pod's NIC: a tap in a network namespace, where the VMM then runs.
     pub net: Option<NicSpec>,
+    /// The pod's host cgroup: the backend moves each process it starts into it.
+    pub cgroup: Option<std::sync::Arc<crate::host_cgroup::PodCgroup>>,
+}
+
+impl VmSpec {
+    /// Moves helper `what` (pid `pid`) into the pod's cgroup, when there is one.
+    ///
+    /// # Errors
+    /// [`HypervisorError::Cgroup`] when the kernel refuses.
+    pub fn place(&self, what: &'static str, pid: Option<u32>) -> Result<(), HypervisorError> {
+        match (&self.cgroup, pid) {
+            (Some(cgroup), Some(pid)) => Ok(cgroup.add(what, pid)?),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A virtio-net NIC backed by a tap.
@@ -59,6 +74,9 @@ pub struct NicSpec {
 /// A backend failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
+    /// A helper could not be moved into the pod's cgroup.
+    #[error(transparent)]
+    Cgroup(#[from] crate::host_cgroup::CgroupError),
     /// A helper process failed.
     #[error(transparent)]
     Daemon(#[from] DaemonError),

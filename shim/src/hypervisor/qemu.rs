@@ -135,6 +135,8 @@ impl Hypervisor for Qemu {
             &vsock_args,
             &spec.workdir.join("vsock.log"),
         )?;
+        // A helper that cannot be placed is dropped, which kills it.
+        spec.place("vhost-device-vsock", vsockd.pid())?;
         vsockd.wait_for_socket(&vhost_socket, DAEMON_READY).await?;
 
         let args = qemu_args(spec, self.accel, &vhost_socket);
@@ -152,6 +154,7 @@ impl Hypervisor for Qemu {
                 return Err(err.into());
             }
         };
+        spec.place("qemu", qemu.pid())?;
         let exit = first_exit(qemu.exit_watch(), vsockd.exit_watch());
         Ok(Box::new(QemuVm {
             qemu,
@@ -229,6 +232,7 @@ mod tests {
             guest_cid: 3,
             vsock_uds: "/run/p/s1/vm.vsock".into(),
             net: None,
+            cgroup: None,
         }
     }
 

@@ -104,6 +104,13 @@ impl Pod {
                 .map_err(|why| PodError::invalid("configuration", why.clone()))?;
             let config = super::sizing::vm_config(base, spec)?;
             let netns = pod_netns(spec)?;
+            let cgroup = crate::host_cgroup::pod_cgroup_path(
+                spec.linux()
+                    .as_ref()
+                    .and_then(|l| l.cgroups_path().as_ref())
+                    .and_then(|p| p.to_str()),
+            )
+            .map_err(|e| PodError::invalid("linux.cgroupsPath", e.to_string()))?;
             spec.hostname()
                 .clone_into(&mut self.hostname.lock().unwrap_or_else(|p| p.into_inner()));
             tracing::info!(
@@ -118,6 +125,7 @@ impl Pod {
                 config,
                 share: self.mounts.shared().to_path_buf(),
                 netns,
+                cgroup,
             })
         };
         let pod = Arc::clone(self);

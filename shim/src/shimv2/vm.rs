@@ -41,6 +41,8 @@ pub struct BootPlan {
     pub share: PathBuf,
     /// The pod's network namespace, if it has one.
     pub netns: Option<PathBuf>,
+    /// The pod's host cgroup (`linux.cgroupsPath`), if the spec names one.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// A running pod VM.
@@ -99,6 +101,7 @@ impl VmLauncher for SandboxLauncher {
             share: Some(&plan.share),
             console_log: None,
             netns: plan.netns.as_deref(),
+            cgroup: plan.cgroup.as_deref(),
             cancel: Some(cancel),
         };
         let sandbox = Sandbox::start_with(&plan.pod_id, &plan.config, options).await?;

@@ -42,6 +42,8 @@ pub fn attach_all(
     for fs in &config.fs {
         let dev =
             virtio::fs::VhostUserFs::new(&fs.socket, &fs.tag, attach.mem).map_err(boxed("fs"))?;
+        // Activation runs on the vCPU that writes DRIVER_OK and talks to virtiofsd.
+        attach.seccomp.vhost_user_sockets.push(dev.backend_fd());
         attach_virtio(attach, "fs", dev)?;
     }
     for (blk, file) in config.blk.iter().zip(host.disks) {

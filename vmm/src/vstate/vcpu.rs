@@ -2,17 +2,19 @@
 //! dispatching port-I/O and MMIO exits to the buses until the guest or the VMM stops.
 
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use seccompiler::BpfProgram;
 
 use super::control::{Control, ExitReason};
 use super::vm::Vm;
 use crate::arch::regs::{self, BootEntry, RegsError};
 use crate::arch::{cpuid, msr};
 use crate::bus::Bus;
+use crate::seccomp;
 
 /// A vCPU could not be set up or started.
 #[derive(Debug, thiserror::Error)]
@@ -99,17 +101,64 @@ impl VcpuHandle {
     }
 }
 
-/// Starts vCPU `id` on its own thread.
-pub fn spawn(
-    id: u8,
-    fd: VcpuFd,
-    pio: Bus,
-    mmio: Bus,
-    control: Arc<Control>,
-) -> Result<VcpuHandle, VcpuError> {
+/// Holds the vCPU threads back until the whole VMM is ready to run the guest (every thread's
+/// seccomp filter installed); opened once, never closed again.
+#[derive(Debug, Default)]
+pub struct StartGate {
+    open: Mutex<bool>,
+    cond: Condvar,
+}
+
+impl StartGate {
+    /// Lets every waiting (and later) thread through.
+    pub fn open(&self) {
+        *self.open.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.cond.notify_all();
+    }
+
+    /// Blocks until [`Self::open`].
+    pub fn wait(&self) {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        while !*open {
+            open = self.cond.wait(open).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// What a vCPU thread runs with.
+pub struct Run {
+    /// Port I/O bus.
+    pub pio: Bus,
+    /// MMIO bus.
+    pub mmio: Bus,
+    /// Run control.
+    pub control: Arc<Control>,
+    /// The filter the thread installs on itself first (None: `seccomp = false`).
+    pub filter: Option<BpfProgram>,
+    /// Opened once every thread is ready.
+    pub start: Arc<StartGate>,
+}
+
+/// Starts vCPU `id` on its own thread; it installs its filter, waits at the start gate, then
+/// runs the guest.
+///
+/// # Errors
+/// [`VcpuError::Spawn`] when the thread cannot be created.
+pub fn spawn(id: u8, fd: VcpuFd, run_with: Run) -> Result<VcpuHandle, VcpuError> {
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
-        .spawn(move || run(id, fd, &pio, &mmio, &control))
+        .spawn(move || {
+            if let Some(filter) = &run_with.filter {
+                if let Err(e) = seccomp::install("vCPU", filter) {
+                    tracing::error!(vcpu = id, error = %e, "vCPU seccomp filter");
+                    run_with
+                        .control
+                        .exit(ExitReason::Failed("vCPU seccomp filter"));
+                }
+            }
+            run_with.start.wait();
+            run(id, fd, &run_with.pio, &run_with.mmio, &run_with.control);
+        })
         .map_err(VcpuError::Spawn)?;
     Ok(VcpuHandle { thread })
 }

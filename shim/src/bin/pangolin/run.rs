@@ -120,6 +120,7 @@ pub async fn run(config_file: Option<&Path>, args: RunArgs) -> anyhow::Result<u8
             share: Some(&rootfs),
             console_log: args.console_log.as_deref(),
             netns: None,
+            cgroup: None,
             cancel: None,
         },
     )

@@ -108,8 +108,8 @@ impl VhostUserFs {
         matches!(self.state, State::Broken)
     }
 
-    /// The vhost-user socket, watched for hang-up.
-    pub(super) fn backend_fd(&self) -> RawFd {
+    /// The vhost-user socket (watched for hang-up; the only socket a vCPU thread may use).
+    pub fn backend_fd(&self) -> RawFd {
         self.frontend.as_raw_fd()
     }
 
@@ -324,12 +324,16 @@ mod tests {
         }
         reply.extend_from_slice(&PROTOCOL_FEATURES_BIT.to_le_bytes());
         std::io::Write::write_all(&mut daemon, &reply).expect("reply");
-        daemon.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        daemon
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
         let err = VhostUserFs::from_stream(ours, "t", &mem).expect_err("refused");
         assert!(matches!(err, FsError::NoVersion1));
         // No reply at all: the handshake fails instead of waiting.
         let (ours, daemon) = UnixStream::pair().expect("socketpair");
-        daemon.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        daemon
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
         let err = VhostUserFs::from_stream(ours, "t", &mem).expect_err("refused");
         assert!(matches!(err, FsError::Handshake(_)));
         let (ours, _daemon) = UnixStream::pair().expect("socketpair");

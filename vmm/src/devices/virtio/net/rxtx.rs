@@ -297,7 +297,11 @@ mod tests {
         host.send(&frame(10)).expect("send");
         let mut buf = vec![0u8; RX_BUF_LEN];
         receive(&mut queue, &mem, &mut tap, &mut buf, &mut stats).expect("rx survives");
-        assert_eq!(stats.bad_chains.count(), 4, "two entries, seen by tx and rx");
+        assert_eq!(
+            stats.bad_chains.count(),
+            4,
+            "two entries, seen by tx and rx"
+        );
         assert_eq!(guest.used_idx(&mem), 0, "nothing returnable");
         // The next good chain is served.
         guest.add(&[(0x14_0000, 2048, true)]);

@@ -1,0 +1,176 @@
+//! The pod's cgroup on the host: every process a sandbox starts (the VMM or QEMU, virtiofsd,
+//! vhost-device-vsock) runs in it, so the pod's host-side CPU and memory (guest RAM included)
+//! are charged to the pod, under whatever limits its parent (kubelet's pod cgroup) sets.
+//!
+//! The path is the first task's `linux.cgroupsPath` (for a CRI pod the sandbox container's,
+//! `<cgroup_parent>/<sandbox id>` or containerd's default `/k8s.io/<id>`), in the cgroupfs
+//! form. cgroup v1 (each controller's hierarchy), hybrid and v2 hosts are handled by youki's
+//! `libcgroups`. The systemd form (`slice:prefix:name`) needs systemd to create a scope over
+//! D-Bus and is not supported: the pod then runs in the shim's cgroup and a warning says so.
+//! When the cgroup is removed, whatever still runs in it is killed first.
+
+use std::path::{Path, PathBuf};
+
+use libcgroups::common::{create_cgroup_manager, AnyCgroupManager, CgroupConfig, CgroupManager};
+use nix_libcgroups::unistd::Pid;
+
+/// The pod cgroup could not be made or used.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// `linux.cgroupsPath` is not a usable cgroupfs path.
+    #[error("linux.cgroupsPath {path:?}: {why}")]
+    Path {
+        /// The value.
+        path: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// The host's cgroup setup could not be read.
+    #[error("pod cgroup {path}: {message}")]
+    Host {
+        /// The cgroup.
+        path: PathBuf,
+        /// What libcgroups said.
+        message: String,
+    },
+    /// A process could not be moved into the cgroup.
+    #[error("moving {what} (pid {pid}) into the pod cgroup {path}: {message}")]
+    Add {
+        /// Which helper.
+        what: &'static str,
+        /// Its pid.
+        pid: u32,
+        /// The cgroup.
+        path: PathBuf,
+        /// What libcgroups said.
+        message: String,
+    },
+}
+
+/// Reads a pod's cgroup path from `linux.cgroupsPath`: `None` when the spec has none or names
+/// a systemd unit (logged), an error when it is not a clean absolute path.
+///
+/// # Errors
+/// [`CgroupError::Path`] naming the field.
+pub fn pod_cgroup_path(cgroups_path: Option<&str>) -> Result<Option<PathBuf>, CgroupError> {
+    let Some(raw) = cgroups_path.filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let bad = |why| CgroupError::Path {
+        path: raw.to_string(),
+        why,
+    };
+    if !raw.starts_with('/') {
+        if raw.split(':').count() == 3 {
+            tracing::warn!(
+                cgroups_path = raw,
+                "systemd cgroup paths are not supported: the pod's VM runs in the shim's cgroup"
+            );
+            return Ok(None);
+        }
+        return Err(bad("must be an absolute cgroupfs path"));
+    }
+    if raw.split('/').any(|part| part == "." || part == "..") {
+        return Err(bad("must not hold '.' or '..'"));
+    }
+    let path = PathBuf::from(raw);
+    if path.components().count() < 2 {
+        return Err(bad("must name a cgroup below the root"));
+    }
+    Ok(Some(path))
+}
+
+/// The pod's host cgroup, created for it.
+#[derive(Debug)]
+pub struct PodCgroup {
+    path: PathBuf,
+}
+
+impl PodCgroup {
+    /// The pod cgroup at `path` (a value from [`pod_cgroup_path`]); its directories are made
+    /// when the first process is added.
+    ///
+    /// # Errors
+    /// [`CgroupError::Host`] when the host's cgroup setup cannot be detected.
+    pub fn new(path: &Path) -> Result<Self, CgroupError> {
+        let cgroup = Self {
+            path: path.to_path_buf(),
+        };
+        cgroup.manager()?;
+        Ok(cgroup)
+    }
+
+    /// The path, relative to each hierarchy's root.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn manager(&self) -> Result<AnyCgroupManager, CgroupError> {
+        create_cgroup_manager(CgroupConfig {
+            cgroup_path: self.path.clone(),
+            systemd_cgroup: false,
+            container_name: String::new(),
+        })
+        .map_err(|e| CgroupError::Host {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Moves process `pid` (one of the sandbox's helpers, named `what`) into the cgroup.
+    ///
+    /// # Errors
+    /// [`CgroupError::Add`] when the kernel refuses.
+    pub fn add(&self, what: &'static str, pid: u32) -> Result<(), CgroupError> {
+        let failed = |message: String| CgroupError::Add {
+            what,
+            pid,
+            path: self.path.clone(),
+            message,
+        };
+        let raw = i32::try_from(pid).map_err(|_| failed("pid out of range".into()))?;
+        self.manager()
+            .map_err(|e| failed(e.to_string()))?
+            .add_task(Pid::from_raw(raw))
+            .map_err(|e| failed(e.to_string()))?;
+        tracing::debug!(what, pid, cgroup = %self.path.display(), "placed in the pod cgroup");
+        Ok(())
+    }
+
+    /// Kills whatever still runs in the cgroup and removes it from every hierarchy; failures
+    /// are logged (the caller is tearing down and cannot do better).
+    pub fn remove(&self) {
+        let result = self.manager().and_then(|m| {
+            m.remove().map_err(|e| CgroupError::Host {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })
+        });
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot remove the pod cgroup");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroups_path_forms() {
+        assert_eq!(pod_cgroup_path(None).expect("none"), None);
+        assert_eq!(pod_cgroup_path(Some("")).expect("empty"), None);
+        assert_eq!(
+            pod_cgroup_path(Some("/k8s.io/abc")).expect("cgroupfs"),
+            Some(PathBuf::from("/k8s.io/abc"))
+        );
+        assert_eq!(
+            pod_cgroup_path(Some("kubepods.slice:cri-containerd:abc")).expect("systemd"),
+            None
+        );
+        for bad in ["relative/path", "/a/../b", "/a/./b", "/"] {
+            let e = pod_cgroup_path(Some(bad)).expect_err(bad).to_string();
+            assert!(e.starts_with("linux.cgroupsPath"), "{e}");
+        }
+    }
+}
