@@ -60,10 +60,23 @@ fn the_builtin_vmm_runs_jailed_without_privileges_namespaces_or_stray_descriptor
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{vmm}/task"))
-        .expect("tasks")
-        .flatten()
-        .collect();
+    // The vCPU threads exist (and hold their filters) a moment before the main thread installs
+    // its own and opens the start gate: give it that moment (seconds in the nested test host).
+    let filtered = |task: &std::fs::DirEntry| {
+        std::fs::read_to_string(task.path().join("status"))
+            .is_ok_and(|s| field(&s, "Seccomp") == "2")
+    };
+    let deadline = Instant::now() + patience(Duration::from_secs(10));
+    let tasks: Vec<_> = loop {
+        let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{vmm}/task"))
+            .expect("tasks")
+            .flatten()
+            .collect();
+        if tasks.iter().all(filtered) || Instant::now() > deadline {
+            break tasks;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(tasks.len() >= 2, "main thread and at least one vCPU thread");
     for task in &tasks {
         let status = std::fs::read_to_string(task.path().join("status")).expect("status");
