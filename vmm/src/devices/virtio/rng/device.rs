@@ -127,6 +127,29 @@ mod tests {
     }
 
     #[test]
+    fn a_wake_up_serves_at_most_its_budget_then_kicks_itself() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        let mut rng = activated(&mem, &vq);
+        let chains: Vec<_> = (0..5u64)
+            .map(|i| desc(0x10_0000 + i * 0x100, 16, WRITE, 0))
+            .collect();
+        vq.add_desc_chains(&chains, 0).expect("chains");
+        let kick = |rng: &Rng<Counter>| rng.queue_events()[0].read().ok();
+        assert_eq!(rng.serve_up_to(2), 2);
+        assert_eq!(vq.used().idx().load(), 2);
+        assert_eq!(irq_status(&rng), 1);
+        assert_eq!(kick(&rng), Some(1), "a spent budget re-kicks the queue");
+        assert_eq!(rng.serve_up_to(2), 2);
+        assert_eq!(kick(&rng), Some(1));
+        // The last chain fits the budget: served, and nothing more is due.
+        assert_eq!(rng.serve_up_to(2), 1);
+        assert_eq!(vq.used().idx().load(), 5);
+        assert_eq!(kick(&rng), None);
+        assert_eq!(rng.serve_up_to(2), 0);
+    }
+
+    #[test]
     fn caps_one_request() {
         let mem = memory();
         let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);

@@ -82,20 +82,32 @@ impl<H: RequestHandler> SingleQueueDevice<H> {
         }
     }
 
-    /// Serves every available chain, then raises the interrupt if any completed. Failures are
-    /// counted; the first few and then one in [`crate::devices::virtio::LOG_EVERY`] are logged.
+    /// Serves the available chains, at most one ring's worth ([`H::QUEUE_SIZE`] chains) per
+    /// wake-up, then raises the interrupt if any completed; see [`Self::serve_up_to`].
     pub fn process_queue(&mut self) {
+        self.serve_up_to(usize::from(H::QUEUE_SIZE));
+    }
+
+    /// Serves at most `budget` available chains, then raises the interrupt if any completed.
+    /// A guest that keeps refilling the ring cannot hold the event loop: once the budget is
+    /// spent with chains still waiting, the device kicks its own queue eventfd and yields, so
+    /// the other devices get their turn before it serves the rest. Failures are counted; the
+    /// first few and then one in [`crate::devices::virtio::LOG_EVERY`] are logged. Returns the
+    /// number of chains taken off the ring.
+    pub fn serve_up_to(&mut self, budget: usize) -> usize {
         let State::Active {
             mem,
             interrupt,
             queue,
         } = &mut self.state
         else {
-            return;
+            return 0;
         };
         let (handler, errors) = (&mut self.handler, &mut self.guest_errors);
         let mut completed = false;
+        let mut served = 0;
         while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
+            served += 1;
             let head = chain.head_index();
             let len = handler.handle(mem, chain).unwrap_or_else(|e| {
                 if errors.record() {
@@ -113,12 +125,22 @@ impl<H: RequestHandler> SingleQueueDevice<H> {
                     }
                 }
             }
+            if served >= budget {
+                // Budget spent: come back after the other fds had their turn (a spurious
+                // kick when the ring happens to be empty now costs one empty pass).
+                let [queue_evt] = &self.queue_evts;
+                if let Err(e) = queue_evt.write(1) {
+                    warn!(error = %e, device = H::NAME, "re-kicking the queue");
+                }
+                break;
+            }
         }
         if completed {
             if let Err(e) = interrupt.signal_used_queue() {
                 warn!(error = %e, device = H::NAME, "raising the interrupt");
             }
         }
+        served
     }
 }
 
