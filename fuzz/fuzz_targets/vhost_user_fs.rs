@@ -4,7 +4,8 @@
 //! `GET_PROTOCOL_FEATURES`, `GET_QUEUE_NUM`; the `SET_*` messages get no reply without
 //! REPLY_ACK, which is never negotiated) reads exactly those bytes, then EOF. A device that comes
 //! up is activated with queues the guest configured (`QueueConfig::build`, the transport's own
-//! check), whose ring addresses go through the frontend's translation to daemon addresses.
+//! check), and its activation completed as the event loop does it: the ring addresses go
+//! through the frontend's translation to daemon addresses.
 #![no_main]
 
 use std::io::Write;
@@ -76,7 +77,12 @@ fn wire(replies: &[Reply]) -> Vec<u8> {
     let mut out = Vec::new();
     for r in replies.iter().take(16) {
         match r {
-            Reply::Message { code, flags, size, body } => {
+            Reply::Message {
+                code,
+                flags,
+                size,
+                body,
+            } => {
                 let code = match code {
                     Code::GetFeatures => 1,
                     Code::GetProtocolFeatures => 15,
@@ -101,7 +107,9 @@ fn wire(replies: &[Reply]) -> Vec<u8> {
 
 fuzz_target!(|input: Input| {
     let mem = memory();
-    let Ok((ours, mut daemon)) = UnixStream::pair() else { return };
+    let Ok((ours, mut daemon)) = UnixStream::pair() else {
+        return;
+    };
     let bytes = wire(&input.replies);
     // Far below the socket buffer: the write never blocks.
     if bytes.len() > 64 * 1024 || daemon.write_all(&bytes).is_err() {
@@ -110,7 +118,9 @@ fuzz_target!(|input: Input| {
     // EOF after the replies; the daemon end stays open, so the frontend's writes never fail
     // with EPIPE.
     let _ = daemon.shutdown(std::net::Shutdown::Write);
-    let Ok(mut fs) = VhostUserFs::from_stream(ours, &input.tag, mem) else { return };
+    let Ok(mut fs) = VhostUserFs::from_stream(ours, &input.tag, mem) else {
+        return;
+    };
     let offered = fs.avail_features();
     fs.set_acked_features(input.acked);
     for &(offset, len) in input.config_reads.iter().take(8) {
@@ -136,10 +146,21 @@ fuzz_target!(|input: Input| {
     let (ctx, _irq) = activation(mem, queues);
     let activated = fs.activate(ctx).is_ok();
     assert_eq!(activated, fs.is_activated());
+    // The event loop's half: the rings go to the daemon (which has said all it will).
+    if activated {
+        match fs.complete_activation() {
+            Ok(started) => assert!(started && fs.is_activated() && !fs.needs_reset()),
+            Err(_) => assert!(fs.needs_reset() && !fs.is_activated()),
+        }
+    }
     // Only VERSION_1 (required), INDIRECT_DESC and EVENT_IDX ever reach the guest, whatever
     // the daemon offered.
     let passthrough = (1u64 << 32) | (1 << 28) | (1 << 29);
-    assert_eq!(offered & !passthrough, 0, "daemon bits leak to the guest: {offered:#x}");
+    assert_eq!(
+        offered & !passthrough,
+        0,
+        "daemon bits leak to the guest: {offered:#x}"
+    );
     assert_ne!(offered & (1 << 32), 0, "a device without VERSION_1");
     drop(fs);
     drop(daemon);

@@ -42,7 +42,7 @@ pub fn attach_all(
     for fs in &config.fs {
         let dev =
             virtio::fs::VhostUserFs::new(&fs.socket, &fs.tag, attach.mem).map_err(boxed("fs"))?;
-        // Activation runs on the vCPU that writes DRIVER_OK and talks to virtiofsd.
+        // Activation hands the rings to virtiofsd from the event loop, over this socket only.
         attach.seccomp.vhost_user_sockets.push(dev.backend_fd());
         attach_virtio(attach, "fs", dev)?;
     }

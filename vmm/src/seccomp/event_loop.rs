@@ -7,8 +7,7 @@
 
 use seccompiler::BackendError;
 
-use super::rules::{arg, Rules};
-use super::vcpu::common;
+use super::rules::{arg, common, Rules};
 use super::VmContext;
 
 /// The event-loop thread's rules.
@@ -31,6 +30,14 @@ pub fn rules(vm: &VmContext) -> Result<Rules, BackendError> {
     // std's socket reads/writes may go through recv/send.
     r.allow(libc::SYS_recvfrom);
     r.allow(libc::SYS_sendto);
+    // virtio-fs activation (the guest's DRIVER_OK, signalled by the vCPU that wrote it) sends
+    // SET_FEATURES and the vring setup with their eventfds to virtiofsd and reads its replies:
+    // only on the vhost-user sockets.
+    let sockets: Vec<u64> = vm.vhost_user_sockets.iter().map(|&fd| arg(fd)).collect();
+    if !sockets.is_empty() {
+        r.allow_arg_in(libc::SYS_sendmsg, 0, &sockets)?;
+        r.allow_arg_in(libc::SYS_recvmsg, 0, &sockets)?;
+    }
     // Host connections on the vsock listener and the control socket.
     r.allow(libc::SYS_accept4);
     // Guest-initiated vsock connections reach `<uds>_<port>`: Unix sockets only.

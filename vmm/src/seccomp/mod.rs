@@ -5,11 +5,11 @@
 //! The VMM has two kinds of threads, and each gets the smallest list it can work with:
 //!
 //! - **vCPU threads** ([`vcpu`]): `KVM_RUN` and what handling its exits needs (bus writes that
-//!   signal eventfds, the console, log lines, and the virtio-fs activation that hands the rings
-//!   to virtiofsd, only on that device's socket).
+//!   signal eventfds, the console, log lines); no socket call at all.
 //! - **the main thread** ([`event_loop`]): once setup is done it only runs the event loop (the
-//!   devices' queues, the vsock muxer, the control socket, termination), so "the main thread
-//!   after setup" and "the event-loop thread" are one filter here.
+//!   devices' queues and activation, the vsock muxer, the control socket, termination), so "the
+//!   main thread after setup" and "the event-loop thread" are one filter here. The vhost-user
+//!   messages of virtio-fs activation are allowed on that device's socket only.
 //!
 //! Every filter's default action kills the whole process (`SECCOMP_RET_KILL_PROCESS`), never a
 //! single thread: a VM with a dead vCPU or a dead event loop would hang its pod instead of
@@ -53,8 +53,8 @@ pub enum SeccompError {
 /// What a VM's filters need to know about it.
 #[derive(Debug, Clone, Default)]
 pub struct VmContext {
-    /// The vhost-user sockets of the virtio-fs devices: activation (driven by a vCPU's MMIO
-    /// write) sends the rings to the daemon over them.
+    /// The vhost-user sockets of the virtio-fs devices: activation (on the event loop, after a
+    /// vCPU's DRIVER_OK write) sends the rings to the daemon over them.
     pub vhost_user_sockets: Vec<RawFd>,
     /// The signal that kicks a vCPU out of `KVM_RUN` (the only one the main thread may send).
     pub kick_signal: i32,
@@ -76,7 +76,7 @@ impl Filters {
     /// [`SeccompError::Build`] or [`SeccompError::Compile`]: an allow-list is malformed.
     pub fn compile(vm: &VmContext) -> Result<Self, SeccompError> {
         Ok(Self {
-            vcpu: compile("vCPU", vcpu::rules(vm))?,
+            vcpu: compile("vCPU", vcpu::rules())?,
             event_loop: compile("event-loop", event_loop::rules(vm))?,
         })
     }

@@ -72,3 +72,28 @@ impl Rules {
 pub fn arg(v: impl Into<i64>) -> u64 {
     u64::from_ne_bytes(v.into().to_ne_bytes())
 }
+
+/// What any Rust thread of this process needs, whatever it does.
+///
+/// # Errors
+/// A condition seccompiler cannot express (a bug here).
+pub fn common(r: &mut Rules) -> Result<(), BackendError> {
+    // The allocator: glibc's per-thread arenas grow and shrink with these. Never executable.
+    let exec = arg(libc::PROT_EXEC);
+    r.allow_arg_without(libc::SYS_mmap, 2, exec)?;
+    r.allow_arg_without(libc::SYS_mprotect, 2, exec)?;
+    r.allow(libc::SYS_munmap);
+    r.allow(libc::SYS_mremap);
+    r.allow(libc::SYS_madvise);
+    r.allow(libc::SYS_brk);
+    // glibc blocks signals around pthread_kill and thread exit.
+    r.allow(libc::SYS_rt_sigprocmask);
+    // std's HashMap seeds (once per thread), and the clocks when the host's clocksource has no
+    // vDSO fast path (log timestamps, Instant).
+    r.allow(libc::SYS_getrandom);
+    r.allow(libc::SYS_clock_gettime);
+    r.allow(libc::SYS_gettimeofday);
+    // Spinning locks back off with a yield.
+    r.allow(libc::SYS_sched_yield);
+    Ok(())
+}

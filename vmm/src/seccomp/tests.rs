@@ -3,6 +3,7 @@
 //! each case runs in a fresh copy of this test binary (the child) and the parent reads how it
 //! ended.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 
 use super::*;
@@ -71,14 +72,18 @@ fn vm() -> VmContext {
 fn allow_lists_compile_and_hold_none_of_the_forbidden_calls() {
     let vm = vm();
     Filters::compile(&vm).expect("compile");
-    let vcpu = vcpu::rules(&vm).expect("vcpu rules");
+    let vcpu = vcpu::rules().expect("vcpu rules");
     let event_loop = event_loop::rules(&vm).expect("event-loop rules");
     for &nr in NEVER {
         assert!(!vcpu.contains(nr), "vCPU allows syscall {nr}");
         assert!(!event_loop.contains(nr), "event loop allows syscall {nr}");
     }
-    // vCPU threads never wait on epoll, accept, connect or touch disks.
+    // vCPU threads never wait on epoll, accept, connect, talk on a socket or touch disks.
     for nr in [
+        libc::SYS_sendmsg,
+        libc::SYS_recvmsg,
+        libc::SYS_sendto,
+        libc::SYS_recvfrom,
         libc::SYS_epoll_wait,
         libc::SYS_accept4,
         libc::SYS_socket,
@@ -90,9 +95,10 @@ fn allow_lists_compile_and_hold_none_of_the_forbidden_calls() {
     ] {
         assert!(!vcpu.contains(nr), "vCPU allows syscall {nr}");
     }
-    // Without a virtio-fs device a vCPU has no socket call at all.
-    let bare = vcpu::rules(&VmContext::default()).expect("rules");
+    // Without a virtio-fs device the event loop has no vhost-user message call at all.
+    let bare = event_loop::rules(&VmContext::default()).expect("rules");
     assert!(!bare.contains(libc::SYS_sendmsg) && !bare.contains(libc::SYS_recvmsg));
+    assert!(event_loop.contains(libc::SYS_sendmsg) && event_loop.contains(libc::SYS_recvmsg));
 }
 
 /// Env var naming the case a child runs.
@@ -203,6 +209,34 @@ fn child_entry() {
             drop(rx);
             println!("CHILD-OK");
         }
+        // The vhost-user messages go on the virtio-fs socket only: the same call on another
+        // socket kills the process.
+        "event-loop-sendmsg" => {
+            let (vhost, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+            let (other, _peer2) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+            let ctx = VmContext {
+                vhost_user_sockets: vec![vhost.as_raw_fd()],
+                ..vm()
+            };
+            let filters = Filters::compile(&ctx).expect("compile");
+            install("event-loop", &filters.event_loop).expect("install");
+            sendmsg_byte(vhost.as_raw_fd()).expect("sendmsg on the vhost-user socket");
+            println!("CHILD-VHOST-OK");
+            let _ = sendmsg_byte(other.as_raw_fd());
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
+        // A vCPU never talks on a socket, not even the vhost-user one.
+        "vcpu-sendmsg" => {
+            let (vhost, _peer) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+            let f = filters.vcpu.clone();
+            let fd = vhost.as_raw_fd();
+            let t = std::thread::spawn(move || {
+                install("vCPU", &f).expect("install");
+                let _ = sendmsg_byte(fd);
+            });
+            let _ = t.join();
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
         // The event loop may not open files.
         "event-loop-denied" => {
             install("event-loop", &filters.event_loop).expect("install");
@@ -243,10 +277,34 @@ fn child_entry() {
     }
 }
 
+/// `sendmsg(2)` of one byte on `fd`.
+fn sendmsg_byte(fd: std::os::fd::RawFd) -> nix::Result<usize> {
+    use nix::sys::socket::{sendmsg, MsgFlags, UnixAddr};
+    sendmsg::<UnixAddr>(
+        fd,
+        &[std::io::IoSlice::new(b"x")],
+        &[],
+        MsgFlags::empty(),
+        None,
+    )
+}
+
 #[test]
 fn a_call_off_the_vcpu_list_kills_the_whole_process() {
     assert_killed_by_sigsys("vcpu-denied");
     assert_killed_by_sigsys("vcpu-creates-eventfd");
+    assert_killed_by_sigsys("vcpu-sendmsg");
+}
+
+#[test]
+fn the_event_loop_sends_vhost_user_messages_on_that_socket_only() {
+    let (status, text) = child("event-loop-sendmsg");
+    assert!(text.contains("CHILD-VHOST-OK"), "{status:?}\n{text}");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGSYS),
+        "sendmsg on another socket: expected SIGSYS, got {status:?}\n{text}"
+    );
 }
 
 #[test]

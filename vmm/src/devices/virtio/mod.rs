@@ -109,6 +109,7 @@ impl Interrupt {
 }
 
 /// What a device gets when the driver sets DRIVER_OK.
+#[derive(Debug)]
 pub struct ActivateContext {
     /// Guest memory (cheap to clone; shares the mapping).
     pub mem: GuestMemoryMmap,
@@ -141,8 +142,13 @@ pub trait VirtioDevice: Send {
     /// [`ActivateError`] when the queues or the backend are unusable; the transport then sets
     /// DEVICE_NEEDS_RESET.
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
-    /// Whether the device is activated.
+    /// Whether the device is activated (or its activation is under way on the event loop).
     fn is_activated(&self) -> bool;
+    /// Whether the device failed after the transport activated it (e.g. its backend refused
+    /// the rings on the event loop, or went away): the transport then shows DEVICE_NEEDS_RESET.
+    fn needs_reset(&self) -> bool {
+        false
+    }
     /// Driver reset: stops processing and forgets the queues; false if the device cannot reset
     /// (the transport then marks it broken).
     fn reset(&mut self) -> bool {

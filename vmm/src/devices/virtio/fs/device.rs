@@ -1,5 +1,11 @@
 //! The virtio-fs device: the vhost-user connection, the configuration space, and handing the
 //! rings to the daemon on activation.
+//!
+//! Activation is split across threads like every other device's: the vCPU that writes
+//! DRIVER_OK only stores the queues and signals the activation eventfd
+//! ([`VirtioDevice::activate`]); the event loop then hands the rings to virtiofsd
+//! ([`VhostUserFs::complete_activation`]). So no vCPU thread ever talks to the daemon, and its
+//! seccomp filter holds no socket call.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -22,6 +28,11 @@ use crate::memory::GuestMemoryMmap;
 enum State {
     /// Connected and negotiated; the driver has not started the device.
     Ready,
+    /// The driver set DRIVER_OK: the queues wait for the event loop to hand them to the daemon.
+    Activating {
+        /// The queues, memory and interrupt line the transport passed.
+        ctx: ActivateContext,
+    },
     /// The daemon owns the rings; calls are forwarded to this interrupt line.
     Active {
         /// The device's interrupt line.
@@ -108,9 +119,38 @@ impl VhostUserFs {
         matches!(self.state, State::Broken)
     }
 
-    /// The vhost-user socket (watched for hang-up; the only socket a vCPU thread may use).
+    /// The vhost-user socket (watched for hang-up; the event loop's filter allows the vhost-user
+    /// messages on it and on no other socket).
     pub fn backend_fd(&self) -> RawFd {
         self.frontend.as_raw_fd()
+    }
+
+    /// The event loop's half of activation: hands every ring the driver configured to the daemon
+    /// (features, then per queue num/base/addr/call/kick/enable). Returns false when nothing was
+    /// waiting (a spurious wakeup, or the device is already active or broken).
+    ///
+    /// # Errors
+    /// [`FsError`] when the daemon refuses a message; the device is then broken (some rings
+    /// may already belong to the daemon), reports DEVICE_NEEDS_RESET, and raises a
+    /// configuration interrupt so the driver notices.
+    pub fn complete_activation(&mut self) -> Result<bool, FsError> {
+        let ctx = match std::mem::replace(&mut self.state, State::Broken) {
+            State::Activating { ctx } => ctx,
+            other => {
+                self.state = other;
+                return Ok(false);
+            }
+        };
+        if let Err(e) = self.start_vrings(&ctx) {
+            if let Err(irq) = ctx.interrupt.signal_config_change() {
+                tracing::warn!(error = %irq, "virtio-fs configuration interrupt");
+            }
+            return Err(e);
+        }
+        self.state = State::Active {
+            interrupt: ctx.interrupt,
+        };
+        Ok(true)
     }
 
     fn start_vrings(&mut self, ctx: &ActivateContext) -> Result<(), FsError> {
@@ -226,19 +266,18 @@ impl VirtioDevice for VhostUserFs {
         if !matches!(self.state, State::Ready) {
             return Err(ActivateError::Backend(Box::new(FsError::Broken)));
         }
-        if let Err(e) = self.start_vrings(&ctx) {
-            // Some rings may already belong to the daemon: no way back but a new device.
-            self.state = State::Broken;
-            return Err(ActivateError::Backend(Box::new(e)));
-        }
-        self.state = State::Active {
-            interrupt: ctx.interrupt,
-        };
-        self.activate_evt.write(1).map_err(ActivateError::Event)
+        // The vhost-user messages are the event loop's: see `complete_activation`.
+        self.activate_evt.write(1).map_err(ActivateError::Event)?;
+        self.state = State::Activating { ctx };
+        Ok(())
     }
 
     fn is_activated(&self) -> bool {
-        matches!(self.state, State::Active { .. })
+        matches!(self.state, State::Activating { .. } | State::Active { .. })
+    }
+
+    fn needs_reset(&self) -> bool {
+        matches!(self.state, State::Broken)
     }
 }
 
@@ -341,6 +380,35 @@ mod tests {
             VhostUserFs::from_stream(ours, "", &mem),
             Err(FsError::Tag)
         ));
+    }
+
+    #[test]
+    fn the_vcpus_half_of_activation_sends_nothing_and_a_refusal_later_asks_for_a_reset() {
+        let (mut fs, backend, mem) = connect(BACKEND_FEATURES);
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).expect("irq")));
+        fs.activate(ActivateContext {
+            mem: mem.clone(),
+            interrupt: interrupt.clone(),
+            queues: queues(&mem),
+        })
+        .expect("activate");
+        assert!(fs.is_activated() && !fs.needs_reset());
+        assert_eq!(fs.activate_evt.read().expect("the event loop is told"), 1);
+        // The daemon goes away before the event loop hands it the rings.
+        let log = backend.finish();
+        assert_eq!(
+            log.last().map(|m| m.request),
+            Some(req::SET_MEM_TABLE),
+            "the vCPU's half talked to the daemon"
+        );
+        assert!(fs.complete_activation().is_err());
+        assert!(fs.needs_reset() && !fs.is_activated());
+        assert_eq!(
+            interrupt.status(),
+            crate::devices::virtio::VIRTIO_MMIO_INT_CONFIG
+        );
+        // Nothing is waiting any more: a second wakeup does nothing.
+        assert!(!fs.complete_activation().expect("nothing to do"));
     }
 
     #[test]

@@ -1,11 +1,11 @@
-//! virtio-fs on the event loop: the activation eventfd, the daemon's call eventfds (turned into
-//! interrupts) and the vhost-user socket (hang-up only: the daemon died).
+//! virtio-fs on the event loop: the activation eventfd (the rings go to the daemon here), the
+//! daemon's call eventfds (turned into interrupts) and the vhost-user socket (hang-up only: the
+//! daemon died).
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use super::device::VhostUserFs;
 use super::{TOKEN_ACTIVATE, TOKEN_BACKEND, TOKEN_CALL};
-use crate::devices::virtio::VirtioDevice;
 
 impl MutEventSubscriber for VhostUserFs {
     fn init(&mut self, ops: &mut EventOps) {
@@ -30,8 +30,15 @@ impl MutEventSubscriber for VhostUserFs {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             TOKEN_ACTIVATE => {
-                if self.activate_evt.read().is_ok() && self.is_activated() {
-                    self.register_calls(ops);
+                if self.activate_evt.read().is_err() {
+                    return;
+                }
+                match self.complete_activation() {
+                    Ok(true) => self.register_calls(ops),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "virtio-fs activation failed; the device needs a reset")
+                    }
                 }
             }
             TOKEN_BACKEND => self.backend_gone(ops),
@@ -59,7 +66,9 @@ mod tests {
         self, PROTOCOL_FEATURES_BIT, VIRTIO_RING_F_EVENT_IDX,
     };
     use crate::devices::virtio::fs::test_utils::{connect, queues, req, BACKEND_FEATURES};
-    use crate::devices::virtio::{ActivateContext, ActivateError, Interrupt, VIRTIO_F_VERSION_1};
+    use crate::devices::virtio::{
+        ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    };
 
     #[test]
     fn activation_hands_rings_over_and_forwards_calls() {

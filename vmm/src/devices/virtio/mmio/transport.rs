@@ -92,7 +92,15 @@ impl MmioTransport {
             regs::QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size)),
             regs::QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready)),
             regs::INTERRUPT_STATUS => self.interrupt.status(),
-            regs::STATUS => self.state.status(),
+            regs::STATUS => {
+                let failed_since = self.lock_device().needs_reset();
+                self.state.status()
+                    | if failed_since {
+                        regs::status::DEVICE_NEEDS_RESET
+                    } else {
+                        0
+                    }
+            }
             regs::SHM_LEN_LOW | regs::SHM_LEN_HIGH => u32::MAX,
             regs::CONFIG_GENERATION => self.state.config_generation,
             _ => {
@@ -165,6 +173,11 @@ impl MmioTransport {
     }
 
     fn write_status(&mut self, value: u32) {
+        // A device that failed after activation (on the event loop) is as broken as one whose
+        // activation failed here.
+        if self.lock_device().needs_reset() {
+            self.state.needs_reset = true;
+        }
         match self.state.write_status(value) {
             StatusAction::None => {}
             StatusAction::Reset => self.reset(),
