@@ -1,9 +1,11 @@
 //! The built-in VMM's contract with the host side, as plain serde data: the [`VmConfig`] one
-//! `pangolin-vmm` process boots (with its validation) and the control-socket messages ([`api`]).
-//! No KVM, no I/O: the shim links this crate instead of the VMM.
+//! `pangolin-vmm` process boots (with its validation), the control-socket messages ([`api`]),
+//! and the descriptor handoff of a jailed VMM ([`handoff`]: its only I/O). No KVM: the shim links
+//! this crate instead of the VMM.
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod handoff;
 mod jail;
 mod vm;
 

@@ -4,7 +4,7 @@
 //! these and opens nothing else but the sockets it connects to.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
@@ -184,22 +184,12 @@ impl Resources {
     }
 }
 
-/// Receives exactly `want` descriptors in one `SCM_RIGHTS` message on the Unix socket `fd`
+/// Receives exactly `want` descriptors in one handoff message on the Unix socket `fd`
 /// (marked close-on-exec: the VMM never executes anything, and nothing would leak if it did).
 fn receive(fd: RawFd, want: usize) -> Result<Vec<OwnedFd>, ResourceError> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
-    let mut byte = [0u8; 1];
-    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
-    let msg = recvmsg::<UnixAddr>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(|e| ResourceError::Receive(e.into()))?;
-    let mut out = Vec::new();
-    for cmsg in msg.cmsgs().map_err(|e| ResourceError::Receive(e.into()))? {
-        if let ControlMessageOwned::ScmRights(fds) = cmsg {
-            // SAFETY: the kernel just installed these descriptors in this process for us.
-            out.extend(fds.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
-        }
-    }
+    // SAFETY: `fd` is the VMM's stdin, open for the whole call.
+    let sock = unsafe { BorrowedFd::borrow_raw(fd) };
+    let out = pangolin_vmm_config::handoff::receive(sock).map_err(ResourceError::Receive)?;
     if out.len() != want {
         return Err(ResourceError::Count {
             got: out.len(),
@@ -209,27 +199,16 @@ fn receive(fd: RawFd, want: usize) -> Result<Vec<OwnedFd>, ResourceError> {
     Ok(out)
 }
 
-/// Most descriptors one message carries (the kernel's SCM_MAX_FD is 253).
-const MAX_FDS: usize = 64;
-
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
 
     use super::*;
 
     fn send(sock: &UnixStream, files: &[&File]) {
-        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
-        let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
-        let iov = [std::io::IoSlice::new(b"f")];
-        sendmsg::<UnixAddr>(
-            sock.as_raw_fd(),
-            &iov,
-            &[ControlMessage::ScmRights(&raw)],
-            MsgFlags::empty(),
-            None,
-        )
-        .expect("sendmsg");
+        let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+        pangolin_vmm_config::handoff::send(sock.as_fd(), &fds).expect("sendmsg");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! `vmm/src/jail.rs`).
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -117,8 +117,12 @@ pub async fn prepare(
 }
 
 /// Gives the sandbox directory (mode 0700) and every socket in it to the jail's ids: the VMM
-/// binds nothing, but connects to virtiofsd's socket and to the host's vsock listeners there.
-fn hand_over(workdir: &Path, ids: JailIds) -> Result<(), HypervisorError> {
+/// binds nothing, but connects to virtiofsd's socket and to the host's vsock listeners there
+/// (so do QEMU and vhost-device-vsock, which also create their own sockets there).
+///
+/// # Errors
+/// [`HypervisorError::Io`] when a chown or chmod fails.
+pub fn hand_over(workdir: &Path, ids: JailIds) -> Result<(), HypervisorError> {
     let chown = |path: &Path| {
         std::os::unix::fs::chown(path, Some(ids.uid), Some(ids.gid))
             .map_err(io("handing the sandbox directory to the jail's uid"))
@@ -140,16 +144,6 @@ fn hand_over(workdir: &Path, ids: JailIds) -> Result<(), HypervisorError> {
 /// # Errors
 /// The kernel's error for `sendmsg`.
 pub fn send(sock: &UnixStream, fds: &[OwnedFd]) -> std::io::Result<()> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
-    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let iov = [std::io::IoSlice::new(b"f")];
-    sendmsg::<UnixAddr>(
-        sock.as_raw_fd(),
-        &iov,
-        &[ControlMessage::ScmRights(&raw)],
-        MsgFlags::empty(),
-        None,
-    )
-    .map_err(std::io::Error::from)?;
-    Ok(())
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+    pangolin_vmm_config::handoff::send(sock.as_fd(), &borrowed)
 }
