@@ -81,9 +81,19 @@ pub fn pod_cgroup_path(cgroups_path: Option<&str>) -> Result<Option<PathBuf>, Cg
 }
 
 /// The pod's host cgroup, created for it.
-#[derive(Debug)]
 pub struct PodCgroup {
     path: PathBuf,
+    /// Made once: it holds the host's cgroup layout (version, each controller's mount),
+    /// detected from `/proc/self/cgroup` and mountinfo when the pod cgroup is made.
+    manager: AnyCgroupManager,
+}
+
+impl std::fmt::Debug for PodCgroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodCgroup")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PodCgroup {
@@ -93,28 +103,24 @@ impl PodCgroup {
     /// # Errors
     /// [`CgroupError::Host`] when the host's cgroup setup cannot be detected.
     pub fn new(path: &Path) -> Result<Self, CgroupError> {
-        let cgroup = Self {
+        let manager = create_cgroup_manager(CgroupConfig {
+            cgroup_path: path.to_path_buf(),
+            systemd_cgroup: false,
+            container_name: String::new(),
+        })
+        .map_err(|e| CgroupError::Host {
             path: path.to_path_buf(),
-        };
-        cgroup.manager()?;
-        Ok(cgroup)
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            manager,
+        })
     }
 
     /// The path, relative to each hierarchy's root.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    fn manager(&self) -> Result<AnyCgroupManager, CgroupError> {
-        create_cgroup_manager(CgroupConfig {
-            cgroup_path: self.path.clone(),
-            systemd_cgroup: false,
-            container_name: String::new(),
-        })
-        .map_err(|e| CgroupError::Host {
-            path: self.path.clone(),
-            message: e.to_string(),
-        })
     }
 
     /// Moves process `pid` (one of the sandbox's helpers, named `what`) into the cgroup.
@@ -129,8 +135,7 @@ impl PodCgroup {
             message,
         };
         let raw = i32::try_from(pid).map_err(|_| failed("pid out of range".into()))?;
-        self.manager()
-            .map_err(|e| failed(e.to_string()))?
+        self.manager
             .add_task(Pid::from_raw(raw))
             .map_err(|e| failed(e.to_string()))?;
         tracing::debug!(what, pid, cgroup = %self.path.display(), "placed in the pod cgroup");
@@ -140,11 +145,9 @@ impl PodCgroup {
     /// Kills whatever still runs in the cgroup and removes it from every hierarchy; failures
     /// are logged (the caller is tearing down and cannot do better).
     pub fn remove(&self) {
-        let result = self.manager().and_then(|m| {
-            m.remove().map_err(|e| CgroupError::Host {
-                path: self.path.clone(),
-                message: e.to_string(),
-            })
+        let result = self.manager.remove().map_err(|e| CgroupError::Host {
+            path: self.path.clone(),
+            message: e.to_string(),
         });
         if let Err(e) = result {
             tracing::warn!(error = %e, "cannot remove the pod cgroup");
