@@ -164,6 +164,39 @@ impl TestEnv {
         vmm_pids_under(&self.state)
     }
 
+    /// Starts `pangolin run --hypervisor builtin --rootfs <busybox> -- <command>` in the
+    /// background, its output discarded.
+    pub fn spawn_builtin_run(&self, command: &[&str]) -> std::process::Child {
+        let mut run = self.pangolin();
+        run.args(["run", "--hypervisor", "builtin", "--rootfs"])
+            .arg(busybox())
+            .arg("--")
+            .args(command)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        run.spawn().expect("pangolin run")
+    }
+
+    /// The first of this test's VMMs that has a vCPU thread (a jailed VMM creates none before
+    /// its jail is complete), waiting up to `within` (times [`patience`]) for one.
+    pub fn wait_for_vmm_with_vcpu(&self, within: Duration) -> u32 {
+        let deadline = Instant::now() + patience(within);
+        loop {
+            if let Some(pid) = self
+                .vmm_pids()
+                .into_iter()
+                .find(|&pid| has_vcpu_thread(pid))
+            {
+                return pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no VMM with a vCPU thread appeared"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Asserts nothing of this test remains (processes, sockets, sandbox directories), then
     /// removes the test directory.
     pub fn finish(self) {
@@ -278,6 +311,34 @@ pub fn vmm_pids_under(dir: &Path) -> Vec<u32> {
         .filter(|(_, cmd)| cmd.contains("qemu-system") || cmd.contains("pangolin-vmm"))
         .map(|(pid, _)| pid)
         .collect()
+}
+
+/// Whether process `pid` has a thread named `vcpu*`.
+pub fn has_vcpu_thread(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("vcpu"))
+        })
+}
+
+/// Waits up to `within` (times [`patience`]) for `child` to end; kills it and fails the test
+/// when it does not.
+pub fn wait_for_end(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + patience(within);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pangolin run did not end within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Live processes whose command line contains `needle`.

@@ -7,10 +7,9 @@
 #![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use pangolin_e2e::{busybox, patience, TestEnv};
+use pangolin_e2e::{patience, wait_for_end, TestEnv};
 
 /// `key:` fields of a `/proc/<pid>/task/<tid>/status` text, whitespace-joined.
 fn field(status: &str, key: &str) -> String {
@@ -31,35 +30,11 @@ fn ns(pid: &str, kind: &str) -> String {
 fn the_builtin_vmm_runs_jailed_without_privileges_namespaces_or_stray_descriptors() {
     let env = TestEnv::with("jail", |c| c.hypervisor.boot_timeout_ms = 60_000);
     let (uid, gid) = (env.config.jail.uid, env.config.jail.gid);
-    let mut run = env.pangolin();
-    run.args(["run", "--hypervisor", "builtin", "--rootfs"])
-        .arg(busybox())
-        .args(["--", "sleep", "20"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = run.spawn().expect("pangolin run");
-    let deadline = Instant::now() + patience(Duration::from_secs(30));
+    let mut child = env.spawn_builtin_run(&["sleep", "20"]);
     // The VMM once its vCPU thread runs (it jails itself before it creates any thread).
-    let vmm = loop {
-        let running = env.vmm_pids().into_iter().find(|pid| {
-            std::fs::read_dir(format!("/proc/{pid}/task"))
-                .into_iter()
-                .flatten()
-                .flatten()
-                .any(|t| {
-                    std::fs::read_to_string(t.path().join("comm"))
-                        .is_ok_and(|c| c.starts_with("vcpu"))
-                })
-        });
-        if let Some(pid) = running {
-            break pid.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no VMM with a vCPU thread appeared"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let vmm = env
+        .wait_for_vmm_with_vcpu(Duration::from_secs(30))
+        .to_string();
     // The vCPU threads exist (and hold their filters) a moment before the main thread installs
     // its own and opens the start gate: give it that moment (seconds in the nested test host).
     let filtered = |task: &std::fs::DirEntry| {
@@ -137,17 +112,7 @@ fn the_builtin_vmm_runs_jailed_without_privileges_namespaces_or_stray_descriptor
     // The run ends on its own: `sleep 20` finishes where the guest boots (hardware KVM), the
     // emulation gives up where it cannot (PVM: "KVM internal error"); either way it cleans up
     // after the jailed VMM (whose directory belongs to the jail's uid).
-    let deadline = Instant::now() + patience(Duration::from_secs(120));
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("pangolin run did not end");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_for_end(&mut child, Duration::from_secs(120));
     let expected = if pangolin_e2e::host_has_hardware_kvm() {
         0
     } else {
@@ -171,16 +136,10 @@ fn per_vm_ids_give_concurrent_vmms_distinct_uids_from_the_range() {
         c.jail.first_per_vm_id = 300_000;
         c.jail.per_vm_id_count = 8;
     });
-    let start = || {
-        let mut run = env.pangolin();
-        run.args(["run", "--hypervisor", "builtin", "--rootfs"])
-            .arg(busybox())
-            .args(["--", "sleep", "20"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        run.spawn().expect("pangolin run")
-    };
-    let mut runs = [start(), start()];
+    let mut runs = [
+        env.spawn_builtin_run(&["sleep", "20"]),
+        env.spawn_builtin_run(&["sleep", "20"]),
+    ];
     let deadline = Instant::now() + patience(Duration::from_secs(30));
     let uids = loop {
         let mut uids: Vec<String> = env
@@ -209,15 +168,8 @@ fn per_vm_ids_give_concurrent_vmms_distinct_uids_from_the_range() {
             .expect("uid");
         assert!((300_000..300_008).contains(&id), "{id} outside the range");
     }
-    let deadline = Instant::now() + patience(Duration::from_secs(120));
     for run in &mut runs {
-        loop {
-            if run.try_wait().expect("wait").is_some() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "pangolin run did not end");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_end(run, Duration::from_secs(120));
     }
     assert!(
         !env.state.join(".jail-ids").exists(),
@@ -234,40 +186,14 @@ fn seccomp_false_runs_the_vmm_unfiltered_and_logs_it() {
         c.hypervisor.boot_timeout_ms = 60_000;
         c.hypervisor.seccomp = false;
     });
-    let mut run = env.pangolin();
-    run.args(["run", "--hypervisor", "builtin", "--rootfs"])
-        .arg(busybox())
-        .args(["--", "sleep", "5"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = run.spawn().expect("pangolin run");
-    let deadline = Instant::now() + patience(Duration::from_secs(30));
-    let (vmm, log) = loop {
-        let found = env.vmm_pids().into_iter().find_map(|pid| {
-            let has_vcpu = std::fs::read_dir(format!("/proc/{pid}/task"))
-                .into_iter()
-                .flatten()
-                .flatten()
-                .any(|t| {
-                    std::fs::read_to_string(t.path().join("comm"))
-                        .is_ok_and(|c| c.starts_with("vcpu"))
-                });
-            let log = std::fs::read_dir(&env.state)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .find_map(|d| std::fs::read_to_string(d.path().join("vmm.log")).ok())?;
-            has_vcpu.then(|| (pid.to_string(), log))
-        });
-        if let Some(found) = found {
-            break found;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no VMM with a vCPU thread appeared"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut child = env.spawn_builtin_run(&["sleep", "5"]);
+    let vmm = env.wait_for_vmm_with_vcpu(Duration::from_secs(30));
+    let log = std::fs::read_dir(&env.state)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find_map(|d| std::fs::read_to_string(d.path().join("vmm.log")).ok())
+        .unwrap_or_default();
     for task in std::fs::read_dir(format!("/proc/{vmm}/task"))
         .expect("tasks")
         .flatten()
@@ -285,16 +211,6 @@ fn seccomp_false_runs_the_vmm_unfiltered_and_logs_it() {
         log.contains("seccomp = false"),
         "the VMM's log does not say it runs unfiltered:\n{log}"
     );
-    let deadline = Instant::now() + patience(Duration::from_secs(120));
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("pangolin run did not end");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_end(&mut child, Duration::from_secs(120));
     env.finish();
 }
