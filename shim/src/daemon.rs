@@ -13,6 +13,7 @@
 //! from tokio worker threads, which live as long as the runtime; never spawn one from
 //! `spawn_blocking` (those threads exit when idle, and would take the daemon with them).
 
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -63,6 +64,84 @@ pub enum DaemonError {
 /// Sees a daemon's exit status once it exited.
 pub type ExitWatch = watch::Receiver<Option<ExitStatus>>;
 
+/// How a daemon is started beyond its command line.
+#[derive(Debug, Default)]
+pub struct SpawnOptions<'a> {
+    /// The network namespace it joins before anything else (a VMM serving a tap there).
+    pub netns: Option<&'a Path>,
+    /// Its standard input (a Unix socket the host then sends descriptors on), else /dev/null.
+    pub stdin: Option<OwnedFd>,
+    /// Runs as this unprivileged user from its first instruction, else as the shim's user.
+    pub user: Option<Unprivileged>,
+    /// Descriptors it inherits at their numbers (its command line names them); closed in the
+    /// shim once it started.
+    pub inherit: Vec<OwnedFd>,
+}
+
+/// An unprivileged identity for a helper: set in the child between fork and exec, so the
+/// helper never runs a single instruction as root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unprivileged {
+    /// Real, effective and saved uid.
+    pub uid: u32,
+    /// Real, effective and saved gid.
+    pub gid: u32,
+    /// The supplementary groups (all others are dropped), e.g. /dev/kvm's group.
+    pub groups: Vec<u32>,
+    /// RLIMIT_NOFILE; core dumps are always off (RLIMIT_CORE = 0).
+    pub max_open_files: u64,
+}
+
+impl Unprivileged {
+    /// In the forked child: rlimits, groups, gid, uid (which leaves no capability: none is
+    /// kept across a change from uid 0 to non-zero ids), then no_new_privs so nothing it execs
+    /// can gain any.
+    fn enter(&self) -> std::io::Result<()> {
+        let nofile = libc::rlimit {
+            rlim_cur: self.max_open_files,
+            rlim_max: self.max_open_files,
+        };
+        let core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain system calls on values that live across them.
+        unsafe {
+            check(libc::setrlimit(libc::RLIMIT_NOFILE, &raw const nofile))?;
+            check(libc::setrlimit(libc::RLIMIT_CORE, &raw const core))?;
+            check(libc::setgroups(self.groups.len(), self.groups.as_ptr()))?;
+            check(libc::setresgid(self.gid, self.gid, self.gid))?;
+            check(libc::setresuid(self.uid, self.uid, self.uid))?;
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+        }
+        Ok(())
+    }
+}
+
+/// Opens `program` to execute it through its descriptor; true when it is a script (`#!`).
+fn open_executable(program: &Path) -> std::io::Result<(std::fs::File, bool)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(program)?;
+    let mut magic = [0u8; 2];
+    let script = file.read_exact(&mut magic).is_ok() && &magic == b"#!";
+    Ok((file, script))
+}
+
+/// The child gets SIGKILL when the thread that forked it exits.
+fn die_with_parent() -> std::io::Result<()> {
+    // SAFETY: prctl(2) with integer arguments.
+    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) })
+}
+
+/// A libc return value as a result (`-1`: errno).
+fn check(ret: libc::c_int) -> std::io::Result<()> {
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// A running helper process, killed when dropped.
 #[derive(Debug)]
 pub struct Daemon {
@@ -96,19 +175,28 @@ impl Daemon {
         log: &Path,
         netns: Option<&Path>,
     ) -> Result<Daemon, DaemonError> {
-        Self::spawn_with(name, program, args, log, netns, None)
+        let options = SpawnOptions {
+            netns,
+            ..SpawnOptions::default()
+        };
+        Self::spawn_with(name, program, args, log, options)
     }
 
-    /// As [`Daemon::spawn_in`], with `stdin` as the daemon's standard input (a Unix socket the
-    /// host then sends descriptors on), else /dev/null.
+    /// As [`Daemon::spawn`], started the way `options` says: in a network namespace, with a
+    /// given standard input, as an unprivileged user, with descriptors it inherits.
     pub fn spawn_with(
         name: &'static str,
         program: &Path,
         args: &[String],
         log: &Path,
-        netns: Option<&Path>,
-        stdin: Option<std::os::fd::OwnedFd>,
+        options: SpawnOptions<'_>,
     ) -> Result<Daemon, DaemonError> {
+        let SpawnOptions {
+            netns,
+            stdin,
+            user,
+            inherit: inherited,
+        } = options;
         let ns = match netns {
             Some(path) => Some(
                 std::fs::File::open(path).map_err(|source| DaemonError::Spawn {
@@ -126,23 +214,58 @@ impl Daemon {
         let err = out
             .try_clone()
             .map_err(|e| DaemonError::Log(log.into(), e))?;
-        let mut cmd = Command::new(program);
+        // An unprivileged helper may not be able to reach its binary by path (e.g. under
+        // /root): open it here and execute it through the descriptor (argv[0] stays the path).
+        // A script's interpreter opens the descriptor's path after the exec, so a script's
+        // stays open across it; a binary's closes with the exec.
+        let exe = match &user {
+            Some(_) => Some(
+                open_executable(program).map_err(|source| DaemonError::Spawn {
+                    program: program.into(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        let script_fd = exe
+            .as_ref()
+            .filter(|(_, script)| *script)
+            .map(|(file, _)| file.as_raw_fd());
+        let mut cmd = match &exe {
+            Some((file, _)) => {
+                let mut cmd = Command::new(format!("/proc/self/fd/{}", file.as_raw_fd()));
+                cmd.arg0(program);
+                cmd
+            }
+            None => Command::new(program),
+        };
         cmd.args(args)
             .stdin(stdin.map_or_else(Stdio::null, Stdio::from))
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .kill_on_drop(true);
-        // SAFETY: the closure only calls prctl(2) and setns(2), both async-signal-safe; the
-        // namespace descriptor stays open in the parent until spawn returns.
+        let inherit: Vec<RawFd> = inherited
+            .iter()
+            .map(AsRawFd::as_raw_fd)
+            .chain(script_fd)
+            .collect();
+        // SAFETY: the closure only makes async-signal-safe system calls (prctl, setns, fcntl,
+        // setrlimit, setgroups, setresgid, setresuid) on memory allocated before the fork; the
+        // namespace and inherited descriptors stay open in the parent until spawn returns.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                die_with_parent()?;
                 if let Some(fd) = ns_fd {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
+                    check(libc::setns(fd, libc::CLONE_NEWNET))?;
+                }
+                for &fd in &inherit {
+                    // Kept across exec at its number, which the command line names.
+                    check(libc::fcntl(fd, libc::F_SETFD, 0))?;
+                }
+                if let Some(user) = &user {
+                    user.enter()?;
+                    // A change of credentials clears the parent-death signal: set it again.
+                    die_with_parent()?;
                 }
                 Ok(())
             });
@@ -151,6 +274,9 @@ impl Daemon {
             program: program.into(),
             source,
         })?;
+        // The child has its copies (the binary's was closed by its exec: close-on-exec).
+        drop(inherited);
+        drop(exe);
         let pid = child.id();
         tracing::debug!(name, pid, program = %program.display(), "daemon started");
         let (status_tx, exit) = watch::channel(None);

@@ -289,34 +289,40 @@ impl Sandbox {
                 });
             }
         }
+        // One identity for the pod's confined host processes (the built-in VMM, or QEMU and
+        // vhost-device-vsock): a per-VM id from the range, or the shared jail uid/gid.
+        let j = &config.jail;
         let mut jail_id = None;
+        let jail = if j.enabled {
+            let (uid, gid) = if j.per_vm_ids {
+                let dir = config.runtime.state_dir.join(".jail-ids");
+                let held = crate::jail_ids::take(&dir, j.first_per_vm_id, j.per_vm_id_count)?;
+                let id = held.id;
+                jail_id = Some(held);
+                (id, id)
+            } else {
+                (j.uid, j.gid)
+            };
+            Some(hypervisor::jail::JailIds {
+                uid,
+                gid,
+                max_open_files: j.max_open_files,
+            })
+        } else {
+            None
+        };
         let backend: Box<dyn Hypervisor> = match kind {
             HypervisorKind::Qemu => Box::new(Qemu {
                 qemu_path: config.hypervisor.qemu_path.clone(),
                 vhost_vsock_path: config.vsock.vhost_device_vsock_path.clone(),
                 accel: hypervisor::qemu_accel(config.hypervisor.accel, &host)?,
+                jail,
             }),
-            HypervisorKind::Builtin => {
-                let j = &config.jail;
-                let (uid, gid) = if j.enabled && j.per_vm_ids {
-                    let dir = config.runtime.state_dir.join(".jail-ids");
-                    let held = crate::jail_ids::take(&dir, j.first_per_vm_id, j.per_vm_id_count)?;
-                    let id = held.id;
-                    jail_id = Some(held);
-                    (id, id)
-                } else {
-                    (j.uid, j.gid)
-                };
-                Box::new(Builtin {
-                    vmm_path: config.hypervisor.vmm_path.clone(),
-                    seccomp: config.hypervisor.seccomp,
-                    jail: j.enabled.then_some(hypervisor::jail::JailIds {
-                        uid,
-                        gid,
-                        max_open_files: j.max_open_files,
-                    }),
-                })
-            }
+            HypervisorKind::Builtin => Box::new(Builtin {
+                vmm_path: config.hypervisor.vmm_path.clone(),
+                seccomp: config.hypervisor.seccomp,
+                jail,
+            }),
             // `resolve` never returns Auto: refuse rather than guess.
             other => {
                 return Err(HypervisorError::Unsupported {

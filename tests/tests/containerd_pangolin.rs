@@ -545,10 +545,13 @@ fn helpers_are_sandboxed_and_volume_symlinks_cannot_reach_the_host() {
         "virtiofsd's root is the pod share: {root:?}"
     );
     if !pangolin_e2e::host_has_hardware_kvm() {
-        // This host's backend is QEMU (with hardware KVM it is the jailed built-in VMM).
+        // This host's backend is QEMU on TCG (with hardware KVM it is the jailed built-in
+        // VMM): QEMU and vhost-device-vsock run as the jail's ids with no capability.
         let qemu = pid_of("qemu-system");
         assert_eq!(status_field(qemu, "Seccomp"), "2", "QEMU -sandbox");
-        assert_eq!(status_field(qemu, "NoNewPrivs"), "1");
+        let jail = (env.config.jail.uid, env.config.jail.gid);
+        assert_unprivileged(jail, qemu, "QEMU");
+        assert_unprivileged(jail, pid_of("vhost-device-vsock"), "vhost-device-vsock");
     }
     let _ = ctr(&ctrd, &["task", "kill", "-s", "SIGKILL", "links1"]);
     let deadline = Instant::now() + patience(Duration::from_secs(60));
@@ -560,6 +563,32 @@ fn helpers_are_sandboxed_and_volume_symlinks_cannot_reach_the_host() {
         .status
         .success());
     finish_containerd(ctrd, env);
+}
+
+/// `pid` runs as the jail's uid/gid (real, effective, saved, filesystem), in no supplementary
+/// group, with every capability set but the bounding set empty and no_new_privs.
+fn assert_unprivileged((uid, gid): (u32, u32), pid: u32, what: &str) {
+    let ids = |field: &str| -> Vec<String> {
+        status_field(pid, field)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(ids("Uid"), vec![uid.to_string(); 4], "{what}'s uids");
+    assert_eq!(ids("Gid"), vec![gid.to_string(); 4], "{what}'s gids");
+    assert_eq!(
+        status_field(pid, "Groups"),
+        "",
+        "{what}'s supplementary groups"
+    );
+    for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(status_field(pid, set), "0000000000000000", "{what}'s {set}");
+    }
+    assert_eq!(
+        status_field(pid, "NoNewPrivs"),
+        "1",
+        "{what}'s no_new_privs"
+    );
 }
 
 /// The cgroup that charges `pid`'s memory: the memory controller's (cgroup v1 or hybrid) or

@@ -12,7 +12,7 @@ use pangolin_vmm_config::{FsConfig, NetConfig, VmConfig, VsockConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use super::{Hypervisor, HypervisorError, Vm, VmSpec};
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, SpawnOptions};
 
 /// How long a control request may take.
 const API_TIMEOUT: Duration = Duration::from_secs(3);
@@ -113,14 +113,12 @@ impl Hypervisor for Builtin {
             Some(fds) => {
                 let (ours, theirs) = std::os::unix::net::UnixStream::pair()
                     .map_err(|e| HypervisorError::Io("the VMM's descriptor socket", e))?;
-                let vmm = Daemon::spawn_with(
-                    "pangolin-vmm",
-                    &self.vmm_path,
-                    &args,
-                    &log,
+                let options = SpawnOptions {
                     netns,
-                    Some(theirs.into()),
-                )?;
+                    stdin: Some(theirs.into()),
+                    ..SpawnOptions::default()
+                };
+                let vmm = Daemon::spawn_with("pangolin-vmm", &self.vmm_path, &args, &log, options)?;
                 // Placed before it gets its descriptors: it allocates nothing until then.
                 spec.place("pangolin-vmm", vmm.pid())?;
                 super::jail::send(&ours, &fds)

@@ -7,15 +7,29 @@
 //!   which vhost-user requires, and `force-legacy=false`, which virtiofsd requires);
 //! - serial console to a file. The guest reboots to power off (`reboot=t`); `-no-reboot` turns
 //!   that into a QEMU exit.
+//!
+//! Confinement (configuration.toml's `[jail]`): QEMU filters its own syscalls (`-sandbox`),
+//! and with the jail enabled QEMU and vhost-device-vsock run as the jail's uid/gid with no
+//! capability and no_new_privs from their first instruction, inside the pod's network
+//! namespace. An unprivileged QEMU cannot open the host's files by path, so the shim opens
+//! them and QEMU inherits the descriptors: the kernel and initramfs as `/proc/self/fd/N`,
+//! the console log as an fd set (`-add-fd`, `file:/dev/fdset/1`), the tap as `fd=N` (its
+//! vnet header is probed from the descriptor). With KVM, QEMU opens `/dev/kvm` itself: it
+//! gets /dev/kvm's group when that group may read and write it; a /dev/kvm only root can
+//! open leaves QEMU as root (logged as a warning each boot; vhost-device-vsock still drops).
 
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pangolin_runtime_config::{Accel, HypervisorKind};
 
+use super::jail::JailIds;
 use super::{Hypervisor, HypervisorError, Vm, VmSpec};
-use crate::daemon::{resolve_program, Daemon, ExitWatch};
+use crate::daemon::{resolve_program, Daemon, ExitWatch, SpawnOptions, Unprivileged};
 
 /// How long the vsock daemon may take to create its socket.
 const DAEMON_READY: Duration = Duration::from_secs(10);
@@ -29,13 +43,41 @@ pub struct Qemu {
     pub vhost_vsock_path: PathBuf,
     /// Resolved accelerator (kvm or tcg).
     pub accel: Accel,
+    /// Who QEMU and vhost-device-vsock run as (None: `jail.enabled = false`, both as root).
+    pub jail: Option<JailIds>,
 }
+
+/// How QEMU reaches the host files it reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostFiles {
+    /// By path: QEMU runs as root and opens them itself.
+    Paths,
+    /// Through descriptors the shim opened and QEMU inherits at these numbers.
+    Inherited {
+        /// The guest kernel (read-only).
+        kernel: RawFd,
+        /// The initramfs (read-only).
+        initramfs: RawFd,
+        /// The console log (write, append).
+        console: RawFd,
+        /// The pod's tap queue, when it has a NIC.
+        tap: Option<RawFd>,
+    },
+}
+
+/// The fd set `-add-fd` puts the console log in.
+const CONSOLE_FDSET: u32 = 1;
 
 /// QEMU's `-sandbox` setting (Kata's choice): QEMU filters its own syscalls.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
-/// Command-line arguments for QEMU booting `spec`.
-pub fn qemu_args(spec: &VmSpec, accel: Accel, vhost_vsock_socket: &Path) -> Vec<String> {
+/// Command-line arguments for QEMU booting `spec`, reaching the host's files as `files` says.
+pub fn qemu_args(
+    spec: &VmSpec,
+    accel: Accel,
+    vhost_vsock_socket: &Path,
+    files: HostFiles,
+) -> Vec<String> {
     let mem = format!("{}M", spec.memory_mib);
     let (accel_arg, cpu) = match accel {
         Accel::Kvm => ("kvm", "host"),
@@ -62,12 +104,37 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, vhost_vsock_socket: &Path) -> Vec<
         SANDBOX.into(),
         "-nographic".into(),
         "-no-reboot".into(),
+    ];
+    let (kernel, initramfs, console) = match files {
+        HostFiles::Paths => (
+            spec.kernel.display().to_string(),
+            spec.initramfs.display().to_string(),
+            format!("file:{}", spec.console_log.display()),
+        ),
+        HostFiles::Inherited {
+            kernel,
+            initramfs,
+            console,
+            ..
+        } => {
+            args.extend([
+                "-add-fd".into(),
+                format!("fd={console},set={CONSOLE_FDSET},opaque=console"),
+            ]);
+            (
+                format!("/proc/self/fd/{kernel}"),
+                format!("/proc/self/fd/{initramfs}"),
+                format!("file:/dev/fdset/{CONSOLE_FDSET}"),
+            )
+        }
+    };
+    args.extend([
         "-serial".into(),
-        format!("file:{}", spec.console_log.display()),
+        console,
         "-kernel".into(),
-        spec.kernel.display().to_string(),
+        kernel,
         "-initrd".into(),
-        spec.initramfs.display().to_string(),
+        initramfs,
         "-append".into(),
         spec.cmdline.clone(),
         "-global".into(),
@@ -76,7 +143,7 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, vhost_vsock_socket: &Path) -> Vec<
         format!("socket,id=vsock,path={}", vhost_vsock_socket.display()),
         "-device".into(),
         "vhost-user-vsock-device,chardev=vsock".into(),
-    ];
+    ]);
     if let Some((socket, tag)) = &spec.fs {
         args.extend([
             "-chardev".into(),
@@ -86,12 +153,16 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, vhost_vsock_socket: &Path) -> Vec<
         ]);
     }
     if let Some(nic) = &spec.net {
-        args.extend([
-            "-netdev".into(),
-            format!(
+        let tap = match files {
+            HostFiles::Inherited { tap: Some(fd), .. } => format!("tap,id=net0,fd={fd}"),
+            _ => format!(
                 "tap,id=net0,ifname={},script=no,downscript=no,vnet_hdr=on",
                 nic.tap
             ),
+        };
+        args.extend([
+            "-netdev".into(),
+            tap,
             "-device".into(),
             format!("virtio-net-device,netdev=net0,mac={}", nic.mac),
         ]);
@@ -129,24 +200,56 @@ impl Hypervisor for Qemu {
             "--uds-path".to_string(),
             uds.display().to_string(),
         ];
-        let mut vsockd = Daemon::spawn(
+        let helper = match self.jail {
+            Some(ids) => {
+                // Both create or connect to sockets in the sandbox directory.
+                super::jail::hand_over(&spec.workdir, ids)?;
+                Some(unprivileged(ids, Vec::new()))
+            }
+            None => {
+                tracing::warn!(
+                    "jail.enabled = false: QEMU and vhost-device-vsock run as root with every capability"
+                );
+                None
+            }
+        };
+        let qemu_user = match (&helper, self.accel) {
+            (Some(user), Accel::Kvm) => kvm_user(user),
+            (user, _) => user.clone(),
+        };
+        let vsock_options = SpawnOptions {
+            user: helper,
+            ..SpawnOptions::default()
+        };
+        let mut vsockd = Daemon::spawn_with(
             "vhost-device-vsock",
             &vsockd_bin,
             &vsock_args,
             &spec.workdir.join("vsock.log"),
+            vsock_options,
         )?;
         // A helper that cannot be placed is dropped, which kills it.
         spec.place("vhost-device-vsock", vsockd.pid())?;
         vsockd.wait_for_socket(&vhost_socket, DAEMON_READY).await?;
 
-        let args = qemu_args(spec, self.accel, &vhost_socket);
-        tracing::debug!(?args, "starting QEMU");
-        let qemu = match Daemon::spawn_in(
+        let (files, inherit) = match &qemu_user {
+            Some(_) => open_host_files(spec).await?,
+            None => (HostFiles::Paths, Vec::new()),
+        };
+        let args = qemu_args(spec, self.accel, &vhost_socket, files);
+        tracing::debug!(?args, user = ?qemu_user, "starting QEMU");
+        let options = SpawnOptions {
+            netns: spec.net.as_ref().map(|n| n.netns.as_path()),
+            user: qemu_user,
+            inherit,
+            ..SpawnOptions::default()
+        };
+        let qemu = match Daemon::spawn_with(
             "qemu",
             &self.qemu_path,
             &args,
             &spec.workdir.join("qemu.log"),
-            spec.net.as_ref().map(|n| n.netns.as_path()),
+            options,
         ) {
             Ok(q) => q,
             Err(err) => {
@@ -163,6 +266,78 @@ impl Hypervisor for Qemu {
             exit,
         }))
     }
+}
+
+/// The jail's ids as a helper's identity, with `groups` as its supplementary groups.
+fn unprivileged(ids: JailIds, groups: Vec<u32>) -> Unprivileged {
+    Unprivileged {
+        uid: ids.uid,
+        gid: ids.gid,
+        groups,
+        max_open_files: ids.max_open_files,
+    }
+}
+
+/// QEMU with KVM opens `/dev/kvm` by path: the helper identity plus /dev/kvm's group when that
+/// group may read and write it, else None (QEMU stays root; logged).
+fn kvm_user(user: &Unprivileged) -> Option<Unprivileged> {
+    match std::fs::metadata("/dev/kvm") {
+        Ok(m) if m.mode() & 0o060 == 0o060 && m.gid() != 0 => Some(Unprivileged {
+            groups: vec![m.gid()],
+            ..user.clone()
+        }),
+        Ok(m) => {
+            tracing::warn!(
+                mode = format!("{:o}", m.mode() & 0o777),
+                uid = m.uid(),
+                gid = m.gid(),
+                "QEMU runs as root: only root can open /dev/kvm here; give /dev/kvm a group with \
+                 read and write (e.g. kvm, mode 0660) so QEMU runs as jail.uid"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "QEMU runs as root: /dev/kvm cannot be inspected");
+            None
+        }
+    }
+}
+
+/// Opens what an unprivileged QEMU reads and writes on the host; returns how the command line
+/// names each descriptor, and the descriptors QEMU inherits.
+async fn open_host_files(spec: &VmSpec) -> Result<(HostFiles, Vec<OwnedFd>), HypervisorError> {
+    let io = |what: &'static str| move |e| HypervisorError::Io(what, e);
+    let kernel: OwnedFd = File::open(&spec.kernel)
+        .map_err(io("opening the guest kernel for QEMU"))?
+        .into();
+    let initramfs: OwnedFd = File::open(&spec.initramfs)
+        .map_err(io("opening the guest initramfs for QEMU"))?
+        .into();
+    let console: OwnedFd = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.console_log)
+        .map_err(io("opening the console log for QEMU"))?
+        .into();
+    let tap = match &spec.net {
+        Some(nic) => Some(
+            crate::network::open_tap(&nic.netns, &nic.tap)
+                .await
+                .map_err(|e| {
+                    HypervisorError::Io("opening the pod's tap for QEMU", std::io::Error::other(e))
+                })?,
+        ),
+        None => None,
+    };
+    let files = HostFiles::Inherited {
+        kernel: kernel.as_raw_fd(),
+        initramfs: initramfs.as_raw_fd(),
+        console: console.as_raw_fd(),
+        tap: tap.as_ref().map(AsRawFd::as_raw_fd),
+    };
+    let mut fds = vec![kernel, initramfs, console];
+    fds.extend(tap);
+    Ok((files, fds))
 }
 
 /// A running QEMU and its vsock daemon.
@@ -239,15 +414,17 @@ mod tests {
     #[test]
     fn a_nic_is_a_tap_netdev_with_the_pod_mac() {
         let mut s = spec();
-        assert!(!qemu_args(&s, Accel::Tcg, Path::new("/v"))
-            .join(" ")
-            .contains("-netdev"));
+        assert!(
+            !qemu_args(&s, Accel::Tcg, Path::new("/v"), HostFiles::Paths)
+                .join(" ")
+                .contains("-netdev")
+        );
         s.net = Some(NicSpec {
             netns: "/var/run/netns/cni-1".into(),
             tap: "tap0_pgn".into(),
             mac: "aa:bb:cc:dd:ee:01".into(),
         });
-        let joined = qemu_args(&s, Accel::Tcg, Path::new("/v")).join(" ");
+        let joined = qemu_args(&s, Accel::Tcg, Path::new("/v"), HostFiles::Paths).join(" ");
         assert!(
             joined.contains(
                 "-netdev tap,id=net0,ifname=tap0_pgn,script=no,downscript=no,vnet_hdr=on"
@@ -259,7 +436,12 @@ mod tests {
 
     #[test]
     fn args_use_shared_memfd_ram_and_modern_virtio() {
-        let args = qemu_args(&spec(), Accel::Tcg, Path::new("/run/p/s1/vhost-vsock.sock"));
+        let args = qemu_args(
+            &spec(),
+            Accel::Tcg,
+            Path::new("/run/p/s1/vhost-vsock.sock"),
+            HostFiles::Paths,
+        );
         let joined = args.join(" ");
         assert!(
             joined.contains("memory-backend-memfd,id=mem,size=256M,share=on"),
@@ -274,8 +456,39 @@ mod tests {
     }
 
     #[test]
+    fn an_unprivileged_qemu_reaches_host_files_through_inherited_descriptors() {
+        let mut s = spec();
+        s.net = Some(NicSpec {
+            netns: "/var/run/netns/cni-1".into(),
+            tap: "tap0_pgn".into(),
+            mac: "aa:bb:cc:dd:ee:01".into(),
+        });
+        let files = HostFiles::Inherited {
+            kernel: 7,
+            initramfs: 8,
+            console: 9,
+            tap: Some(10),
+        };
+        let joined = qemu_args(&s, Accel::Tcg, Path::new("/v"), files).join(" ");
+        assert!(
+            joined.contains("-kernel /proc/self/fd/7 -initrd /proc/self/fd/8"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("-add-fd fd=9,set=1,opaque=console"),
+            "{joined}"
+        );
+        assert!(joined.contains("-serial file:/dev/fdset/1"), "{joined}");
+        assert!(joined.contains("-netdev tap,id=net0,fd=10 "), "{joined}");
+        // No host path QEMU would have to open itself.
+        for path in ["/k/vmlinux", "/k/initramfs", "console.log", "ifname="] {
+            assert!(!joined.contains(path), "{path} in {joined}");
+        }
+    }
+
+    #[test]
     fn kvm_uses_the_host_cpu() {
-        let args = qemu_args(&spec(), Accel::Kvm, Path::new("/s"));
+        let args = qemu_args(&spec(), Accel::Kvm, Path::new("/s"), HostFiles::Paths);
         assert!(args.join(" ").contains("-accel kvm -cpu host"));
     }
 }
