@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::{
     ContainerConfig, ContainerState, ContainerStatsRequest, ContainerStatusRequest,
     CreateContainerRequest, DnsConfig, ExecSyncRequest, LinuxContainerResources,
-    ListContainersRequest, Mount, NamespaceMode, PodSandboxConfig, PodSandboxState,
-    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
+    ListContainersRequest, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
     StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
     UpdateContainerResourcesRequest,
 };
@@ -315,6 +315,26 @@ fn cri_pods_reach_each_other_and_get_the_dns_config_they_asked_for() {
             err.message().contains("host networking"),
             "RunPodSandbox error: {err}"
         );
+        // So are the host's PID and IPC namespaces, which a microVM cannot share either (they
+        // used to be replaced by private ones in the guest without a word).
+        type Pick = fn(&mut NamespaceOption) -> &mut i32;
+        let modes: [(&str, &str, Pick); 2] = [
+            ("hostpid", "hostPID: true", |ns| &mut ns.pid),
+            ("hostipc", "hostIPC: true", |ns| &mut ns.ipc),
+        ];
+        for (name, field, pick) in modes {
+            let mut config = cri::pod_config(name, &logs, HashMap::new());
+            if let Some(ns) = config
+                .linux
+                .as_mut()
+                .and_then(|l| l.security_context.as_mut())
+                .and_then(|c| c.namespace_options.as_mut())
+            {
+                *pick(ns) = NamespaceMode::Node as i32;
+            }
+            let err = refused(&mut cri, &config, field).await;
+            assert!(err.message().contains(field), "RunPodSandbox error: {err}");
+        }
         assert!(
             leases.leases().is_empty(),
             "IP leases left: {:?}",

@@ -10,7 +10,7 @@ use oci_spec::runtime::Spec;
 use super::container::Container;
 use super::events::Event;
 use super::guest::Guest;
-use super::guest_spec::{guest_spec, pod_netns};
+use super::guest_spec::{guest_spec, pod_netns, refuse_host_namespaces};
 use super::io::StdioPaths;
 use super::pod::Pod;
 use super::process::{Kind, Process};
@@ -62,6 +62,8 @@ impl Pod {
             || Path::new(bundle).join("rootfs"),
             |r| Path::new(bundle).join(r.path()),
         );
+        // Before anything boots: a pod that asks for them fails at RunPodSandbox.
+        refuse_host_namespaces(&spec)?;
         let guest = self.ensure_vm(&spec).await?;
         let result = self
             .prepare_in_guest(guest.as_ref(), id, spec, &root, rootfs, stdio)

@@ -31,6 +31,35 @@ pub fn pod_netns(spec: &Spec) -> Result<Option<PathBuf>, PodError> {
     }
 }
 
+/// Refuses a container that asks for the host's PID or IPC namespace (CRI's `hostPID` /
+/// `hostIPC`: the spec then has no `pid` / `ipc` namespace entry at all): the container runs in
+/// a microVM, which cannot share either with the host, so it would otherwise get a private one
+/// in the guest silently. A namespace with a path (another container's, the pod's) is not the
+/// host's and passes.
+pub fn refuse_host_namespaces(spec: &Spec) -> Result<(), PodError> {
+    let has = |typ: LinuxNamespaceType| {
+        spec.linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|nss| nss.iter().any(|ns| ns.typ() == typ))
+    };
+    for (typ, what, field) in [
+        (LinuxNamespaceType::Pid, "PID namespace", "hostPID: true"),
+        (LinuxNamespaceType::Ipc, "IPC namespace", "hostIPC: true"),
+    ] {
+        if !has(typ) {
+            return Err(PodError::Invalid {
+                what,
+                why: format!(
+                    "the host's {what} ({field}) is not supported: a pod's microVM cannot share \
+                     it with the host"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The bundle's spec as the guest should see it: host namespace paths and hooks dropped (they
 /// name host objects), no network namespace (containers share the guest's, where the agent
 /// configured the pod's interface), a private cgroup namespace (the guest is cgroup v2, where containerd and
@@ -115,6 +144,31 @@ mod tests {
         .expect("spec");
         let out = guest_spec(spec, None).expect("guest spec");
         assert_eq!(out.matches("\"cgroup\"").count(), 1, "{out}");
+    }
+
+    #[test]
+    fn the_hosts_pid_and_ipc_namespaces_are_refused_naming_the_pod_field() {
+        let with = |nss: &str| -> Spec {
+            serde_json::from_str(&format!(
+                r#"{{"ociVersion":"1.0.2","linux":{{"namespaces":{nss}}}}}"#
+            ))
+            .expect("spec")
+        };
+        let private = with(r#"[{"type":"pid"},{"type":"ipc"},{"type":"network"}]"#);
+        refuse_host_namespaces(&private).expect("private namespaces");
+        let joined = with(
+            r#"[{"type":"pid","path":"/proc/7/ns/pid"},{"type":"ipc","path":"/proc/7/ns/ipc"}]"#,
+        );
+        refuse_host_namespaces(&joined).expect("the pod's namespaces");
+        let err = refuse_host_namespaces(&with(r#"[{"type":"ipc"}]"#)).expect_err("host pid");
+        assert!(err.to_string().contains("hostPID: true"), "{err}");
+        let err = refuse_host_namespaces(&with(r#"[{"type":"pid"}]"#)).expect_err("host ipc");
+        assert!(err.to_string().contains("hostIPC: true"), "{err}");
+        let bare: Spec = serde_json::from_str(r#"{"ociVersion":"1.0.2"}"#).expect("spec");
+        assert!(
+            refuse_host_namespaces(&bare).is_err(),
+            "no linux section: the host's"
+        );
     }
 
     #[test]

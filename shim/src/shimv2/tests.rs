@@ -47,7 +47,8 @@ fn harness_with(mode: BootMode, drain: Duration) -> Harness {
         bundle.join("config.json"),
         r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"hostname":"pod1",
             "process":{"cwd":"/","args":["sh"],"user":{"uid":0,"gid":0}},
-            "linux":{"namespaces":[{"type":"network","path":"/var/run/netns/test"}]}}"#,
+            "linux":{"namespaces":[{"type":"pid"},{"type":"ipc"},
+                                       {"type":"network","path":"/var/run/netns/test"}]}}"#,
     )
     .expect("config.json");
     let launcher = FakeLauncher::new(mode);

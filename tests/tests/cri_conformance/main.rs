@@ -12,6 +12,7 @@
 //! through CRI and the leak checks of [`pangolin_e2e::finish_containerd`] run; a leak fails the
 //! run. Every case also checks that CRI lists none of its pods or containers afterwards.
 
+mod namespaces;
 mod security;
 mod support;
 
@@ -53,6 +54,8 @@ fn cases() -> Vec<(&'static str, &'static str, Body)> {
         security::exec_keeps_no_new_privs,
         security::a_localhost_seccomp_profile_confines_init_and_exec,
         security::an_unconfined_container_and_its_execs_have_no_filter,
+        namespaces::a_host_pid_pod_shares_the_hosts_pid_namespace_or_is_refused,
+        namespaces::a_host_ipc_pod_shares_the_hosts_ipc_namespace_or_is_refused,
     ]
 }
 
