@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(config.validate().is_ok(), "vm_config produced an invalid configuration");
     }
     let hostname = spec.hostname().clone();
-    if let Ok(json) = guest_spec(spec, Some("pod")) {
+    if let Ok(json) = guest_spec(spec, Some("pod"), &[7]) {
         let guest: Spec = serde_json::from_str(&json).expect("guest_spec emits a valid spec");
         assert!(guest.hooks().is_none(), "hooks reach the guest");
         if let Some(nss) = guest.linux().as_ref().and_then(|l| l.namespaces().as_ref()) {

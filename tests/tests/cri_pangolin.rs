@@ -575,7 +575,9 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
             "guest cgroup limits (stderr {err})"
         );
 
-        // Stop (SIGTERM ignored by a PID 1 sleep, then SIGKILL) and remove one container.
+        // Stop and remove one container. It shares the pod's PID namespace (POD mode), so its
+        // `sleep` is not PID 1 there and SIGTERM ends it (143), as on runc; in a namespace of
+        // its own it would ignore SIGTERM and die of the SIGKILL after the grace period (137).
         assert_eq!(
             container_state(&mut cri, &c2).await.0,
             ContainerState::ContainerRunning as i32
@@ -589,7 +591,7 @@ fn cri_pod_containers_share_one_vm_with_exec_logs_stats_update_and_cleanup() {
             .expect("StopContainer");
         assert_eq!(
             container_state(&mut cri, &c2).await,
-            (ContainerState::ContainerExited as i32, 137)
+            (ContainerState::ContainerExited as i32, 143)
         );
         cri.runtime
             .remove_container(RemoveContainerRequest {

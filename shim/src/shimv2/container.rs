@@ -142,6 +142,16 @@ impl Containers {
         self.ready.remove(id)
     }
 
+    /// The guest pids of the containers whose init runs: the namespaces a new container of
+    /// the pod may join (`/proc/<pid>/ns/...` in the guest).
+    pub fn live_init_pids(&self) -> Vec<u32> {
+        self.ready
+            .values()
+            .filter(|c| c.init.is_live())
+            .filter_map(|c| c.init.pid())
+            .collect()
+    }
+
     /// Every container: (id, container).
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (&str, &mut Container)> {
         self.ready.iter_mut().map(|(k, v)| (k.as_str(), v))

@@ -89,7 +89,8 @@ impl Pod {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let spec_json = guest_spec(spec, hostname.as_deref())?;
+        let inits = self.containers().live_init_pids();
+        let spec_json = guest_spec(spec, hostname.as_deref(), &inits)?;
         let guest_rootfs = self.mounts.mount_rootfs(id, root, rootfs).await?;
         guest
             .create_container(id, spec_json, &guest_rootfs, !stdio.stdin.is_empty())

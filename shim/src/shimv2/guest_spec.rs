@@ -65,7 +65,18 @@ pub fn refuse_host_namespaces(spec: &Spec) -> Result<(), PodError> {
 /// configured the pod's interface), a private cgroup namespace (the guest is cgroup v2, where containerd and
 /// Docker give each container its own, so `/sys/fs/cgroup` shows the container's limits). Bind
 /// mounts must already point into the share ([`super::volumes::share`]).
-pub fn guest_spec(mut spec: Spec, pod_hostname: Option<&str>) -> Result<String, PodError> {
+///
+/// PID and IPC namespaces with a path are kept: CRI's POD mode (the default) names the
+/// sandbox container's, `/proc/<pid>/ns/pid|ipc` with the pid this shim reported for it,
+/// which is its pid in the guest, so the container joins it there (and sees the pod's IPC
+/// sysctls). Such a path must name the namespace of kind `pid` or `ipc` of one of
+/// `pod_inits` (the guest pids of the pod's running containers): anything else (the guest's
+/// own PID 1, the agent) is refused.
+pub fn guest_spec(
+    mut spec: Spec,
+    pod_hostname: Option<&str>,
+    pod_inits: &[u32],
+) -> Result<String, PodError> {
     spec.set_hooks(None);
     let joins_pod_uts = spec.linux().as_ref().is_some_and(|l| {
         l.namespaces().as_ref().is_some_and(|nss| {
@@ -82,7 +93,16 @@ pub fn guest_spec(mut spec: Spec, pod_hostname: Option<&str>) -> Result<String, 
         let mut namespaces = linux.namespaces().clone().unwrap_or_default();
         namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
         for ns in &mut namespaces {
-            ns.set_path(None);
+            let joins_pod = match (ns.typ(), ns.path()) {
+                (typ @ (LinuxNamespaceType::Pid | LinuxNamespaceType::Ipc), Some(path)) => {
+                    check_pod_namespace(typ, path, pod_inits)?;
+                    true
+                }
+                _ => false,
+            };
+            if !joins_pod {
+                ns.set_path(None);
+            }
         }
         if !namespaces
             .iter()
@@ -98,6 +118,35 @@ pub fn guest_spec(mut spec: Spec, pod_hostname: Option<&str>) -> Result<String, 
         what: "bundle config.json",
         why: e.to_string(),
     })
+}
+
+/// `path` is `/proc/<pid>/ns/<kind>` for one of `pod_inits` and the kind of `typ`.
+fn check_pod_namespace(
+    typ: LinuxNamespaceType,
+    path: &std::path::Path,
+    pod_inits: &[u32],
+) -> Result<(), PodError> {
+    let kind = if typ == LinuxNamespaceType::Pid {
+        "pid"
+    } else {
+        "ipc"
+    };
+    let pid = path
+        .to_str()
+        .and_then(|p| p.strip_prefix("/proc/"))
+        .and_then(|p| p.strip_suffix(&format!("/ns/{kind}")))
+        .and_then(|p| p.parse::<u32>().ok());
+    match pid {
+        Some(pid) if pod_inits.contains(&pid) => Ok(()),
+        _ => Err(PodError::Invalid {
+            what: "linux.namespaces",
+            why: format!(
+                "{kind} namespace path {}: not the {kind} namespace of a running container of \
+                 this pod (/proc/<its pid>/ns/{kind})",
+                path.display()
+            ),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -116,7 +165,7 @@ mod tests {
         )
         .expect("spec");
         let out: serde_json::Value =
-            serde_json::from_str(&guest_spec(spec, Some("pod1")).expect("guest spec"))
+            serde_json::from_str(&guest_spec(spec, Some("pod1"), &[]).expect("guest spec"))
                 .expect("json");
         assert!(
             out.get("hooks").is_none_or(serde_json::Value::is_null),
@@ -142,8 +191,46 @@ mod tests {
             r#"{"ociVersion":"1.0.2","linux":{"namespaces":[{"type":"cgroup"}]}}"#,
         )
         .expect("spec");
-        let out = guest_spec(spec, None).expect("guest spec");
+        let out = guest_spec(spec, None, &[]).expect("guest spec");
         assert_eq!(out.matches("\"cgroup\"").count(), 1, "{out}");
+    }
+
+    #[test]
+    fn pid_and_ipc_namespaces_of_the_pods_containers_are_joined_and_no_others() {
+        let spec = |pid: &str, ipc: &str| -> Spec {
+            serde_json::from_str(&format!(
+                r#"{{"ociVersion":"1.0.2","linux":{{"namespaces":[
+                    {{"type":"pid","path":"{pid}"}},{{"type":"ipc","path":"{ipc}"}},
+                    {{"type":"uts","path":"/proc/7/ns/uts"}},{{"type":"mount"}}]}}}}"#
+            ))
+            .expect("spec")
+        };
+        let out: serde_json::Value = serde_json::from_str(
+            &guest_spec(spec("/proc/7/ns/pid", "/proc/7/ns/ipc"), None, &[3, 7])
+                .expect("joins the pod's"),
+        )
+        .expect("json");
+        let nss = out["linux"]["namespaces"].as_array().expect("namespaces");
+        let path = |typ: &str| {
+            nss.iter()
+                .find(|n| n["type"] == typ)
+                .and_then(|n| n.get("path"))
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_string)
+        };
+        assert_eq!(path("pid").as_deref(), Some("/proc/7/ns/pid"));
+        assert_eq!(path("ipc").as_deref(), Some("/proc/7/ns/ipc"));
+        assert_eq!(path("uts"), None, "a fresh UTS namespace named as the pod");
+        for (pid, ipc) in [
+            ("/proc/1/ns/pid", "/proc/7/ns/ipc"), // the guest's init (the agent)
+            ("/proc/7/ns/pid", "/proc/9/ns/ipc"), // no container of the pod
+            ("/proc/7/ns/ipc", "/proc/7/ns/ipc"), // another kind
+            ("/proc/7/../1/ns/pid", "/proc/7/ns/ipc"), // not the plain form
+            ("/var/run/ns/pid", "/proc/7/ns/ipc"),
+        ] {
+            let err = guest_spec(spec(pid, ipc), None, &[3, 7]).expect_err(pid);
+            assert!(err.to_string().starts_with("linux.namespaces"), "{err}");
+        }
     }
 
     #[test]

@@ -54,6 +54,9 @@ fn cases() -> Vec<(&'static str, &'static str, Body)> {
         security::exec_keeps_no_new_privs,
         security::a_localhost_seccomp_profile_confines_init_and_exec,
         security::an_unconfined_container_and_its_execs_have_no_filter,
+        namespaces::containers_of_a_pod_share_its_pid_namespace,
+        namespaces::a_container_in_container_pid_mode_has_a_namespace_of_its_own,
+        namespaces::containers_of_a_pod_share_its_ipc_namespace_and_its_sysctls,
         namespaces::a_host_pid_pod_shares_the_hosts_pid_namespace_or_is_refused,
         namespaces::a_host_ipc_pod_shares_the_hosts_ipc_namespace_or_is_refused,
     ]
