@@ -1,11 +1,16 @@
-//! `cargo xtask testhost [--timeout SECS] [--memory MIB] -- CMD...`: runs CMD as root inside a
+//! `cargo xtask testhost [--timeout SECS] [--idle-timeout SECS] [--memory MIB] -- CMD...`: runs
+//! CMD as root inside a
 //! nested test host, a Linux VM under QEMU TCG with an emulated AMD CPU that has SVM and nested
 //! paging, so its `/dev/kvm` is hardware-virtualisation KVM even where this machine's is not.
 //!
 //! The test host's root is this machine's `/` over 9p, read-only, with tmpfs on the directories
 //! that take writes; the checkout is shared read-write at the same path, so CMD sees the same
 //! binaries and artifacts and its results come back. CMD's output streams to ours; its exit
-//! status is ours. A test host that runs past the timeout is killed with a message (exit 124).
+//! status is ours. A test host that runs past the timeout, or whose console stays silent for the
+//! idle timeout, is killed with a message (exit 124). Silence is how the known QEMU TCG
+//! nested-SVM freeze shows (the whole test host stops); the test suites it runs print at least
+//! every 60 s (libtest reports a test running longer), so a freeze is caught in minutes instead
+//! of at the end of the overall timeout.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -22,11 +27,15 @@ use crate::guest;
 /// Default limit for one test host run.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
 
+/// Default limit for console silence before the test host is taken for frozen.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Exit status when the test host was killed for running too long (as timeout(1)).
 pub const EXIT_TIMEOUT: i32 = 124;
 
 struct Options {
     timeout: Duration,
+    idle_timeout: Duration,
     memory_mib: u32,
     command: Vec<String>,
 }
@@ -34,6 +43,7 @@ struct Options {
 fn parse(args: &[String]) -> anyhow::Result<Options> {
     let mut opts = Options {
         timeout: DEFAULT_TIMEOUT,
+        idle_timeout: DEFAULT_IDLE_TIMEOUT,
         memory_mib: 4096,
         command: Vec::new(),
     };
@@ -44,12 +54,16 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
                 let secs: u64 = it.next().context("--timeout SECS")?.parse().context("--timeout SECS")?;
                 opts.timeout = Duration::from_secs(secs);
             }
+            "--idle-timeout" => {
+                let secs: u64 = it.next().context("--idle-timeout SECS")?.parse().context("--idle-timeout SECS")?;
+                opts.idle_timeout = Duration::from_secs(secs);
+            }
             "--memory" => opts.memory_mib = it.next().context("--memory MIB")?.parse().context("--memory MIB")?,
             "--" => {
                 opts.command = it.cloned().collect();
                 break;
             }
-            other => bail!("testhost: unknown option {other} (usage: cargo xtask testhost [--timeout SECS] [--memory MIB] -- CMD...)"),
+            other => bail!("testhost: unknown option {other} (usage: cargo xtask testhost [--timeout SECS] [--idle-timeout SECS] [--memory MIB] -- CMD...)"),
         }
     }
     if opts.command.is_empty() {
@@ -224,13 +238,16 @@ pub fn run(args: &[String]) -> anyhow::Result<i32> {
             let _ = out.write_all(&line);
             let _ = out.write_all(b"\n");
             let _ = out.flush();
+            let _ = tx.send(Console::Line);
         }
-        let _ = tx.send(());
+        let _ = tx.send(Console::Closed);
     });
-    let timed_out = rx.recv_timeout(opts.timeout).is_err();
-    if timed_out {
+    let ended = watch_console(&rx, started, opts.timeout, opts.idle_timeout);
+    if let Err(why) = &ended {
         let _ = child.kill();
+        eprintln!("testhost: killed: {why}; the command did not finish");
     }
+    let timed_out = ended.is_err();
     let _ = child.wait();
     let _ = pump.join();
     let status_file = rundir.join("status");
@@ -239,10 +256,6 @@ pub fn run(args: &[String]) -> anyhow::Result<i32> {
         .and_then(|s| s.trim().parse::<i32>().ok());
     let _ = fs::remove_dir_all(&rundir);
     if timed_out {
-        eprintln!(
-            "testhost: killed after {:?} (timeout); the command did not finish",
-            opts.timeout
-        );
         return Ok(EXIT_TIMEOUT);
     }
     match status {
@@ -259,9 +272,84 @@ pub fn run(args: &[String]) -> anyhow::Result<i32> {
     }
 }
 
+/// What the console pump reports.
+enum Console {
+    /// A line went by.
+    Line,
+    /// The console closed: the test host is gone.
+    Closed,
+}
+
+/// Waits for the console to close; `Err` saying why when the test host ran past `timeout`
+/// (since `started`) or printed nothing for `idle`.
+fn watch_console(
+    rx: &mpsc::Receiver<Console>,
+    started: Instant,
+    timeout: Duration,
+    idle: Duration,
+) -> Result<(), String> {
+    let mut last_line = Instant::now();
+    loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        let quiet_left = idle.saturating_sub(last_line.elapsed());
+        match rx.recv_timeout(left.min(quiet_left)) {
+            Ok(Console::Line) => last_line = Instant::now(),
+            Ok(Console::Closed) | Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            Err(mpsc::RecvTimeoutError::Timeout) if started.elapsed() >= timeout => {
+                return Err(format!("ran past its {timeout:?} timeout"));
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(format!(
+                    "no console output for {idle:?} (the test host froze; --idle-timeout)"
+                ));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_silent_console_ends_the_wait_before_the_overall_timeout() {
+        let (tx, rx) = mpsc::channel();
+        let talker = std::thread::spawn(move || {
+            for _ in 0..5 {
+                std::thread::sleep(Duration::from_millis(20));
+                let _ = tx.send(Console::Line);
+            }
+            // Then silence, with the console still open.
+            std::thread::sleep(Duration::from_millis(500));
+            drop(tx);
+        });
+        let t = Instant::now();
+        let why = watch_console(&rx, t, Duration::from_secs(30), Duration::from_millis(150))
+            .expect_err("idle");
+        assert!(why.contains("no console output"), "{why}");
+        assert!(t.elapsed() < Duration::from_secs(2));
+        talker.join().expect("talker");
+        let (tx, rx) = mpsc::channel();
+        tx.send(Console::Closed).expect("send");
+        assert_eq!(
+            watch_console(
+                &rx,
+                Instant::now(),
+                Duration::from_secs(5),
+                Duration::from_secs(5)
+            ),
+            Ok(())
+        );
+        let (_tx, rx) = mpsc::channel::<Console>();
+        let why = watch_console(
+            &rx,
+            Instant::now(),
+            Duration::from_millis(50),
+            Duration::from_secs(5),
+        )
+        .expect_err("timeout");
+        assert!(why.contains("timeout"), "{why}");
+    }
 
     #[test]
     fn options_and_command_are_parsed() {
