@@ -89,7 +89,14 @@ pub fn guest_spec(
         // as the pod.
         spec.set_hostname(pod_hostname.map(str::to_string));
     }
+    refuse_bidirectional_mounts(&spec)?;
     if let Some(linux) = spec.linux_mut() {
+        let propagation = linux
+            .rootfs_propagation()
+            .as_deref()
+            .map(guest_rootfs_propagation)
+            .transpose()?;
+        linux.set_rootfs_propagation(propagation.map(str::to_string));
         let mut namespaces = linux.namespaces().clone().unwrap_or_default();
         namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
         for ns in &mut namespaces {
@@ -118,6 +125,53 @@ pub fn guest_spec(
         what: "bundle config.json",
         why: e.to_string(),
     })
+}
+
+/// `linux.rootfsPropagation` as the guest's libcontainer takes it. It applies every mode
+/// recursively and knows only the names without `r` (containerd sends `rslave` for a
+/// HostToContainer volume and `rprivate` by default), so the `r` forms map onto those. Shared
+/// propagation (containerd's `rshared`, for a Bidirectional volume) is refused: mounts a
+/// container makes cannot reach the host through virtio-fs.
+fn guest_rootfs_propagation(mode: &str) -> Result<&'static str, PodError> {
+    match mode {
+        "rslave" | "slave" => Ok("slave"),
+        "rprivate" | "private" => Ok("private"),
+        "runbindable" | "unbindable" => Ok("unbindable"),
+        "rshared" | "shared" => Err(PodError::Invalid {
+            what: "linux.rootfsPropagation",
+            why: format!(
+                "{mode} (Bidirectional mount propagation) is not supported: mounts made in the \
+                 container cannot propagate to the host through the VM's virtio-fs share"
+            ),
+        }),
+        other => Err(PodError::Invalid {
+            what: "linux.rootfsPropagation",
+            why: format!("unknown mode {other:?}"),
+        }),
+    }
+}
+
+/// Refuses a mount with shared propagation (containerd's `rshared` option for a Bidirectional
+/// volume): as for [`guest_rootfs_propagation`], nothing mounted in the guest can reach the host.
+fn refuse_bidirectional_mounts(spec: &Spec) -> Result<(), PodError> {
+    for m in spec.mounts().iter().flatten() {
+        let shared = m
+            .options()
+            .iter()
+            .flatten()
+            .any(|o| o == "rshared" || o == "shared");
+        if shared {
+            return Err(PodError::Invalid {
+                what: "mounts",
+                why: format!(
+                    "{}: shared (Bidirectional) propagation is not supported: mounts made in the \
+                     container cannot propagate to the host through the VM's virtio-fs share",
+                    m.destination().display()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `path` is `/proc/<pid>/ns/<kind>` for one of `pod_inits` and the kind of `typ`.
@@ -231,6 +285,38 @@ mod tests {
             let err = guest_spec(spec(pid, ipc), None, &[3, 7]).expect_err(pid);
             assert!(err.to_string().starts_with("linux.namespaces"), "{err}");
         }
+    }
+
+    #[test]
+    fn rootfs_propagation_takes_the_forms_libcontainer_knows_and_shared_is_refused() {
+        let spec = |mode: &str, option: &str| -> Spec {
+            serde_json::from_str(&format!(
+                r#"{{"ociVersion":"1.0.2",
+                    "mounts":[{{"destination":"/v","type":"bind","source":"/s","options":["rbind","{option}"]}}],
+                    "linux":{{"rootfsPropagation":"{mode}"}}}}"#
+            ))
+            .expect("spec")
+        };
+        for (mode, want) in [
+            ("rslave", "slave"),
+            ("rprivate", "private"),
+            ("slave", "slave"),
+        ] {
+            let out: serde_json::Value =
+                serde_json::from_str(&guest_spec(spec(mode, "rslave"), None, &[]).expect(mode))
+                    .expect("json");
+            assert_eq!(out["linux"]["rootfsPropagation"], want, "{mode}");
+        }
+        let err = guest_spec(spec("rshared", "rprivate"), None, &[]).expect_err("rshared");
+        assert!(
+            err.to_string()
+                .starts_with("linux.rootfsPropagation: rshared"),
+            "{err}"
+        );
+        let err = guest_spec(spec("rslave", "rshared"), None, &[]).expect_err("shared mount");
+        assert!(err.to_string().starts_with("mounts: /v: shared"), "{err}");
+        let err = guest_spec(spec("bogus", "rslave"), None, &[]).expect_err("unknown");
+        assert!(err.to_string().contains("unknown mode"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! through CRI and the leak checks of [`pangolin_e2e::finish_containerd`] run; a leak fails the
 //! run. Every case also checks that CRI lists none of its pods or containers afterwards.
 
+mod mounts;
 mod namespaces;
 mod security;
 mod support;
@@ -59,6 +60,8 @@ fn cases() -> Vec<(&'static str, &'static str, Body)> {
         namespaces::containers_of_a_pod_share_its_ipc_namespace_and_its_sysctls,
         namespaces::a_host_pid_pod_shares_the_hosts_pid_namespace_or_is_refused,
         namespaces::a_host_ipc_pod_shares_the_hosts_ipc_namespace_or_is_refused,
+        mounts::a_host_to_container_volume_sees_host_mounts_made_after_the_start,
+        mounts::a_bidirectional_volume_is_mounted_or_refused_saying_why,
     ]
 }
 
