@@ -86,6 +86,51 @@ fn ctr_run_rm_prints_output_and_returns_the_exit_code() {
     finish_containerd(ctrd, env);
 }
 
+/// A privileged container administers its pod's network inside the VM as it could on the host:
+/// the guest kernel has bridges (`brctl addbr` used to fail with ENOPKG), veth pairs, VLANs,
+/// macvlan, tun/tap and the iptables (legacy and nft) and nftables back ends with conntrack.
+#[test]
+fn a_privileged_container_makes_bridges_veths_vlans_and_has_tun_and_netfilter() {
+    let env = TestEnv::new("ctr-netadmin");
+    let ctrd = containerd(&env);
+    let script = "set -e; brctl addbr pgnbr0; \
+                  ip link add pgnv0 type veth peer name pgnv1; \
+                  ip link set pgnv0 master pgnbr0; \
+                  ip link add link pgnv0 name pgnv0.7 type vlan id 7; \
+                  ip link add link pgnbr0 name pgnmv0 type macvlan; \
+                  test -e /sys/class/misc/tun; \
+                  test -e /proc/net/ip_tables_names; test -e /proc/net/ip6_tables_names; \
+                  test -e /proc/sys/net/netfilter/nf_conntrack_max; \
+                  ip -o link show";
+    let out = ctr(
+        &ctrd,
+        &pangolin_run(
+            &["--rm", "--privileged"],
+            "netadmin1",
+            &["sh", "-c", script],
+        ),
+    );
+    let links = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "stdout: {links}\nstderr: {}",
+        stderr(&out)
+    );
+    for (link, what) in [
+        ("pgnbr0:", "bridge"),
+        ("pgnv0@", "veth"),
+        ("pgnv0.7@pgnv0:", "vlan"),
+        ("pgnmv0@pgnbr0:", "macvlan"),
+    ] {
+        assert!(links.contains(link), "no {what} {link} among:\n{links}");
+    }
+    assert!(
+        links.contains("master pgnbr0"),
+        "the veth is not a port of the bridge:\n{links}"
+    );
+    finish_containerd(ctrd, env);
+}
+
 #[test]
 fn ctr_task_exec_ps_pause_resume_metrics_kill_delete() {
     let env = TestEnv::new("ctr-task");
