@@ -12,6 +12,7 @@
 //! through CRI and the leak checks of [`pangolin_e2e::finish_containerd`] run; a leak fails the
 //! run. Every case also checks that CRI lists none of its pods or containers afterwards.
 
+mod lifecycle;
 mod mounts;
 mod namespaces;
 mod security;
@@ -50,6 +51,10 @@ macro_rules! cases {
 
 fn cases() -> Vec<(&'static str, &'static str, Body)> {
     cases![
+        lifecycle::a_pod_is_ready_until_it_is_stopped,
+        lifecycle::a_containers_exit_code_and_times_are_reported,
+        lifecycle::a_containers_output_reaches_its_log_by_stream,
+        lifecycle::stop_sends_sigterm_then_sigkill_after_the_grace_period,
         security::exec_gets_the_containers_seccomp_filter_capabilities_and_limits,
         security::exec_as_a_user_keeps_the_containers_identity_and_filter,
         security::exec_keeps_no_new_privs,

@@ -30,7 +30,10 @@ impl SharedSource {
 
 impl Drop for SharedSource {
     fn drop(&mut self) {
-        let _ = Command::new("umount").args(["-R", "-l"]).arg(&self.0).status();
+        let _ = Command::new("umount")
+            .args(["-R", "-l"])
+            .arg(&self.0)
+            .status();
     }
 }
 

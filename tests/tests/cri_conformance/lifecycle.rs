@@ -1,0 +1,169 @@
+//! Pod and container lifecycle: a pod is ready until stopped; a container's exit code, times
+//! and output reach CRI; StopContainer sends SIGTERM and, after the grace period, SIGKILL.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use k8s_cri::v1::{
+    ContainerState, ContainerStatus, ContainerStatusRequest, PodSandboxState,
+    PodSandboxStatusRequest, StopContainerRequest, StopPodSandboxRequest,
+};
+
+use crate::support::Case;
+
+async fn container_status(c: &mut Case, id: &str) -> Result<ContainerStatus> {
+    c.cri
+        .runtime
+        .container_status(ContainerStatusRequest {
+            container_id: id.into(),
+            verbose: false,
+        })
+        .await
+        .context("ContainerStatus")?
+        .into_inner()
+        .status
+        .context("ContainerStatus without a status")
+}
+
+/// The status once the container exited (within 60 s).
+async fn exited(c: &mut Case, id: &str) -> Result<ContainerStatus> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = container_status(c, id).await?;
+        if status.state == ContainerState::ContainerExited as i32 {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            bail!("{id} did not exit: {status:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn pod_state(c: &mut Case, pod: &str) -> Result<i32> {
+    Ok(c.cri
+        .runtime
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.into(),
+            verbose: false,
+        })
+        .await
+        .context("PodSandboxStatus")?
+        .into_inner()
+        .status
+        .context("PodSandboxStatus without a status")?
+        .state)
+}
+
+pub async fn a_pod_is_ready_until_it_is_stopped(c: &mut Case) -> Result<()> {
+    let (pod, _) = c.pod("ready").await?;
+    ensure!(
+        pod_state(c, &pod).await? == PodSandboxState::SandboxReady as i32,
+        "not ready"
+    );
+    c.cri
+        .runtime
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .context("StopPodSandbox")?;
+    ensure!(
+        pod_state(c, &pod).await? == PodSandboxState::SandboxNotready as i32,
+        "still ready after StopPodSandbox"
+    );
+    Ok(())
+}
+
+pub async fn a_containers_exit_code_and_times_are_reported(c: &mut Case) -> Result<()> {
+    let (pod, pod_config) = c.pod("exitcode").await?;
+    let id = c
+        .run(
+            &pod,
+            &pod_config,
+            c.container_config("exit7", &["sh", "-c", "exit 7"]),
+        )
+        .await?;
+    let status = exited(c, &id).await?;
+    ensure!(
+        status.exit_code == 7,
+        "exit code {} (want 7)",
+        status.exit_code
+    );
+    ensure!(
+        status.started_at > 0 && status.finished_at >= status.started_at,
+        "times: started {} finished {}",
+        status.started_at,
+        status.finished_at
+    );
+    ensure!(
+        status.reason == "Error",
+        "reason {:?} (want Error)",
+        status.reason
+    );
+    Ok(())
+}
+
+pub async fn a_containers_output_reaches_its_log_by_stream(c: &mut Case) -> Result<()> {
+    let (pod, pod_config) = c.pod("logs").await?;
+    let log_dir = pod_config.log_directory.clone();
+    let script = "echo to-stdout; echo to-stderr >&2";
+    let id = c
+        .run(
+            &pod,
+            &pod_config,
+            c.container_config("talker", &["sh", "-c", script]),
+        )
+        .await?;
+    exited(c, &id).await?;
+    let lines = pangolin_e2e::cri::parse_log(&std::path::Path::new(&log_dir).join("talker.log"))?;
+    for want in [("stdout", "to-stdout"), ("stderr", "to-stderr")] {
+        ensure!(
+            lines.iter().any(|(s, t)| (s.as_str(), t.as_str()) == want),
+            "{want:?} not in the log: {lines:?}"
+        );
+    }
+    Ok(())
+}
+
+/// StopContainer with a 1 s grace period: a process that ends on SIGTERM exits 143 at once; one
+/// that ignores it is killed (137) after the grace period.
+pub async fn stop_sends_sigterm_then_sigkill_after_the_grace_period(c: &mut Case) -> Result<()> {
+    let (pod, pod_config) = c.pod("stop").await?;
+    let polite = c
+        .run(
+            &pod,
+            &pod_config,
+            c.container_config("polite", &["sleep", "3600"]),
+        )
+        .await?;
+    let stubborn = c
+        .run(
+            &pod,
+            &pod_config,
+            c.container_config(
+                "stubborn",
+                &["sh", "-c", "trap '' TERM; while :; do sleep 1; done"],
+            ),
+        )
+        .await?;
+    for (id, want) in [(polite, 143), (stubborn, 137)] {
+        let asked = Instant::now();
+        c.cri
+            .runtime
+            .stop_container(StopContainerRequest {
+                container_id: id.clone(),
+                timeout: 1,
+            })
+            .await
+            .context("StopContainer")?;
+        let status = exited(c, &id).await?;
+        ensure!(
+            status.exit_code == want,
+            "{id}: exit code {} (want {want}) after {:?}",
+            status.exit_code,
+            asked.elapsed()
+        );
+    }
+    Ok(())
+}
