@@ -208,6 +208,60 @@ fn ctr_task_exec_ps_pause_resume_metrics_kill_delete() {
     finish_containerd(ctrd, env);
 }
 
+/// kill -9 of a pod's shim: containerd sees the task exit, runs the shim's `delete`, and the
+/// task and container can be deleted; the VM and its helpers died with the shim (PDEATHSIG)
+/// and nothing of the pod is left (processes, sockets, mounts, directories, its host cgroup).
+#[test]
+fn killing_the_shim_ends_the_task_and_leaves_nothing() {
+    let env = TestEnv::new("ctr-shimkill");
+    let ctrd = containerd(&env);
+    let out = ctr(
+        &ctrd,
+        &pangolin_run(&["-d"], "shimkill1", &["sleep", "3600"]),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shims: Vec<u32> = pangolin_e2e::processes_mentioning(&ctrd.dir)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("containerd-shim-pangolin-v2"))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(shims.len(), 1, "one shim for the pod: {shims:?}");
+    let vmm = *env.vmm_pids().first().expect("the VM runs");
+    let cgroup = memory_cgroup(vmm);
+    assert!(cgroup.ends_with("/shimkill1"), "the VM runs in {cgroup}");
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &shims[0].to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success(), "kill -9 of the shim");
+    let deadline = Instant::now() + patience(Duration::from_secs(30));
+    loop {
+        let tasks = stdout(&ctr(&ctrd, &["task", "ls"]));
+        if !tasks.contains("RUNNING") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the task still runs:\n{tasks}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + patience(Duration::from_secs(10));
+    while !env.vmm_pids().is_empty() {
+        assert!(Instant::now() < deadline, "the VM outlived its shim");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = ctr(&ctrd, &["task", "delete", "shimkill1"]);
+    let out = ctr(&ctrd, &["container", "delete", "shimkill1"]);
+    assert!(out.status.success(), "container delete: {}", stderr(&out));
+    // containerd runs the shim's `delete` (which removes the cgroup) on its own schedule.
+    let deadline = Instant::now() + patience(Duration::from_secs(10));
+    while Path::new(&format!("/sys/fs/cgroup/memory{cgroup}")).exists()
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_cgroup_gone(&cgroup);
+    finish_containerd(ctrd, env);
+}
+
 #[test]
 fn killing_the_vmm_makes_the_task_exit() {
     let env = TestEnv::new("ctr-vmmkill");
@@ -701,6 +755,12 @@ fn a_pods_host_processes_run_in_its_cgroup_which_goes_with_the_pod() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(ctr(&ctrd, &["container", "delete", "cg1"]).status.success());
+    assert_cgroup_gone(&pod);
+    finish_containerd(ctrd, env);
+}
+
+/// The cgroup `path` exists in no cgroup hierarchy of this host (v1 controllers or v2).
+fn assert_cgroup_gone(path: &str) {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     let hierarchies: Vec<&str> = mounts
         .lines()
@@ -708,10 +768,9 @@ fn a_pods_host_processes_run_in_its_cgroup_which_goes_with_the_pod() {
         .filter_map(|l| l.split_whitespace().nth(4))
         .collect();
     for root in hierarchies {
-        let dir = format!("{root}{pod}");
+        let dir = format!("{root}{path}");
         assert!(!Path::new(&dir).exists(), "{dir} outlived the pod");
     }
-    finish_containerd(ctrd, env);
 }
 
 /// `rbind,rro` (Kubernetes `recursiveReadOnly: Enabled`) of a host directory with a tmpfs

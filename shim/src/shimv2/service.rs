@@ -92,6 +92,7 @@ impl Shim for Service {
                     &loaded.config.runtime.state_dir,
                     &group,
                 ));
+                remove_pod_cgroup(&cwd);
             }
         }
         let mut resp = DeleteResponse::new();
@@ -113,6 +114,28 @@ impl Shim for Service {
         let events = Events::start(Containerd::new(publisher, &self.namespace));
         let pod = Pod::new(&self.id, config, events);
         TaskService::new(pod, self.exit.clone())
+    }
+}
+
+/// The pod's host cgroup, named by the first task's (this bundle's) `linux.cgroupsPath`: the
+/// dead shim cannot remove it any more. Its helpers died with the shim; whatever is left in it
+/// is killed by the removal.
+fn remove_pod_cgroup(bundle: &std::path::Path) {
+    let Ok(spec) = oci_spec::runtime::Spec::load(bundle.join("config.json")) else {
+        return;
+    };
+    let raw = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .and_then(|p| p.to_str().map(str::to_string));
+    match crate::host_cgroup::pod_cgroup_path(raw.as_deref()) {
+        Ok(Some(path)) => match crate::host_cgroup::PodCgroup::new(&path) {
+            Ok(cgroup) => cgroup.remove(),
+            Err(e) => tracing::warn!(error = %e, "the dead shim's pod cgroup"),
+        },
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "the dead shim's pod cgroup"),
     }
 }
 
