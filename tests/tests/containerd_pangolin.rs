@@ -253,8 +253,7 @@ fn killing_the_shim_ends_the_task_and_leaves_nothing() {
     assert!(out.status.success(), "container delete: {}", stderr(&out));
     // containerd runs the shim's `delete` (which removes the cgroup) on its own schedule.
     let deadline = Instant::now() + patience(Duration::from_secs(10));
-    while Path::new(&format!("/sys/fs/cgroup/memory{cgroup}")).exists()
-        && Instant::now() < deadline
+    while Path::new(&format!("/sys/fs/cgroup/memory{cgroup}")).exists() && Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(100));
     }

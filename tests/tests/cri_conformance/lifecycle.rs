@@ -1,5 +1,5 @@
-//! Pod and container lifecycle: a pod is ready until stopped; a container's exit code, times
-//! and output reach CRI; StopContainer sends SIGTERM and, after the grace period, SIGKILL.
+//! Pod and container lifecycle: a pod is ready until stopped; a container's exit code, reason,
+//! start and finish times and output reach CRI; StopContainer sends SIGTERM and, after the grace period, SIGKILL.
 
 use std::time::{Duration, Instant};
 
@@ -90,8 +90,10 @@ pub async fn a_containers_exit_code_and_times_are_reported(c: &mut Case) -> Resu
         "exit code {} (want 7)",
         status.exit_code
     );
+    // Both times are reported; their order is not: containerd stamps started_at when its
+    // StartContainer returns, which for a process this quick is after it finished (runc too).
     ensure!(
-        status.started_at > 0 && status.finished_at >= status.started_at,
+        status.started_at > 0 && status.finished_at > 0,
         "times: started {} finished {}",
         status.started_at,
         status.finished_at
