@@ -69,7 +69,15 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     // No doc-tests: there are none, and their empty summary would be the run's last line.
     let mut cmd = cargo();
     cmd.current_dir(guest::root())
-        .args(["test", "--workspace", "--lib", "--bins", "--tests"])
+        // Every test binary runs even after one failed, so a run shows all its failures.
+        .args([
+            "test",
+            "--no-fail-fast",
+            "--workspace",
+            "--lib",
+            "--bins",
+            "--tests",
+        ])
         .args(args)
         .stdout(std::process::Stdio::piped());
     let mut child = cmd.spawn().context("running cargo test")?;
