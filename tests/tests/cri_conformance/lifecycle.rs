@@ -139,16 +139,23 @@ pub async fn stop_sends_sigterm_then_sigkill_after_the_grace_period(c: &mut Case
             c.container_config("polite", &["sleep", "3600"]),
         )
         .await?;
+    let script = "trap '' TERM; touch /tmp/armed; while :; do sleep 1; done";
     let stubborn = c
         .run(
             &pod,
             &pod_config,
-            c.container_config(
-                "stubborn",
-                &["sh", "-c", "trap '' TERM; while :; do sleep 1; done"],
-            ),
+            c.container_config("stubborn", &["sh", "-c", script]),
         )
         .await?;
+    // Stop only once the shell ignores SIGTERM (a stop that wins the race to the trap would
+    // end it with 143).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.exec(&stubborn, &["test", "-e", "/tmp/armed"]).await?.code != 0 {
+        if Instant::now() > deadline {
+            bail!("the stubborn shell never set its trap");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for (id, want) in [(polite, 143), (stubborn, 137)] {
         let asked = Instant::now();
         c.cri
