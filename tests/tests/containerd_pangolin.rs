@@ -253,8 +253,7 @@ fn killing_the_shim_ends_the_task_and_leaves_nothing() {
     assert!(out.status.success(), "container delete: {}", stderr(&out));
     // containerd runs the shim's `delete` (which removes the cgroup) on its own schedule.
     let deadline = Instant::now() + patience(Duration::from_secs(10));
-    while Path::new(&format!("/sys/fs/cgroup/memory{cgroup}")).exists() && Instant::now() < deadline
-    {
+    while !cgroup_dirs(&cgroup).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_cgroup_gone(&cgroup);
@@ -760,16 +759,20 @@ fn a_pods_host_processes_run_in_its_cgroup_which_goes_with_the_pod() {
 
 /// The cgroup `path` exists in no cgroup hierarchy of this host (v1 controllers or v2).
 fn assert_cgroup_gone(path: &str) {
+    let left = cgroup_dirs(path);
+    assert!(left.is_empty(), "{left:?} outlived the pod");
+}
+
+/// The directories of cgroup `path` in this host's cgroup hierarchies (v1 controllers, v2).
+fn cgroup_dirs(path: &str) -> Vec<String> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let hierarchies: Vec<&str> = mounts
+    mounts
         .lines()
         .filter(|l| l.contains(" - cgroup ") || l.contains(" - cgroup2 "))
         .filter_map(|l| l.split_whitespace().nth(4))
-        .collect();
-    for root in hierarchies {
-        let dir = format!("{root}{path}");
-        assert!(!Path::new(&dir).exists(), "{dir} outlived the pod");
-    }
+        .map(|root| format!("{root}{path}"))
+        .filter(|dir| Path::new(dir).exists())
+        .collect()
 }
 
 /// `rbind,rro` (Kubernetes `recursiveReadOnly: Enabled`) of a host directory with a tmpfs
