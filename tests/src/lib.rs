@@ -38,6 +38,7 @@ pub fn cannot_run(test: &str, reason: &str) -> bool {
     );
 }
 pub mod cri;
+pub mod ctr;
 pub mod shim;
 
 /// The checkout's root.

@@ -130,7 +130,11 @@ fn builtin_vmm_passes_the_run_and_sandbox_suites_in_the_nested_test_host() {
 #[test]
 fn builtin_vmm_passes_the_containerd_and_cri_suites_in_the_nested_test_host() {
     let passed = builtin_suites_in_test_host(
-        &["containerd_pangolin", "cri_pangolin"],
+        &[
+            "containerd_pangolin",
+            "containerd_sandboxing",
+            "cri_pangolin",
+        ],
         "echo \"leftover-vmm=$(pgrep -c pangolin-vmm) leftover-shim=$(pgrep -c containerd-shim)\"",
         "leftover-vmm=0 leftover-shim=0",
     );
