@@ -80,6 +80,9 @@ pub fn pod_cgroup_path(cgroups_path: Option<&str>) -> Result<Option<PathBuf>, Cg
     Ok(Some(path))
 }
 
+/// How long [`PodCgroup::remove`] retries a cgroup that is still busy.
+pub const REMOVE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The pod's host cgroup, created for it.
 pub struct PodCgroup {
     path: PathBuf,
@@ -144,13 +147,27 @@ impl PodCgroup {
 
     /// Kills whatever still runs in the cgroup and removes it from every hierarchy; failures
     /// are logged (the caller is tearing down and cannot do better).
+    ///
+    /// Processes killed a moment ago may still be exiting (a VMM unmapping its guest RAM takes
+    /// a while, the more so under emulation), which keeps the cgroup busy: the removal is
+    /// retried for up to [`REMOVE_PATIENCE`].
     pub fn remove(&self) {
-        let result = self.manager.remove().map_err(|e| CgroupError::Host {
-            path: self.path.clone(),
-            message: e.to_string(),
-        });
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "cannot remove the pod cgroup");
+        let started = std::time::Instant::now();
+        loop {
+            match self.manager.remove() {
+                Ok(()) => return,
+                Err(_) if started.elapsed() < REMOVE_PATIENCE => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => {
+                    let e = CgroupError::Host {
+                        path: self.path.clone(),
+                        message: e.to_string(),
+                    };
+                    tracing::warn!(error = %e, "cannot remove the pod cgroup");
+                    return;
+                }
+            }
         }
     }
 }
