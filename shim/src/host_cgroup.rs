@@ -170,6 +170,14 @@ impl PodCgroup {
             }
         }
     }
+
+    /// [`Self::remove`] for async callers: its retries sleep, so it runs on tokio's blocking
+    /// pool rather than stalling a runtime worker (they serve every task of the pod).
+    pub async fn remove_off_runtime(self: std::sync::Arc<Self>) {
+        if let Err(e) = tokio::task::spawn_blocking(move || self.remove()).await {
+            tracing::warn!(error = %e, "removing the pod cgroup");
+        }
+    }
 }
 
 #[cfg(test)]

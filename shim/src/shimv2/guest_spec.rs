@@ -12,15 +12,7 @@ use super::PodError;
 /// CRI sandbox), or None for a fresh namespace (`ctr run`: the VM gets no NIC). A spec without a
 /// network namespace asks for the host's network, which a VM cannot join: refused.
 pub fn pod_netns(spec: &Spec) -> Result<Option<PathBuf>, PodError> {
-    let network = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.namespaces().as_ref())
-        .and_then(|nss| {
-            nss.iter()
-                .find(|ns| ns.typ() == LinuxNamespaceType::Network)
-        });
-    match network {
+    match namespace(spec, LinuxNamespaceType::Network) {
         Some(ns) => Ok(ns.path().clone()),
         None => Err(PodError::Invalid {
             what: "network namespace",
@@ -31,23 +23,25 @@ pub fn pod_netns(spec: &Spec) -> Result<Option<PathBuf>, PodError> {
     }
 }
 
+/// The spec's `linux.namespaces` entry of kind `typ`, if it has one (no entry: the host's).
+fn namespace(spec: &Spec, typ: LinuxNamespaceType) -> Option<&LinuxNamespace> {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|nss| nss.iter().find(|ns| ns.typ() == typ))
+}
+
 /// Refuses a container that asks for the host's PID or IPC namespace (CRI's `hostPID` /
 /// `hostIPC`: the spec then has no `pid` / `ipc` namespace entry at all): the container runs in
 /// a microVM, which cannot share either with the host, so it would otherwise get a private one
 /// in the guest silently. A namespace with a path (another container's, the pod's) is not the
 /// host's and passes.
 pub fn refuse_host_namespaces(spec: &Spec) -> Result<(), PodError> {
-    let has = |typ: LinuxNamespaceType| {
-        spec.linux()
-            .as_ref()
-            .and_then(|l| l.namespaces().as_ref())
-            .is_some_and(|nss| nss.iter().any(|ns| ns.typ() == typ))
-    };
     for (typ, what, field) in [
         (LinuxNamespaceType::Pid, "PID namespace", "hostPID: true"),
         (LinuxNamespaceType::Ipc, "IPC namespace", "hostIPC: true"),
     ] {
-        if !has(typ) {
+        if namespace(spec, typ).is_none() {
             return Err(PodError::Invalid {
                 what,
                 why: format!(
@@ -78,12 +72,8 @@ pub fn guest_spec(
     pod_inits: &[u32],
 ) -> Result<String, PodError> {
     spec.set_hooks(None);
-    let joins_pod_uts = spec.linux().as_ref().is_some_and(|l| {
-        l.namespaces().as_ref().is_some_and(|nss| {
-            nss.iter()
-                .any(|ns| ns.typ() == LinuxNamespaceType::Uts && ns.path().is_some())
-        })
-    });
+    let joins_pod_uts =
+        namespace(&spec, LinuxNamespaceType::Uts).is_some_and(|ns| ns.path().is_some());
     if joins_pod_uts && spec.hostname().is_none() {
         // The container joins the pod's UTS namespace: in the guest it gets a fresh one, named
         // as the pod.
@@ -207,6 +197,14 @@ fn check_pod_namespace(
 mod tests {
     use super::*;
 
+    /// A spec whose `linux.namespaces` is the JSON array `nss`.
+    fn with(nss: &str) -> Spec {
+        serde_json::from_str(&format!(
+            r#"{{"ociVersion":"1.0.2","linux":{{"namespaces":{nss}}}}}"#
+        ))
+        .expect("spec")
+    }
+
     #[test]
     fn guest_spec_drops_host_namespaces_and_hooks_and_adds_a_cgroup_namespace() {
         let spec: Spec = serde_json::from_str(
@@ -321,12 +319,6 @@ mod tests {
 
     #[test]
     fn the_hosts_pid_and_ipc_namespaces_are_refused_naming_the_pod_field() {
-        let with = |nss: &str| -> Spec {
-            serde_json::from_str(&format!(
-                r#"{{"ociVersion":"1.0.2","linux":{{"namespaces":{nss}}}}}"#
-            ))
-            .expect("spec")
-        };
         let private = with(r#"[{"type":"pid"},{"type":"ipc"},{"type":"network"}]"#);
         refuse_host_namespaces(&private).expect("private namespaces");
         let joined = with(
@@ -346,12 +338,6 @@ mod tests {
 
     #[test]
     fn pod_netns_is_the_specs_path_none_for_a_fresh_one_and_host_networking_is_refused() {
-        let with = |nss: &str| -> Spec {
-            serde_json::from_str(&format!(
-                r#"{{"ociVersion":"1.0.2","linux":{{"namespaces":{nss}}}}}"#
-            ))
-            .expect("spec")
-        };
         let cni = with(r#"[{"type":"network","path":"/var/run/netns/cni-1"}]"#);
         assert_eq!(
             pod_netns(&cni).expect("cni"),
