@@ -233,7 +233,8 @@ impl Default for JailConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VirtiofsConfig {
-    /// virtiofsd is a separate package whose install path varies by distribution.
+    /// virtiofsd (the Rust one, 1.14: `--shared-dir`, `--sandbox`, `--seccomp`) is a separate
+    /// program whose install path varies; a bare name is searched on `PATH`.
     pub virtiofsd_path: PathBuf,
     /// Lets operators choose coherence vs. speed per deployment.
     pub cache: VirtiofsCache,
@@ -242,7 +243,7 @@ pub struct VirtiofsConfig {
 impl Default for VirtiofsConfig {
     fn default() -> Self {
         Self {
-            virtiofsd_path: PathBuf::from("/usr/lib/qemu/virtiofsd"),
+            virtiofsd_path: PathBuf::from("virtiofsd"),
             cache: VirtiofsCache::Auto,
         }
     }

@@ -150,8 +150,8 @@ fn helpers_are_sandboxed_and_volume_symlinks_cannot_reach_the_host() {
             .map(|(pid, _)| *pid)
             .unwrap_or_else(|| panic!("no {name} among {procs:?}"))
     };
-    // Debian's virtiofsd forks: a monitor parent that only waits, and the child that serves
-    // the guest (its main thread set no_new_privs) from its own namespaces under seccomp.
+    // virtiofsd forks into its namespaces: a parent that only waits, and the child that serves
+    // the guest (seccomp set no_new_privs) from its own namespaces under seccomp.
     let is_virtiofsd = |cmd: &str| {
         cmd.split_whitespace()
             .next()
@@ -182,8 +182,10 @@ fn helpers_are_sandboxed_and_volume_symlinks_cannot_reach_the_host() {
         })
         .map(|t| t.file_name().to_string_lossy().into_owned())
         .collect();
-    // Known, not ours: Debian's (C) virtiofsd leaves one helper thread unfiltered.
-    eprintln!("virtiofsd {fsd}: threads without a seccomp filter: {unfiltered:?}");
+    assert!(
+        unfiltered.is_empty(),
+        "virtiofsd {fsd}: threads without a seccomp filter: {unfiltered:?}"
+    );
     let root: Vec<String> = std::fs::read_dir(format!("/proc/{fsd}/root"))
         .expect("virtiofsd root")
         .flatten()

@@ -1,4 +1,5 @@
-//! virtio-fs against the real daemon: starts Debian QEMU's `virtiofsd` on a temporary directory,
+//! virtio-fs against the real daemon: starts the Rust `virtiofsd` (what the shim runs; `cargo
+//! xtask` installs it into ~/.cargo/bin) on a temporary directory,
 //! connects, activates with two rings in guest memory, then plays the guest's first FUSE request
 //! (`FUSE_INIT`) on the request queue and checks the daemon's answer arrives through the VMM's
 //! call forwarding. Needs root (virtiofsd sandboxes itself in namespaces).
@@ -6,7 +7,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,7 +26,8 @@ use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
+/// Why the daemon cannot be run, for [`common::cannot_run`].
+const NOT_INSTALLED: &str = "virtiofsd is not on PATH or in ~/.cargo/bin (cargo install virtiofsd)";
 const FUSE_INIT: u32 = 26;
 const REQ_BUF: u64 = 0x40_0000;
 const REPLY_BUF: u64 = 0x41_0000;
@@ -48,6 +50,19 @@ impl Drop for Daemon {
     }
 }
 
+/// virtiofsd where the shim looks for its default bare name: PATH, then ~/.cargo/bin.
+fn virtiofsd() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter()
+        .map(|d| d.join("virtiofsd"))
+        .find(|p| p.is_file())
+}
+
 fn start_daemon(name: &str) -> (Daemon, PathBuf) {
     let dir =
         std::env::temp_dir().join(format!("pangolin-virtiofsd-{}-{name}", std::process::id()));
@@ -55,10 +70,9 @@ fn start_daemon(name: &str) -> (Daemon, PathBuf) {
     std::fs::create_dir_all(&source).expect("temp dir");
     std::fs::write(source.join("hello"), b"hi").expect("file");
     let socket = dir.join("vfs.sock");
-    let child = Command::new(VIRTIOFSD)
+    let child = Command::new(virtiofsd().expect("virtiofsd"))
         .arg(format!("--socket-path={}", socket.display()))
-        .arg("-o")
-        .arg(format!("source={}", source.display()))
+        .arg(format!("--shared-dir={}", source.display()))
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn virtiofsd");
@@ -105,11 +119,8 @@ fn wait_for_exit(daemon: &mut Daemon) -> std::process::ExitStatus {
 
 #[test]
 fn fuse_init_round_trip_through_virtiofsd() {
-    if !Path::new(VIRTIOFSD).exists()
-        && common::cannot_run(
-            "fuse_init_round_trip_through_virtiofsd",
-            "virtiofsd is not installed (Debian package qemu-system-common)",
-        )
+    if virtiofsd().is_none()
+        && common::cannot_run("fuse_init_round_trip_through_virtiofsd", NOT_INSTALLED)
     {
         return;
     }
@@ -185,11 +196,8 @@ fn fuse_init_round_trip_through_virtiofsd() {
 
 #[test]
 fn dead_daemon_is_noticed_by_the_event_loop() {
-    if !Path::new(VIRTIOFSD).exists()
-        && common::cannot_run(
-            "dead_daemon_is_noticed_by_the_event_loop",
-            "virtiofsd is not installed (Debian package qemu-system-common)",
-        )
+    if virtiofsd().is_none()
+        && common::cannot_run("dead_daemon_is_noticed_by_the_event_loop", NOT_INSTALLED)
     {
         return;
     }

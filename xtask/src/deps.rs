@@ -9,7 +9,8 @@ use anyhow::{bail, Context};
 /// (file that proves the package is installed, Debian package).
 const APT: &[(&str, &str)] = &[
     ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
-    ("/usr/lib/qemu/virtiofsd", "qemu-system-common"),
+    // For building virtiofsd (cargo install): it links libcap-ng and libseccomp.
+    ("/usr/include/cap-ng.h", "libcap-ng-dev"),
     ("/usr/src/linux-source-6.1.tar.xz", "linux-source-6.1"),
     ("/usr/bin/bc", "bc"),
     ("/usr/bin/flex", "flex"),
@@ -30,8 +31,15 @@ const APT: &[(&str, &str)] = &[
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),
 ];
 
-/// vhost-device-vsock, pinned: its CLI is part of our QEMU backend's contract.
-const VHOST_VSOCK_VERSION: &str = "0.3.0";
+/// Cargo-installed daemons, pinned: their command lines are part of our contract.
+/// (program, version, what it is for, how long its build takes here)
+const CARGO_TOOLS: &[(&str, &str, &str)] = &[
+    // vhost-user vsock for the QEMU backend.
+    ("vhost-device-vsock", "0.3.0", "about a minute"),
+    // virtio-fs for both backends: the Rust virtiofsd filters every thread that serves the
+    // guest (Debian QEMU's C virtiofsd left one helper thread unfiltered).
+    ("virtiofsd", "1.14.0", "about two minutes"),
+];
 
 /// A program on PATH or in ~/.cargo/bin (where [`ensure`] installs cargo tools).
 pub fn find_program(name: &str) -> Option<PathBuf> {
@@ -76,22 +84,38 @@ pub fn ensure() -> anyhow::Result<()> {
             bail!("apt-get install {} failed", missing.join(" "));
         }
     }
-    if find_program("vhost-device-vsock").is_none() {
-        eprintln!("xtask: installing vhost-device-vsock {VHOST_VSOCK_VERSION} (cargo install, about a minute)");
+    for (program, version, takes) in CARGO_TOOLS {
+        if has_version(program, version) {
+            continue;
+        }
+        eprintln!("xtask: installing {program} {version} (cargo install, {takes})");
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args([
                 "install",
                 "--locked",
                 "--quiet",
-                &format!("vhost-device-vsock@{VHOST_VSOCK_VERSION}"),
+                "--force",
+                &format!("{program}@{version}"),
             ])
             .status()
-            .context("cargo install vhost-device-vsock")?;
+            .with_context(|| format!("cargo install {program}"))?;
         if !status.success() {
-            bail!("cargo install vhost-device-vsock failed");
+            bail!("cargo install {program}@{version} failed");
         }
     }
     Ok(())
+}
+
+/// Whether `program` is found and says it is `version` (`--version` prints "<name> <version>").
+fn has_version(program: &str, version: &str) -> bool {
+    let Some(path) = find_program(program) else {
+        return false;
+    };
+    Command::new(path).arg("--version").output().is_ok_and(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .any(|w| w == version)
+    })
 }
 
 fn nix_is_root() -> bool {

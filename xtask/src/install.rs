@@ -44,10 +44,13 @@ pub fn install(args: &[String]) -> anyhow::Result<()> {
     let guest_dir = guest::root().join("target/guest");
     let vsock = crate::deps::find_program("vhost-device-vsock")
         .context("vhost-device-vsock not found on PATH or in ~/.cargo/bin")?;
+    let virtiofsd = crate::deps::find_program("virtiofsd")
+        .context("virtiofsd not found on PATH or in ~/.cargo/bin")?;
     let items = [
         (target.join("containerd-shim-pangolin-v2"), BIN_DIR, 0o755),
         (target.join("pangolin"), BIN_DIR, 0o755),
         (vsock, BIN_DIR, 0o755),
+        (virtiofsd, BIN_DIR, 0o755),
         (target.join("pangolin-vmm"), LIBEXEC_DIR, 0o755),
         (guest_dir.join("vmlinux"), SHARE_DIR, 0o644),
         (guest_dir.join("initramfs.cpio.gz"), SHARE_DIR, 0o644),
