@@ -46,6 +46,18 @@ pub enum DaemonError {
         /// Last lines of the log.
         tail: String,
     },
+    /// It exited while the VM it serves ran (the VM cannot go on without it).
+    #[error("{name} exited ({status}) while its VM ran; its log ({log}) ends with: {tail}")]
+    Exited {
+        /// Daemon name.
+        name: &'static str,
+        /// Exit status.
+        status: std::process::ExitStatus,
+        /// Log file path.
+        log: PathBuf,
+        /// Last lines of the log.
+        tail: String,
+    },
     /// It did not create its socket in time.
     #[error("{name} did not create {socket} within {timeout:?}")]
     NotReady {
@@ -387,6 +399,19 @@ impl Daemon {
         }
     }
 
+    /// Ok while it runs; once it exited (after it was ready), the exit with its log's tail.
+    pub fn check_running(&self) -> Result<(), DaemonError> {
+        match self.exited() {
+            None => Ok(()),
+            Some(status) => Err(DaemonError::Exited {
+                name: self.name,
+                status,
+                log: self.log.clone(),
+                tail: log_tail(&self.log, 5),
+            }),
+        }
+    }
+
     /// SIGTERM, then SIGKILL after `grace`; always reaps.
     pub async fn stop(&mut self, grace: Duration) {
         if self.exited().is_some() {
@@ -403,6 +428,34 @@ impl Daemon {
             self.kill().await;
         }
     }
+}
+
+/// A watch that sees the first exit among `watches`, for processes that only work together (a
+/// VMM and the helpers its devices need): the first one gone ends them all. The one that went
+/// first is logged by its name. A watch whose daemon was dropped counts as an exit.
+pub fn first_exit(watches: Vec<(&'static str, ExitWatch)>) -> ExitWatch {
+    let (tx, rx) = watch::channel(None);
+    let tx = std::sync::Arc::new(tx);
+    for (name, mut watch) in watches {
+        let tx = std::sync::Arc::clone(&tx);
+        tokio::spawn(async move {
+            let status = watch
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|s| *s)
+                .unwrap_or_else(|| ExitStatus::from_raw(255 << 8));
+            tx.send_if_modified(|first| {
+                if first.is_some() {
+                    return false;
+                }
+                tracing::info!(name, %status, "first of its group to exit");
+                *first = Some(status);
+                true
+            });
+        });
+    }
+    rx
 }
 
 /// The last `lines` lines of a log file, joined with " | ".

@@ -117,6 +117,8 @@ pub struct Sandbox {
     pub timings: BootTimings,
     agent: AgentClient,
     parts: Parts,
+    /// Fires when the VMM or a helper its devices need (virtiofsd) exits: either ends the VM.
+    ended: crate::daemon::ExitWatch,
 }
 
 /// What has been started so far; torn down in reverse.
@@ -133,6 +135,20 @@ struct Parts {
 }
 
 impl Parts {
+    /// A watch of the VM's end: the VMM's exit (QEMU's includes its vsock daemon's) or
+    /// virtiofsd's, whichever comes first. Without virtiofsd the guest's root filesystem stops
+    /// answering, so the pod is failed instead of left hanging.
+    fn ended(&self) -> crate::daemon::ExitWatch {
+        let mut watches = Vec::new();
+        if let Some(vm) = &self.vm {
+            watches.push(("the VMM", vm.exit_watch()));
+        }
+        if let Some(fsd) = &self.virtiofsd {
+            watches.push(("virtiofsd", fsd.exit_watch()));
+        }
+        crate::daemon::first_exit(watches)
+    }
+
     async fn teardown(&mut self, grace: Duration) {
         if let Some(mut vm) = self.vm.take() {
             vm.shutdown(grace).await;
@@ -144,7 +160,7 @@ impl Parts {
             fsd.stop(Duration::from_millis(500)).await;
         }
         if let Some(cgroup) = self.cgroup.take() {
-            cgroup.remove();
+            cgroup.remove_off_runtime().await;
         }
         remove_workdir(&self.workdir);
         drop(self.jail_id.take());
@@ -158,6 +174,8 @@ impl Drop for Parts {
         // are left.
         if !self.done {
             if let Some(cgroup) = self.cgroup.take() {
+                // In place, even on a runtime worker: this is a failed start's cleanup, rare,
+                // and a removal handed elsewhere could be lost with the exiting process.
                 cgroup.remove();
             }
             remove_workdir(&self.workdir);
@@ -209,13 +227,22 @@ pub fn kernel_cmdline(config: &Config, share: bool) -> String {
     cmdline
 }
 
+/// virtiofsd's command line (the Rust virtiofsd's flags). Its sandbox and seccomp modes are its
+/// defaults, named anyway: they are what this runtime promises of it (its own mount, PID and
+/// network namespaces rooted at the share; every thread that serves the guest filtered, a
+/// refused syscall kills it), so they must not move with a virtiofsd release.
 fn virtiofsd_args(socket: &Path, source: &Path, cache: VirtiofsCache) -> Vec<String> {
+    let cache = match cache {
+        VirtiofsCache::Auto => "auto",
+        VirtiofsCache::Always => "always",
+        VirtiofsCache::None => "never",
+    };
     vec![
         format!("--socket-path={}", socket.display()),
-        "-o".into(),
-        format!("source={}", source.display()),
-        "-o".into(),
-        format!("cache={cache}"),
+        format!("--shared-dir={}", source.display()),
+        format!("--cache={cache}"),
+        "--sandbox=namespace".into(),
+        "--seccomp=kill".into(),
     ]
 }
 
@@ -380,6 +407,7 @@ impl Sandbox {
                     agent_ready_ms = (timings.agent_ready - start).as_millis(),
                     "sandbox ready"
                 );
+                let ended = parts.ended();
                 Ok(Sandbox {
                     id: id.into(),
                     workdir,
@@ -388,6 +416,7 @@ impl Sandbox {
                     timings,
                     agent,
                     parts,
+                    ended,
                 })
             }
             Err(err) => {
@@ -526,24 +555,24 @@ impl Sandbox {
         self.parts.vm.as_ref().and_then(|vm| vm.pid())
     }
 
-    /// Ok while the VMM runs.
+    /// Ok while the VMM and virtiofsd run.
     pub fn check_alive(&mut self) -> Result<(), SandboxError> {
-        match self.parts.vm.as_mut() {
-            Some(vm) => vm.check_alive().map_err(Into::into),
-            None => Ok(()),
+        if let Some(vm) = self.parts.vm.as_mut() {
+            vm.check_alive()?;
         }
+        if let Some(fsd) = &self.parts.virtiofsd {
+            fsd.check_running()?;
+        }
+        Ok(())
     }
 
-    /// Sees the VMM's exit status once it exited (no polling).
+    /// Sees the VM's end once it came (no polling): the exit status of the VMM or of
+    /// virtiofsd, whichever exited first.
     pub fn vmm_exit(&self) -> crate::daemon::ExitWatch {
-        match self.parts.vm.as_ref() {
-            Some(vm) => vm.exit_watch(),
-            // Not reached (a started sandbox has its VM); a watch that never fires.
-            None => tokio::sync::watch::channel(None).1,
-        }
+        self.ended.clone()
     }
 
-    /// Resolves when the VMM exits (it should not while the sandbox is in use), with the reason.
+    /// Resolves when the VM ends (it should not while the sandbox is in use), with the reason.
     pub async fn vmm_exited(&mut self) -> SandboxError {
         let mut exit = self.vmm_exit();
         let _ = exit.wait_for(Option::is_some).await;
@@ -556,7 +585,8 @@ impl Sandbox {
     /// Stops the guest (containers killed by the agent), the VMM and the daemons; removes files.
     pub async fn shutdown(mut self) {
         if self.vmm_exit().borrow().is_some() {
-            // Nothing to ask: the VMM is gone (tear down its helpers, network and files).
+            // Nothing to ask: the VM is gone or cannot go on (tear down the VMM if it still
+            // runs, its helpers, network and files).
             self.parts.teardown(Duration::ZERO).await;
             return;
         }
@@ -606,7 +636,7 @@ mod tests {
     }
 
     #[test]
-    fn virtiofsd_gets_socket_source_and_cache() {
+    fn virtiofsd_gets_socket_source_cache_and_its_sandbox() {
         let args = virtiofsd_args(
             Path::new("/s/fs.sock"),
             Path::new("/rootfs"),
@@ -616,12 +646,18 @@ mod tests {
             args,
             [
                 "--socket-path=/s/fs.sock",
-                "-o",
-                "source=/rootfs",
-                "-o",
-                "cache=auto"
+                "--shared-dir=/rootfs",
+                "--cache=auto",
+                "--sandbox=namespace",
+                "--seccomp=kill"
             ]
         );
+        let never = virtiofsd_args(
+            Path::new("/s/fs.sock"),
+            Path::new("/rootfs"),
+            VirtiofsCache::None,
+        );
+        assert!(never.contains(&"--cache=never".to_string()), "{never:?}");
     }
 
     #[tokio::test]

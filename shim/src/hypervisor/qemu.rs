@@ -29,7 +29,7 @@ use pangolin_runtime_config::{Accel, HypervisorKind};
 
 use super::jail::JailIds;
 use super::{Hypervisor, HypervisorError, Vm, VmSpec};
-use crate::daemon::{resolve_program, Daemon, ExitWatch, SpawnOptions, Unprivileged};
+use crate::daemon::{first_exit, resolve_program, Daemon, ExitWatch, SpawnOptions, Unprivileged};
 
 /// How long the vsock daemon may take to create its socket.
 const DAEMON_READY: Duration = Duration::from_secs(10);
@@ -258,7 +258,10 @@ impl Hypervisor for Qemu {
             }
         };
         spec.place("qemu", qemu.pid())?;
-        let exit = first_exit(qemu.exit_watch(), vsockd.exit_watch());
+        let exit = first_exit(vec![
+            ("qemu", qemu.exit_watch()),
+            ("vhost-device-vsock", vsockd.exit_watch()),
+        ]);
         Ok(Box::new(QemuVm {
             qemu,
             vsockd,
@@ -346,23 +349,6 @@ struct QemuVm {
     vsockd: Daemon,
     console: PathBuf,
     exit: ExitWatch,
-}
-
-/// A watch that sees whichever of `a` and `b` exits first.
-fn first_exit(mut a: ExitWatch, mut b: ExitWatch) -> ExitWatch {
-    let (tx, rx) = tokio::sync::watch::channel(None);
-    tokio::spawn(async move {
-        let status = tokio::select! {
-            s = a.wait_for(Option::is_some) => s.ok().and_then(|s| *s),
-            s = b.wait_for(Option::is_some) => s.ok().and_then(|s| *s),
-        };
-        tx.send_replace(
-            status.or(Some(std::os::unix::process::ExitStatusExt::from_raw(
-                255 << 8,
-            ))),
-        );
-    });
-    rx
 }
 
 #[async_trait]

@@ -144,8 +144,8 @@ impl Pod {
                 Err(_) => return,
             };
             let why = status.map_or_else(
-                || "the VMM exited".to_string(),
-                |s| format!("the VMM exited ({s})"),
+                || "the VM ended".to_string(),
+                |s| format!("the VM ended (the VMM or a helper it needs exited: {s})"),
             );
             if pod.vm.died(why.clone()).await {
                 tracing::error!(%why, "the pod's VM died; failing its processes");

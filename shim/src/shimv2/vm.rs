@@ -50,7 +50,8 @@ pub struct BootPlan {
 pub trait PodVm: Send + Sync + 'static {
     /// Its agent.
     fn guest(&self) -> Arc<dyn Guest>;
-    /// Sees the VMM's exit status once it exited (event-driven: no polling).
+    /// Sees the VM's end (event-driven: no polling): the exit status of the VMM, or of a helper
+    /// without which the VM cannot go on (virtiofsd; QEMU's vsock daemon), whichever came first.
     fn exit_watch(&self) -> watch::Receiver<Option<ExitStatus>>;
     /// Stops the guest and the VMM and removes what the VM made.
     async fn shutdown(self: Box<Self>);
