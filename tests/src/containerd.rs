@@ -86,6 +86,8 @@ pub struct PrivateContainerd {
     pub log: PathBuf,
     /// The directory put first on containerd's PATH (where shims are found).
     pub shim_dir: PathBuf,
+    /// containerd's environment beyond ours: PATH with `shim_dir` first, [`Options::env`].
+    env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
     child: Option<Child>,
 }
 
@@ -118,12 +120,29 @@ impl PrivateContainerd {
             }
             None => shim_dir.clone().into_os_string(),
         };
-        let log_file = fs::File::create(&log)?;
+        let mut env = vec![("PATH".into(), path)];
+        env.extend(options.env.iter().map(|(k, v)| (k.into(), v.into())));
+        fs::File::create(&log)?;
+        let mut me = PrivateContainerd {
+            dir,
+            socket,
+            config_file,
+            log,
+            shim_dir,
+            env,
+            child: None,
+        };
+        me.spawn()?;
+        Ok(me)
+    }
+
+    /// Starts containerd on our configuration (its log appended to) and waits until it serves.
+    fn spawn(&mut self) -> Result<()> {
+        let log_file = fs::OpenOptions::new().append(true).open(&self.log)?;
         let child = Command::new("containerd")
             .arg("--config")
-            .arg(&config_file)
-            .env("PATH", path)
-            .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .arg(&self.config_file)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -131,16 +150,22 @@ impl PrivateContainerd {
             .context(
                 "spawning containerd (Debian package containerd; `cargo xtask guest` installs it)",
             )?;
-        let mut me = PrivateContainerd {
-            dir,
-            socket,
-            config_file,
-            log,
-            shim_dir,
-            child: Some(child),
-        };
-        me.wait_ready()?;
-        Ok(me)
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    /// Kills containerd (SIGKILL: no cleanup of its own) and starts it again on the same
+    /// configuration, root and state, as a node's containerd restarts: the shims live on and
+    /// the new containerd must find them (their bundles' address files) and reconnect.
+    pub fn restart(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        for stale in [self.socket.clone(), ttrpc_address(&self.socket)] {
+            let _ = fs::remove_file(stale);
+        }
+        self.spawn()
     }
 
     fn wait_ready(&mut self) -> Result<()> {
