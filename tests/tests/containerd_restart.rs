@@ -68,11 +68,7 @@ async fn states(cri: &mut Cri, pod: &str, container: &str) -> (i32, i32) {
             Err(e) => panic!("PodSandboxStatus after the restart: {e}"),
         }
     };
-    let pod_state = status
-        .into_inner()
-        .status
-        .expect("pod status")
-        .state;
+    let pod_state = status.into_inner().status.expect("pod status").state;
     let container_state = cri
         .runtime
         .container_status(ContainerStatusRequest {
