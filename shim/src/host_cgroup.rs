@@ -145,6 +145,22 @@ impl PodCgroup {
         Ok(())
     }
 
+    /// [`Self::add`] for `pid` and then every process it has forked so far, for a daemon that
+    /// may fork before it could be placed (virtiofsd forks into its sandbox at once). Race-free:
+    /// a fork after `pid` moved inherits the cgroup, and one before it is among the children
+    /// read after the move (fork and migration exclude each other in the kernel).
+    pub fn add_tree(&self, what: &'static str, pid: u32) -> Result<(), CgroupError> {
+        self.add(what, pid)?;
+        for child in children(pid) {
+            // A child that exited in between is no longer ours to place.
+            match self.add_tree(what, child) {
+                Err(_) if !Path::new(&format!("/proc/{child}")).exists() => {}
+                other => other?,
+            }
+        }
+        Ok(())
+    }
+
     /// Kills whatever still runs in the cgroup and removes it from every hierarchy; failures
     /// are logged (the caller is tearing down and cannot do better).
     ///
@@ -178,6 +194,22 @@ impl PodCgroup {
             tracing::warn!(error = %e, "removing the pod cgroup");
         }
     }
+}
+
+/// The pids `pid`'s threads have forked (`/proc/<pid>/task/*/children`).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -470,7 +470,8 @@ impl Sandbox {
                 let mut fsd =
                     Daemon::spawn("virtiofsd", &bin, &args, &workdir.join("virtiofsd.log"))?;
                 let placed = match (&parts.cgroup, fsd.pid()) {
-                    (Some(cgroup), Some(pid)) => cgroup.add("virtiofsd", pid),
+                    // virtiofsd forks into its sandbox at once: its child may already exist.
+                    (Some(cgroup), Some(pid)) => cgroup.add_tree("virtiofsd", pid),
                     _ => Ok(()),
                 };
                 if let Err(e) = placed {
