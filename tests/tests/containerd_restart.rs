@@ -12,9 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::{
-    ContainerState, ContainerStatsRequest, ContainerStatusRequest, CreateContainerRequest,
-    ExecSyncRequest, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest,
-    StartContainerRequest, StopContainerRequest,
+    ContainerState, ContainerStatsRequest, ContainerStatusRequest, ExecSyncRequest,
+    PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest, StopContainerRequest,
 };
 use pangolin_e2e::containerd::{Options, PANGOLIN_HANDLER};
 use pangolin_e2e::cri::{self, BridgeNetwork, Cri};
@@ -127,22 +126,9 @@ fn pods_survive_a_containerd_restart(handler: &str, tag: u8) {
                 ],
             );
             let id = cri
-                .runtime
-                .create_container(CreateContainerRequest {
-                    pod_sandbox_id: pod.clone(),
-                    config: Some(counter),
-                    sandbox_config: Some(pod_config.clone()),
-                })
+                .create_start(&pod, &pod_config, counter)
                 .await
-                .expect("CreateContainer")
-                .into_inner()
-                .container_id;
-            cri.runtime
-                .start_container(StartContainerRequest {
-                    container_id: id.clone(),
-                })
-                .await
-                .expect("StartContainer");
+                .expect("CreateContainer + StartContainer");
             let log = logs.join("counter.log");
             let before = wait_for_lines(&log, 5, "before the restart").await;
 

@@ -85,17 +85,23 @@ fn sysrq(ctrd: &PrivateContainerd, id: &str, key: char) -> (Option<i32>, Duratio
     )
 }
 
+/// Runs a privileged sleeper `id`, triggers sysrq `key` in it, and checks that its task and the
+/// exec stop and nothing of the pod is left.
+fn guest_fault_ends_the_pod(what: &str, id: &str, key: char) {
+    let env = TestEnv::new(&format!("fault-{id}"));
+    let ctrd = containerd(&env);
+    start_sleeper(&ctrd, id);
+    let (code, stopped, out) = sysrq(&ctrd, id, key);
+    assert_ne!(code, Some(0), "the exec outlived its VM: {out}");
+    eprintln!("{what}: task stopped {stopped:?} after the trigger (exec exit {code:?})");
+    remove_and_finish(ctrd, env, id);
+}
+
 /// The guest kernel panics (`panic=-1`: it resets at once, the VMM sees the reset and exits):
 /// the container's task and the exec both exit, and the pod is gone.
 #[test]
 fn a_guest_kernel_panic_ends_the_task_and_leaves_nothing() {
-    let env = TestEnv::new("fault-panic");
-    let ctrd = containerd(&env);
-    start_sleeper(&ctrd, "panic1");
-    let (code, stopped, out) = sysrq(&ctrd, "panic1", 'c');
-    assert_ne!(code, Some(0), "the exec outlived its VM: {out}");
-    eprintln!("guest panic: task stopped {stopped:?} after the trigger (exec exit {code:?})");
-    remove_and_finish(ctrd, env, "panic1");
+    guest_fault_ends_the_pod("guest panic", "panic1", 'c');
 }
 
 /// The guest powers itself off (sysrq `o`: the kernel shuts its devices down; with no ACPI
@@ -103,13 +109,7 @@ fn a_guest_kernel_panic_ends_the_task_and_leaves_nothing() {
 /// answers.
 #[test]
 fn a_guest_power_off_ends_the_task_and_leaves_nothing() {
-    let env = TestEnv::new("fault-poweroff");
-    let ctrd = containerd(&env);
-    start_sleeper(&ctrd, "off1");
-    let (code, stopped, out) = sysrq(&ctrd, "off1", 'o');
-    assert_ne!(code, Some(0), "the exec outlived its VM: {out}");
-    eprintln!("guest power-off: task stopped {stopped:?} after the trigger (exec exit {code:?})");
-    remove_and_finish(ctrd, env, "off1");
+    guest_fault_ends_the_pod("guest power-off", "off1", 'o');
 }
 
 /// Kills every process of the pod named `daemon` (by its executable's file name) and returns
