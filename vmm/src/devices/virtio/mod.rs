@@ -31,6 +31,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use self::guest_errors::{GuestErrors, LOG_EVERY, LOG_FIRST};
+pub use self::mmio::persist::{PersistError, QueueProgress, TransportState};
 use crate::memory::GuestMemoryMmap;
 
 /// The feature mask of virtio feature bit `bit` (virtio-bindings gives bit numbers).
@@ -102,6 +103,17 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// A restored VM's status bits: set again and, when any is set, the line raised again (the
+    /// guest had not acknowledged them; a second interrupt for the same bits is harmless, a lost
+    /// one would stall the device).
+    pub fn restore_status(&self, bits: u32) -> std::io::Result<()> {
+        self.status.store(bits, Ordering::SeqCst);
+        if bits != 0 {
+            self.irq_evt.write(1)?;
+        }
+        Ok(())
+    }
+
     /// The irqfd, for registration with KVM.
     pub fn irq_evt(&self) -> &EventFd {
         &self.irq_evt
@@ -154,4 +166,14 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) -> bool {
         false
     }
+    /// Where each queue stands, in index order, for a snapshot of a paused VM (empty before
+    /// activation). A device whose rings a backend owns asks the backend (virtio-fs: which stops
+    /// the rings; a snapshotted VM is never resumed).
+    ///
+    /// # Errors
+    /// [`PersistError`] when the device cannot say (its backend refused).
+    fn queue_progress(&mut self) -> Result<Vec<QueueProgress>, PersistError>;
+    /// Called once after a restore re-activated the device, before any vCPU runs: the device
+    /// tells the guest what it lost of the host side (vsock: every connection).
+    fn after_restore(&mut self) {}
 }

@@ -16,11 +16,14 @@ use event_manager::{EventOps, EventSet, Events};
 use vhost::vhost_user::Frontend;
 use vhost::VhostBackend;
 use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::handshake::{connect_handshake, start_vring, Negotiated};
 use super::{FsError, CONFIG_LEN, NUM_QUEUES, QUEUE_SIZE, TAG_LEN, TOKEN_CALL};
-use crate::devices::virtio::{ActivateContext, ActivateError, Interrupt, VirtioDevice};
+use crate::devices::virtio::{
+    ActivateContext, ActivateError, Interrupt, PersistError, QueueProgress, VirtioDevice,
+};
 use crate::memory::GuestMemoryMmap;
 
 /// Where the device is in its life.
@@ -37,6 +40,10 @@ enum State {
     Active {
         /// The device's interrupt line.
         interrupt: Arc<Interrupt>,
+        /// The rings as handed over (a snapshot reads their used index).
+        queues: Vec<Queue>,
+        /// Guest memory.
+        mem: GuestMemoryMmap,
     },
     /// The daemon died or a vring setup failed half way; nothing more is done.
     Broken,
@@ -149,6 +156,8 @@ impl VhostUserFs {
         }
         self.state = State::Active {
             interrupt: ctx.interrupt,
+            queues: ctx.queues,
+            mem: ctx.mem,
         };
         Ok(true)
     }
@@ -192,7 +201,7 @@ impl VhostUserFs {
         if evt.read().is_err() {
             return;
         }
-        if let State::Active { interrupt } = &self.state {
+        if let State::Active { interrupt, .. } = &self.state {
             if let Err(e) = interrupt.signal_used_queue() {
                 tracing::warn!(error = %e, "virtio-fs interrupt");
             }
@@ -278,6 +287,35 @@ impl VirtioDevice for VhostUserFs {
 
     fn needs_reset(&self) -> bool {
         matches!(self.state, State::Broken)
+    }
+
+    /// Asks virtiofsd where it stands in each ring (`GET_VRING_BASE`, which also stops the ring:
+    /// the snapshotted VM is never resumed) and reads the used index from guest memory. A
+    /// template is taken before any FUSE request, so both are 0 there.
+    fn queue_progress(&mut self) -> Result<Vec<QueueProgress>, PersistError> {
+        let (queues, mem) = match &self.state {
+            State::Ready => return Ok(Vec::new()),
+            State::Activating { .. } => return Err(PersistError::Busy("virtio-fs activation")),
+            State::Broken => return Err(PersistError::Broken),
+            State::Active { queues, mem, .. } => (queues, mem),
+        };
+        let mut progress = Vec::with_capacity(queues.len());
+        for (index, queue) in queues.iter().enumerate() {
+            let base = self
+                .frontend
+                .get_vring_base(index)
+                .map_err(|e| PersistError::Backend(Box::new(FsError::Vring(e))))?;
+            let next_avail = u16::try_from(base)
+                .map_err(|_| PersistError::Backend(Box::new(FsError::VringBase(base))))?;
+            let used = queue
+                .used_idx(mem, std::sync::atomic::Ordering::Acquire)
+                .map_err(|e| PersistError::Backend(Box::new(e)))?;
+            progress.push(QueueProgress {
+                next_avail,
+                next_used: used.0,
+            });
+        }
+        Ok(progress)
     }
 }
 

@@ -75,4 +75,7 @@ pub enum FsError {
     /// The daemon went away earlier.
     #[error("virtiofsd connection is broken")]
     Broken,
+    /// The daemon answered `GET_VRING_BASE` with an index beyond 16 bits.
+    #[error("virtiofsd reported vring base {0}")]
+    VringBase(u32),
 }

@@ -11,7 +11,10 @@
 //! ioeventfd, see [`queue_notify_offset`]) and the device raises the interrupt line; the driver
 //! reads `InterruptStatus` and acknowledges it through `InterruptACK`. Writing 0 to `Status`
 //! resets the device.
+//!
+//! [`persist`] saves and restores a transport with its device for VM snapshots.
 
+pub mod persist;
 pub mod regs;
 pub mod state;
 mod transport;

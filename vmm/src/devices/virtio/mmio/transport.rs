@@ -5,11 +5,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tracing::{debug, warn};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
+use super::persist::{PersistError, TransportState};
 use super::regs;
 use super::state::{QueueConfig, StatusAction, Transport};
 use crate::bus::BusDevice;
 use crate::devices::virtio::{
-    feature, ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    feature, ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -75,6 +76,77 @@ impl MmioTransport {
     /// The interrupt line, so the VMM can register its irqfd.
     pub fn interrupt(&self) -> &Arc<Interrupt> {
         &self.interrupt
+    }
+
+    /// The transport and its device for a snapshot of the paused VM.
+    ///
+    /// # Errors
+    /// [`PersistError::Broken`] when the device needs a reset, or what the device reports when it
+    /// cannot say where its queues stand.
+    pub fn save(&mut self) -> Result<TransportState, PersistError> {
+        let mut dev = self.lock_device();
+        if self.state.needs_reset || dev.needs_reset() {
+            return Err(PersistError::Broken);
+        }
+        let started = self.state.phase == super::state::Phase::DriverOk && !self.state.failed;
+        let queues = if started {
+            dev.queue_progress()?
+        } else {
+            Vec::new()
+        };
+        drop(dev);
+        let state = TransportState {
+            device_type: self.device_type,
+            regs: self.state.clone(),
+            interrupt_status: self.interrupt.status(),
+            queues,
+        };
+        // The device's own answer is checked like a snapshot's would be at restore.
+        state.check(
+            self.device_type,
+            self.lock_device().queue_max_sizes(),
+            self.offered,
+        )?;
+        Ok(state)
+    }
+
+    /// Puts a freshly built transport (reset state, device just created from the same
+    /// configuration) where `saved` was: registers and features, then, if the driver had started
+    /// the device, re-activation with the saved queues at their saved positions, the device's
+    /// [`VirtioDevice::after_restore`], one kick per queue and the pending interrupt bits.
+    ///
+    /// # Errors
+    /// [`PersistError`] when the state does not fit this device or the device refuses it.
+    pub fn restore(&mut self, saved: TransportState) -> Result<(), PersistError> {
+        let sizes = self.lock_device().queue_max_sizes().to_vec();
+        saved.check(self.device_type, &sizes, self.offered)?;
+        let queues = if saved.starts_device() {
+            Some(saved.queues(&self.mem)?)
+        } else {
+            None
+        };
+        let mut dev = self.lock_device();
+        if saved.fixes_features() {
+            dev.set_acked_features(saved.regs.driver_features);
+        }
+        if let Some(queues) = queues {
+            dev.activate(ActivateContext {
+                mem: self.mem.clone(),
+                interrupt: self.interrupt.clone(),
+                queues,
+            })
+            .map_err(PersistError::Activate)?;
+            dev.after_restore();
+            for evt in dev.queue_events() {
+                evt.write(1)
+                    .map_err(|e| PersistError::Activate(ActivateError::Event(e)))?;
+            }
+        }
+        drop(dev);
+        self.state = saved.regs;
+        self.interrupt
+            .restore_status(saved.interrupt_status)
+            .map_err(|e| PersistError::Activate(ActivateError::Event(e)))
     }
 
     fn lock_device(&self) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
@@ -288,7 +360,7 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::{ActivateError, VIRTIO_MMIO_INT_CONFIG};
+    use crate::devices::virtio::{QueueProgress, VIRTIO_MMIO_INT_CONFIG};
     use regs::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -347,6 +419,18 @@ mod tests {
         }
         fn is_activated(&self) -> bool {
             self.active_queues.is_some()
+        }
+        fn queue_progress(&mut self) -> Result<Vec<QueueProgress>, PersistError> {
+            Ok(match self.active_queues {
+                Some(n) => vec![
+                    QueueProgress {
+                        next_avail: 0,
+                        next_used: 0
+                    };
+                    n
+                ],
+                None => Vec::new(),
+            })
         }
         fn reset(&mut self) -> bool {
             if self.can_reset {

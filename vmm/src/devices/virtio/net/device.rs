@@ -15,7 +15,8 @@ use super::{
     NetError, QUEUE_SIZE, TOKEN_TAP, TX, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
 };
 use crate::devices::virtio::{
-    ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    ActivateContext, ActivateError, Interrupt, PersistError, QueueProgress, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -260,6 +261,14 @@ impl VirtioDevice for Net {
 
     fn is_activated(&self) -> bool {
         matches!(self.state, State::Active(_))
+    }
+
+    fn queue_progress(&mut self) -> Result<Vec<QueueProgress>, PersistError> {
+        Ok(match &self.state {
+            State::Active(a) => vec![QueueProgress::of(&a.rx), QueueProgress::of(&a.tx)],
+            State::Inactive => Vec::new(),
+            State::Broken => return Err(PersistError::Broken),
+        })
     }
 }
 

@@ -8,7 +8,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::RequestHandler;
 use crate::devices::virtio::{
-    ActivateContext, ActivateError, GuestErrors, Interrupt, VirtioDevice,
+    ActivateContext, ActivateError, GuestErrors, Interrupt, PersistError, QueueProgress,
+    VirtioDevice,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -189,6 +190,13 @@ impl<H: RequestHandler> VirtioDevice for SingleQueueDevice<H> {
 
     fn is_activated(&self) -> bool {
         matches!(self.state, State::Active { .. })
+    }
+
+    fn queue_progress(&mut self) -> Result<Vec<QueueProgress>, PersistError> {
+        Ok(match &self.state {
+            State::Active { queue, .. } => vec![QueueProgress::of(queue)],
+            State::Inactive => Vec::new(),
+        })
     }
 
     /// Forgets the queue and the negotiated features.

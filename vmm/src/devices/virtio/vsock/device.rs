@@ -5,7 +5,13 @@
 //! guest cannot grow device memory by never reading). The rx queue is filled while the muxer
 //! has packets and the guest has posted buffers; with no buffer the device waits for the rx
 //! queue's eventfd rather than polling.
+//!
+//! The event queue is used once in a device's life, after a restore from a snapshot: the
+//! guest's connections belonged to the VMM that took the snapshot, so the restored device puts a
+//! `TRANSPORT_RESET` in the guest's first event buffer before it moves any packet (the driver
+//! then resets every connected socket and re-reads the cid; listening sockets survive).
 
+use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -21,9 +27,13 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::event_handler::FdRegistry;
 use super::muxer::Muxer;
 use super::packet::{read_tx, RxBuffer};
-use super::{VsockError, EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VSOCK_HOST_CID};
+use super::{
+    VsockError, EVENT_QUEUE, EVENT_TRANSPORT_RESET, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VSOCK_HOST_CID,
+};
+use crate::devices::virtio::chain::{self, Limits};
 use crate::devices::virtio::{
-    ActivateContext, ActivateError, GuestErrors, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    ActivateContext, ActivateError, GuestErrors, Interrupt, PersistError, QueueProgress,
+    VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -51,6 +61,10 @@ pub struct Vsock {
     registered: bool,
     /// The tx queue may hold chains not yet handed to the muxer (kicked, or stalled on rx).
     tx_due: bool,
+    /// Restored from a snapshot: the guest still believes in connections this process never
+    /// had. Until a `TRANSPORT_RESET` event is in the guest's hands nothing goes to rx (a
+    /// connection made before the reset would be reset with the old ones).
+    reset_pending: bool,
     muxer: Muxer,
     tx_payload: Vec<u8>,
     rx_payload: Vec<u8>,
@@ -106,6 +120,7 @@ impl Vsock {
             active: None,
             registered: false,
             tx_due: false,
+            reset_pending: false,
             muxer: Muxer::new(guest_cid, uds_path, listener),
             tx_payload: Vec::new(),
             rx_payload: Vec::new(),
@@ -131,7 +146,9 @@ impl Vsock {
             self.tx_due = true;
         } else if fd == self.queue_evts[EVENT_QUEUE].as_raw_fd() {
             let _ = self.queue_evts[EVENT_QUEUE].read();
-            return;
+            if !self.reset_pending {
+                return;
+            }
         } else if fd == self.muxer.listener_fd() {
             self.muxer.accept(reg, now);
         } else if fd == self.timer.as_raw_fd() {
@@ -163,8 +180,56 @@ impl Vsock {
         self.tx_due = true;
     }
 
+    /// Puts a `TRANSPORT_RESET` event (virtio 1.2 section 5.10.6.5) in the driver's next event
+    /// buffer; true once it is there. Without a buffer it waits for the driver's event-queue
+    /// kick (the Linux driver keeps its event buffers posted).
+    fn post_transport_reset(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let queue = &mut active.queues[EVENT_QUEUE];
+        let Some(chain) = queue.pop_descriptor_chain(&active.mem) else {
+            return false;
+        };
+        let head = chain.head_index();
+        let written = chain::writer(&active.mem, chain, Limits::descriptors(1))
+            .map_err(|e| e.to_string())
+            .and_then(|mut w| {
+                w.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes())
+                    .map_err(|e| e.to_string())
+            });
+        let len = match written {
+            Ok(()) => 4,
+            Err(e) => {
+                // A broken event buffer: returned empty; the next one gets the event.
+                if self.guest_errors.record() {
+                    tracing::warn!(error = %e, "vsock: bad event buffer");
+                }
+                if let Err(e) = queue.add_used(&active.mem, head, 0) {
+                    tracing::warn!(error = %e, "vsock: returning an event buffer");
+                }
+                return false;
+            }
+        };
+        if let Err(e) = queue.add_used(&active.mem, head, len) {
+            tracing::warn!(error = %e, "vsock: returning the reset event");
+            return false;
+        }
+        if let Err(e) = active.interrupt.signal_used_queue() {
+            tracing::warn!(error = %e, "vsock: interrupt failed");
+        }
+        tracing::info!("vsock: transport reset sent to the restored guest");
+        true
+    }
+
     /// Moves packets both ways until nothing more can move, then interrupts the guest.
     fn pump(&mut self, reg: &mut dyn FdRegistry) {
+        if self.reset_pending {
+            if !self.post_transport_reset() {
+                return;
+            }
+            self.reset_pending = false;
+        }
         let mut used = false;
         for _ in 0..BUDGET {
             used |= self.process_rx(reg);
@@ -360,6 +425,21 @@ impl VirtioDevice for Vsock {
 
     fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    fn queue_progress(&mut self) -> Result<Vec<QueueProgress>, PersistError> {
+        if self.active.is_some() && !self.registered {
+            return Err(PersistError::Busy("vsock activation"));
+        }
+        Ok(self.active.as_ref().map_or_else(Vec::new, |a| {
+            a.queues.iter().map(QueueProgress::of).collect()
+        }))
+    }
+
+    /// The restored guest's connections died with the old VMM: tell it so before anything else
+    /// goes to it.
+    fn after_restore(&mut self) {
+        self.reset_pending = true;
     }
 }
 
@@ -597,6 +677,70 @@ mod tests {
         }
         assert!(reg.fds.contains_key(&dev.muxer.listener_fd()));
         assert!(reg.fds.contains_key(&dev.timer.as_raw_fd()));
+    }
+
+    #[test]
+    fn a_restored_device_resets_the_transport_before_any_rx() {
+        let dir = TempDir::new();
+        let mem = memory();
+        let mut guest = Guest::new(&mem);
+        let (mut dev, mut reg, irq) = started(&dir, &guest);
+        dev.after_restore();
+        guest.post_rx(8);
+        kick(&mut dev, &mut reg, RX_QUEUE);
+        // A host connection waits: no event buffer yet, so no reset, so no rx.
+        let _client = {
+            let mut c = UnixStream::connect(dir.path().join("v.sock")).expect("connect");
+            c.write_all(b"CONNECT 1024\n").expect("w");
+            c
+        };
+        let before: Vec<RawFd> = reg.fds.keys().copied().collect();
+        dev.handle_event(dev.muxer.listener_fd(), EventSet::IN, &mut reg);
+        let fd = *reg
+            .fds
+            .keys()
+            .find(|fd| !before.contains(fd))
+            .expect("client fd");
+        reg.fire(fd);
+        dev.handle_event(fd, EventSet::IN, &mut reg);
+        assert!(
+            guest.received().is_empty(),
+            "rx held until the reset is out"
+        );
+        assert_eq!(irq.status(), 0);
+        // The driver posts an event buffer: the reset goes there first, then the request.
+        let ev = SplitDescriptor::new(0x3_0000, 8, WRITE, 0);
+        guest
+            .ev
+            .add_desc_chains(&[RawDescriptor::from(ev)], 0)
+            .expect("event buffer");
+        mem.write_obj(0xffff_ffff_u32, GuestAddress(0x3_0000))
+            .expect("poison");
+        kick(&mut dev, &mut reg, EVENT_QUEUE);
+        assert_eq!(guest.ev.used().idx().load(), 1);
+        let elem = guest.ev.used().ring().ref_at(0).expect("used").load();
+        assert_eq!((elem.id(), elem.len()), (0, 4));
+        let id: u32 = mem.read_obj(GuestAddress(0x3_0000)).expect("read");
+        assert_eq!(id, EVENT_TRANSPORT_RESET);
+        assert_ne!(irq.status() & 1, 0);
+        let pkts = guest.received();
+        assert_eq!(pkts.len(), 1);
+        assert_eq!(pkts[0].0.op, op::REQUEST);
+        // Only once: a second event buffer stays unused.
+        let ev = SplitDescriptor::new(0x3_1000, 8, WRITE, 0);
+        guest
+            .ev
+            .add_desc_chains(&[RawDescriptor::from(ev)], 1)
+            .expect("event buffer");
+        kick(&mut dev, &mut reg, EVENT_QUEUE);
+        assert_eq!(guest.ev.used().idx().load(), 1);
+        assert_eq!(
+            dev.queue_progress().expect("progress")[EVENT_QUEUE],
+            QueueProgress {
+                next_avail: 1,
+                next_used: 1
+            }
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! Virtio-vsock carries stream connections between the guest (its context id, `guest_cid`) and the
 //! host (cid 2) over three queues: the driver posts empty buffers on `rx` for packets to the
-//! guest, sends its packets on `tx`, and `event` carries transport resets (unused here). Every
+//! guest, sends its packets on `tx`, and `event` carries transport resets (sent once, after a restore). Every
 //! packet starts with a 44-byte header (cids, ports, op, flags and credit counters); `OP_RW`
 //! packets carry payload. Connections open with `REQUEST`/`RESPONSE`, close with `SHUTDOWN` and
 //! `RST`, and flow control is credit based: each side advertises its buffer (`buf_alloc`) and how
@@ -35,8 +35,10 @@ pub const VSOCK_HOST_CID: u64 = 2;
 pub const RX_QUEUE: usize = 0;
 /// Index of the queue carrying packets from the guest.
 pub const TX_QUEUE: usize = 1;
-/// Index of the event queue (transport resets; never used by this device).
+/// Index of the event queue (transport resets, after a restore).
 pub const EVENT_QUEUE: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, the one event id (virtio 1.2 section 5.10.6.5).
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Size of each of the three queues.
 pub const QUEUE_SIZE: u16 = 256;
 /// Largest payload of one packet, either direction (the Linux driver's own limit).
