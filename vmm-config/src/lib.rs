@@ -1,15 +1,18 @@
 //! The built-in VMM's contract with the host side, as plain serde data: the [`VmConfig`] one
 //! `pangolin-vmm` process boots (with its validation), the control-socket messages ([`api`]),
-//! and the descriptor handoff of a jailed VMM ([`handoff`]: its only I/O). No KVM: the shim links
-//! this crate instead of the VMM.
+//! the descriptor handoff of a jailed VMM ([`handoff`]: its only I/O), and the [`Fingerprint`] of
+//! what a snapshot was taken from ([`snapshot`]). No KVM: the shim links this crate instead of the
+//! VMM.
 #![deny(missing_docs)]
 
 pub mod api;
 pub mod handoff;
 mod jail;
+pub mod snapshot;
 mod vm;
 
 pub use jail::{InheritedFds, JailConfig, MIN_OPEN_FILES};
+pub use snapshot::{sha256_file, Fingerprint};
 
 pub use vm::{
     parse_mac, BlkConfig, ConfigError, FsConfig, NetConfig, VmConfig, VsockConfig, MAX_FS_TAG_LEN,

@@ -14,4 +14,5 @@ pub mod lifecycle;
 pub mod memory;
 pub mod resources;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vstate;

@@ -1,5 +1,5 @@
 //! Guest RAM: one memfd-backed, shared mapping per region, so vhost-user daemons can map it and a
-//! later snapshot can save and map it back.
+//! snapshot can save it sparse and copy it back into a fresh memfd (`snapshot::memory`).
 
 use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
