@@ -1,6 +1,6 @@
 //! The control socket's messages: one request line per connection, one answer line back.
 //!
-//! Requests: `pause`, `resume`, `stop`, `status` ([`Request`]). Answers: `ok`, `error: <why>`,
+//! Requests: `pause`, `resume`, `stop`, `status`, `snapshot` ([`Request`]). Answers: `ok`, `error: <why>`,
 //! or for `status` a JSON [`Status`] object `{"state":"running","vcpus":N,"uptime_ms":N}`. A
 //! request line is at most [`MAX_LINE`] bytes.
 
@@ -22,11 +22,20 @@ pub enum Request {
     Stop,
     /// Report the state as a [`Status`].
     Status,
+    /// A template's VMM: stop the vCPUs, write the VM to its configured snapshot files and exit
+    /// (status 5); the answer, `ok` or `error: <why>`, comes before the exit.
+    Snapshot,
 }
 
 impl Request {
     /// Every request, for tests and help texts.
-    pub const ALL: [Request; 4] = [Self::Pause, Self::Resume, Self::Stop, Self::Status];
+    pub const ALL: [Request; 5] = [
+        Self::Pause,
+        Self::Resume,
+        Self::Stop,
+        Self::Status,
+        Self::Snapshot,
+    ];
 
     /// Parses one request line (a trailing newline is allowed).
     pub fn parse(line: &str) -> Option<Self> {
@@ -41,6 +50,7 @@ impl Request {
             Self::Resume => "resume",
             Self::Stop => "stop",
             Self::Status => "status",
+            Self::Snapshot => "snapshot",
         }
     }
 }

@@ -40,6 +40,14 @@ pub struct InheritedFds {
     /// One tap queue per `net` entry, in order.
     #[serde(default)]
     pub taps: Vec<i32>,
+    /// The snapshot files (state, memory) a template's VMM writes, opened read-write by the
+    /// host, when the config has `snapshot`.
+    #[serde(default)]
+    pub snapshot: Option<[i32; 2]>,
+    /// The snapshot files (state, memory) to restore from, read-only, when the config has
+    /// `restore`.
+    #[serde(default)]
+    pub restore: Option<[i32; 2]>,
     /// One disk image per `blk` entry, in order.
     #[serde(default)]
     pub disks: Vec<i32>,
@@ -53,6 +61,8 @@ impl InheritedFds {
         all.extend(self.api);
         all.extend(self.vsock);
         all.extend(&self.taps);
+        all.extend(self.snapshot.iter().flatten());
+        all.extend(self.restore.iter().flatten());
         all.extend(&self.disks);
         all
     }
@@ -102,6 +112,18 @@ pub(crate) fn validate(config: &VmConfig) -> Result<(), ConfigError> {
         }
         if fds.taps.len() != config.net.len() {
             return Err(invalid("fds.taps", "one tap per net entry"));
+        }
+        if fds.snapshot.is_some() != config.snapshot.is_some() {
+            return Err(invalid(
+                "fds.snapshot",
+                "must be given exactly when snapshot is",
+            ));
+        }
+        if fds.restore.is_some() != config.restore.is_some() {
+            return Err(invalid(
+                "fds.restore",
+                "must be given exactly when restore is",
+            ));
         }
         if fds.disks.len() != config.blk.len() {
             return Err(invalid("fds.disks", "one disk per blk entry"));
@@ -159,6 +181,8 @@ mod tests {
                 api: None,
                 vsock: None,
                 taps: Vec::new(),
+                snapshot: None,
+                restore: None,
                 disks: Vec::new(),
             }),
             jail: Some(JailConfig {
@@ -169,6 +193,8 @@ mod tests {
                 max_open_files: 1024,
             }),
             seccomp: true,
+            snapshot: None,
+            restore: None,
         }
     }
 

@@ -12,7 +12,7 @@ pub mod snapshot;
 mod vm;
 
 pub use jail::{InheritedFds, JailConfig, MIN_OPEN_FILES};
-pub use snapshot::{sha256_file, Fingerprint};
+pub use snapshot::{sha256_file, Fingerprint, SnapshotFiles};
 
 pub use vm::{
     parse_mac, BlkConfig, ConfigError, FsConfig, NetConfig, VmConfig, VsockConfig, MAX_FS_TAG_LEN,

@@ -12,6 +12,20 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// A snapshot on the host: the state file (header, fingerprint, vCPU/VM/device state) and the
+/// sparse guest-memory file, with the fingerprint the VM is (a template's VMM writes it into the
+/// state file; a restoring VMM refuses a state file that carries another).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotFiles {
+    /// The state file.
+    pub state: std::path::PathBuf,
+    /// The guest-memory file.
+    pub memory: std::path::PathBuf,
+    /// What the VM is made of.
+    pub fingerprint: Fingerprint,
+}
+
 /// Everything a snapshot depends on; digests are lowercase hex SHA-256.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

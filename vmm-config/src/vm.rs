@@ -62,6 +62,14 @@ pub struct VmConfig {
     /// false is for debugging a filter and is logged as a warning).
     #[serde(default = "enabled")]
     pub seccomp: bool,
+    /// A template's VMM: where a `snapshot` request writes the VM. Without it `snapshot` is
+    /// refused (and the event loop's filter holds none of the calls a snapshot makes).
+    #[serde(default)]
+    pub snapshot: Option<crate::SnapshotFiles>,
+    /// Start from this snapshot instead of booting the kernel (the devices are the same list,
+    /// their host ends this VM's own).
+    #[serde(default)]
+    pub restore: Option<crate::SnapshotFiles>,
 }
 
 fn enabled() -> bool {
@@ -195,6 +203,27 @@ impl VmConfig {
                 return Err(invalid("net.tap", "must be 1 to 15 bytes"));
             }
         }
+        for (field, files) in [("snapshot", &self.snapshot), ("restore", &self.restore)] {
+            let Some(f) = files else { continue };
+            if !f.state.is_absolute() || !f.memory.is_absolute() {
+                return Err(invalid(field, "state and memory paths must be absolute"));
+            }
+            if f.fingerprint.vcpus != self.vcpus {
+                return Err(invalid(field, "fingerprint.vcpus differs from vcpus"));
+            }
+            if f.fingerprint.memory_mib != self.memory_mib {
+                return Err(invalid(
+                    field,
+                    "fingerprint.memory_mib differs from memory_mib",
+                ));
+            }
+        }
+        if self.snapshot.is_some() && self.restore.is_some() {
+            return Err(invalid(
+                "snapshot",
+                "a restored VM is never a template (templates are booted)",
+            ));
+        }
         crate::jail::validate(self)
     }
 }
@@ -220,7 +249,72 @@ mod tests {
             fds: None,
             jail: None,
             seccomp: true,
+            snapshot: None,
+            restore: None,
         }
+    }
+
+    #[test]
+    fn snapshot_files_must_fit_the_vm_and_a_clone_is_no_template() {
+        let files = |vcpus, memory_mib, state: &str| {
+            Some(crate::SnapshotFiles {
+                state: state.into(),
+                memory: "/m".into(),
+                fingerprint: crate::Fingerprint {
+                    kernel_sha256: "k".into(),
+                    initramfs_sha256: None,
+                    vmm_sha256: "v".into(),
+                    vcpus,
+                    memory_mib,
+                    cmdline: String::new(),
+                    host_cpu: "c".into(),
+                    host_kernel: "h".into(),
+                },
+            })
+        };
+        let reason = |c: VmConfig| match c.validate() {
+            Err(ConfigError::Invalid { field, problem }) => format!("{field}: {problem}"),
+            Ok(()) => "ok".into(),
+        };
+        let good = files(1, 128, "/s");
+        let template = VmConfig {
+            snapshot: good.clone(),
+            ..base()
+        };
+        assert_eq!(reason(template.clone()), "ok");
+        assert_eq!(
+            reason(VmConfig {
+                restore: good.clone(),
+                ..base()
+            }),
+            "ok"
+        );
+        assert_eq!(
+            reason(VmConfig {
+                restore: files(2, 128, "/s"),
+                ..base()
+            }),
+            "restore: fingerprint.vcpus differs from vcpus"
+        );
+        assert_eq!(
+            reason(VmConfig {
+                snapshot: files(1, 256, "/s"),
+                ..base()
+            }),
+            "snapshot: fingerprint.memory_mib differs from memory_mib"
+        );
+        assert_eq!(
+            reason(VmConfig {
+                snapshot: files(1, 128, "relative"),
+                ..base()
+            }),
+            "snapshot: state and memory paths must be absolute"
+        );
+        assert!(reason(VmConfig {
+            restore: good,
+            ..template
+        })
+        .starts_with("snapshot: a restored VM is never a template"));
     }
 
     #[test]

@@ -10,14 +10,22 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use crate::config::api::{Request, State, Status, MAX_LINE, OK};
+use crate::snapshot::vm::Snapshotter;
 use crate::vstate::control::{Control, ExitReason, RunState};
 use crate::vstate::vcpu::VcpuHandle;
 
 /// How long `pause` waits for every vCPU to park.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Executes `req` and returns the answer line (without newline).
-pub fn execute(req: Request, control: &Control, vcpus: &[VcpuHandle], started: Instant) -> String {
+/// Executes `req` and returns the answer line (without newline); `snapshotter` is a template
+/// VMM's (None: `snapshot` is refused).
+pub fn execute(
+    req: Request,
+    control: &Control,
+    vcpus: &[VcpuHandle],
+    started: Instant,
+    snapshotter: Option<&mut Snapshotter>,
+) -> String {
     match req {
         Request::Pause => {
             if !control.request_pause() {
@@ -47,7 +55,7 @@ pub fn execute(req: Request, control: &Control, vcpus: &[VcpuHandle], started: I
                 state: match control.state() {
                     RunState::Running => State::Running,
                     RunState::Paused => State::Paused,
-                    RunState::Stopping => State::Stopping,
+                    RunState::HandingOver | RunState::Stopping => State::Stopping,
                 },
                 vcpus: vcpus.len(),
                 // Saturates after 584 million years.
@@ -55,7 +63,26 @@ pub fn execute(req: Request, control: &Control, vcpus: &[VcpuHandle], started: I
             };
             serde_json::to_string(&status).unwrap_or_else(|e| format!("error: {e}"))
         }
+        Request::Snapshot => match snapshotter {
+            None => "error: no snapshot files configured (not a template)".into(),
+            Some(s) => match s.take() {
+                Ok(_) => OK.into(),
+                Err(e) => format!("error: {}", error_chain(&e)),
+            },
+        },
     }
+}
+
+/// An error with its sources, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
 }
 
 /// Most control connections open at once; a new one beyond that closes the oldest.
@@ -110,6 +137,7 @@ impl Connection {
         control: &Control,
         vcpus: &[VcpuHandle],
         started: Instant,
+        mut snapshotter: Option<&mut Snapshotter>,
     ) -> Progress {
         let mut chunk = [0u8; MAX_LINE];
         loop {
@@ -131,7 +159,7 @@ impl Connection {
                             .extend_from_slice(got.get(..end).unwrap_or_default());
                         let text = String::from_utf8_lossy(&self.line).into_owned();
                         let answer = match Request::parse(&text) {
-                            Some(req) => execute(req, control, vcpus, started),
+                            Some(req) => execute(req, control, vcpus, started, snapshotter.take()),
                             None => "error: unknown request".into(),
                         };
                         self.answer(&answer);
@@ -160,16 +188,23 @@ mod tests {
     fn requests_execute() {
         let c = Control::new().expect("control");
         let t = Instant::now();
-        assert_eq!(execute(Request::Resume, &c, &[], t), "error: not paused");
-        assert_eq!(execute(Request::Pause, &c, &[], t), "ok");
+        assert_eq!(
+            execute(Request::Resume, &c, &[], t, None),
+            "error: not paused"
+        );
+        assert_eq!(execute(Request::Pause, &c, &[], t, None), "ok");
         let status: Status =
-            serde_json::from_str(&execute(Request::Status, &c, &[], t)).expect("status json");
+            serde_json::from_str(&execute(Request::Status, &c, &[], t, None)).expect("status json");
         assert_eq!((status.state, status.vcpus), (State::Paused, 0));
-        assert_eq!(execute(Request::Resume, &c, &[], t), "ok");
-        assert_eq!(execute(Request::Stop, &c, &[], t), "ok");
+        assert_eq!(execute(Request::Resume, &c, &[], t, None), "ok");
+        assert_eq!(
+            execute(Request::Snapshot, &c, &[], t, None),
+            "error: no snapshot files configured (not a template)"
+        );
+        assert_eq!(execute(Request::Stop, &c, &[], t, None), "ok");
         assert_eq!(c.exit_reason(), Some(ExitReason::Requested));
         let status: Status =
-            serde_json::from_str(&execute(Request::Status, &c, &[], t)).expect("status json");
+            serde_json::from_str(&execute(Request::Status, &c, &[], t, None)).expect("status json");
         assert_eq!(status.state, State::Stopping);
     }
 
@@ -178,7 +213,7 @@ mod tests {
         let (a, mut b) = UnixStream::pair().expect("pair");
         let mut conn = Connection::new(a).expect("conn");
         b.write_all(bytes).expect("write");
-        let progress = conn.on_readable(c, &[], Instant::now());
+        let progress = conn.on_readable(c, &[], Instant::now(), None);
         drop(conn);
         let mut out = String::new();
         let _ = b.read_to_string(&mut out);
@@ -204,13 +239,13 @@ mod tests {
         let mut conn = Connection::new(a).expect("conn");
         let t = Instant::now();
         assert_eq!(
-            conn.on_readable(&c, &[], t),
+            conn.on_readable(&c, &[], t, None),
             Progress::Pending,
             "nothing sent"
         );
         b.write_all(b"sta").expect("write");
         assert_eq!(
-            conn.on_readable(&c, &[], t),
+            conn.on_readable(&c, &[], t, None),
             Progress::Pending,
             "half a line"
         );
@@ -219,7 +254,7 @@ mod tests {
             "the loop was blocked"
         );
         b.write_all(b"tus\n").expect("write");
-        assert_eq!(conn.on_readable(&c, &[], t), Progress::Done);
+        assert_eq!(conn.on_readable(&c, &[], t, None), Progress::Done);
         drop(conn);
         let mut out = String::new();
         b.read_to_string(&mut out).expect("read");

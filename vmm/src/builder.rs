@@ -15,12 +15,15 @@ use crate::config::{ConfigError, VmConfig};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialConsole;
 use crate::devices::legacy::EventFdTrigger;
+use crate::devices::virtio::mmio::MmioTransport;
 use crate::lifecycle::{self, Lifecycle};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::resources::Resources;
 use crate::seccomp::{self, Filters};
+use crate::snapshot::vm::{self as snapshot_vm, Snapshotter, VmSnapshot, VmSnapshotError};
 use crate::vstate::control::{Control, ExitReason};
-use crate::vstate::vcpu::{self, StartGate, VcpuHandle};
+use crate::vstate::vcpu::{self, Handover, StartGate, VcpuHandle};
+use crate::vstate::vcpu_state;
 use crate::vstate::vm::Vm;
 
 /// The event loop's subscriber type.
@@ -80,16 +83,19 @@ pub enum BuildError {
         &'static str,
         #[source] Box<dyn std::error::Error + Send + Sync>,
     ),
+    /// The snapshot to restore from, or the state needed to take one.
+    #[error("snapshot")]
+    Snapshot(#[from] VmSnapshotError),
 }
 
-/// A booted VM and its event loop.
+/// A booted (or restored) VM and its event loop.
 pub struct Vmm {
     control: Arc<Control>,
     vcpus: Arc<Vec<VcpuHandle>>,
     events: EventManager<Subscriber>,
     serial: Arc<Mutex<SerialConsole<File>>>,
     _mem: GuestMemoryMmap,
-    _vm: Vm,
+    _vm: Arc<Vm>,
 }
 
 /// Devices being attached: the buses, the growing command line, the event loop.
@@ -108,6 +114,8 @@ pub struct Attach<'a> {
     pub next_slot: u32,
     /// The vCPU filter's context: descriptors vCPU threads may use (see [`crate::seccomp`]).
     pub seccomp: crate::seccomp::VmContext,
+    /// Every transport attached so far, in slot order (snapshots save and restore them).
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 /// Builds and boots the VM described by `config` from its host `resources`; vCPUs run when
@@ -129,14 +137,30 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
         vsock,
         taps,
         disks,
+        snapshot: snapshot_files,
+        restore: restore_files,
     } = resources;
     if let Some(l) = &api {
         l.set_nonblocking(true)
             .map_err(|e| BuildError::Event("control socket", e))?;
     }
 
-    let mem = memory::create(u64::from(config.memory_mib))?;
-    let vm = Vm::with_kvm(kvm, &mem)?;
+    // A restore starts from the snapshot's memory; the state goes back in once the VM and its
+    // devices exist, built from the same configuration as a booted VM's.
+    let (restored, mem) = match (&config.restore, restore_files) {
+        (Some(files), Some((mut state, memory_file))) => {
+            let (snap, mem, stats) =
+                snapshot_vm::load(config, &files.fingerprint, &mut state, &memory_file)?;
+            tracing::info!(
+                memory_bytes = stats.data_bytes_written,
+                ms = started.elapsed().as_millis(),
+                "snapshot loaded"
+            );
+            (Some(snap), mem)
+        }
+        _ => (None, memory::create(u64::from(config.memory_mib))?),
+    };
+    let vm = Arc::new(Vm::with_kvm(kvm, &mem)?);
     let mut events: EventManager<Subscriber> =
         EventManager::new().map_err(BuildError::EventLoop)?;
     let control = Arc::new(Control::new()?);
@@ -147,10 +171,12 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
     vm.fd
         .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(|e| BuildError::Event("irqfd", e.into()))?;
-    let serial = Arc::new(Mutex::new(SerialConsole::new(
-        EventFdTrigger(serial_irq),
-        console,
-    )));
+    let serial = match &restored {
+        Some(snap) => SerialConsole::restore(&snap.serial, EventFdTrigger(serial_irq), console)
+            .map_err(|e| BuildError::Device("serial", Box::new(e)))?,
+        None => SerialConsole::new(EventFdTrigger(serial_irq), console),
+    };
+    let serial = Arc::new(Mutex::new(serial));
     pio.insert(serial.clone(), COM1_PORT, 8)?;
     let reset_evt = new_evt()?;
     let reset_for_dev = reset_evt
@@ -174,10 +200,23 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
         seccomp: crate::seccomp::VmContext {
             vhost_user_sockets: Vec::new(),
             kick_signal: vcpu::kick_signal(),
+            snapshot: config.snapshot.is_some(),
         },
+        transports: Vec::new(),
     };
     let host = crate::devices::HostSide { vsock, taps, disks };
     crate::devices::attach_all(&mut attach, config, host)?;
+    let transports = std::mem::take(&mut attach.transports);
+    if let Some(snap) = &restored {
+        restore_devices(snap, &transports)?;
+        snap.vm.restore(&vm.fd).map_err(VmSnapshotError::from)?;
+    }
+    // A template's MSR list is asked of /dev/kvm now: the event loop's filter has no KVM
+    // system ioctl.
+    let msr_indices = match config.snapshot {
+        Some(_) => vcpu_state::msr_indices_to_save(&vm.kvm).map_err(vcpu::VcpuError::from)?,
+        None => Vec::new(),
+    };
     let filters = if config.seccomp {
         Some(Filters::compile(&attach.seccomp)?)
     } else {
@@ -185,21 +224,14 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
         None
     };
 
-    let entry = boot::load(&mem, &mut kernel, initramfs.as_mut(), &cmdline)?;
-    mptable::write(&mem, config.vcpus)?;
-    let gdt = regs::write_tables(&mem, entry)?;
-    let base_cpuid = cpuid::supported(&vm.kvm)?;
-    let mut fds = Vec::with_capacity(usize::from(config.vcpus));
-    for id in 0..config.vcpus {
-        fds.push(vcpu::create(
-            &vm,
-            &base_cpuid,
-            id,
-            config.vcpus,
-            entry,
-            &gdt,
-        )?);
-    }
+    let fds = match &restored {
+        Some(snap) => (0u8..)
+            .zip(&snap.vcpus)
+            .map(|(id, state)| vcpu::create_restored(&vm, id, state))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => boot_vcpus(config, &vm, &mem, &mut kernel, initramfs.as_mut(), &cmdline)?,
+    };
+    let handover = Arc::new(Handover::default());
     // Every vCPU installs its filter, then waits at this gate until the main thread has
     // installed its own: no guest instruction runs before every thread is filtered.
     let start = Arc::new(StartGate::default());
@@ -214,6 +246,7 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
                 control: control.clone(),
                 filter: filters.as_ref().map(|f| f.vcpu.clone()),
                 start: start.clone(),
+                handover: handover.clone(),
             },
         );
         match spawned {
@@ -231,9 +264,29 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
         setup_ms = started.elapsed().as_millis(),
         vcpus = config.vcpus,
         memory_mib = config.memory_mib,
-        ?entry,
+        started_from = if restored.is_some() {
+            "snapshot"
+        } else {
+            "boot"
+        },
         "guest started"
     );
+    let snapshotter = match (&config.snapshot, snapshot_files) {
+        (Some(files), Some((state_file, memory_file))) => Some(Snapshotter {
+            vm: vm.clone(),
+            mem: mem.clone(),
+            transports,
+            serial: serial.clone(),
+            handover,
+            control: control.clone(),
+            vcpus: vcpus.clone(),
+            msr_indices,
+            state_file,
+            memory_file,
+            fingerprint: files.fingerprint.clone(),
+        }),
+        _ => None,
+    };
     let lifecycle = Lifecycle::new(
         control.clone(),
         reset_evt,
@@ -241,6 +294,7 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
         api,
         vcpus.clone(),
         started,
+        snapshotter,
     );
     events.add_subscriber(Arc::new(Mutex::new(lifecycle)));
     if let Some(f) = &filters {
@@ -259,6 +313,47 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
         _mem: mem,
         _vm: vm,
     })
+}
+
+/// Loads the kernel and boot tables and creates the vCPUs at the kernel's entry.
+fn boot_vcpus(
+    config: &VmConfig,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    kernel: &mut File,
+    initramfs: Option<&mut File>,
+    cmdline: &str,
+) -> Result<Vec<kvm_ioctls::VcpuFd>, BuildError> {
+    let entry = boot::load(mem, kernel, initramfs, cmdline)?;
+    tracing::debug!(?entry, "kernel loaded");
+    mptable::write(mem, config.vcpus)?;
+    let gdt = regs::write_tables(mem, entry)?;
+    let base_cpuid = cpuid::supported(&vm.kvm)?;
+    (0..config.vcpus)
+        .map(|id| vcpu::create(vm, &base_cpuid, id, config.vcpus, entry, &gdt).map_err(Into::into))
+        .collect()
+}
+
+/// Puts every transport where the snapshot left it (the same devices in the same slots: the
+/// configuration is the template's).
+fn restore_devices(
+    snap: &VmSnapshot,
+    transports: &[Arc<Mutex<MmioTransport>>],
+) -> Result<(), VmSnapshotError> {
+    if snap.devices.len() != transports.len() {
+        return Err(VmSnapshotError::Count {
+            what: "virtio devices",
+            expected: transports.len(),
+            found: snap.devices.len(),
+        });
+    }
+    for (slot, (state, t)) in snap.devices.iter().zip(transports).enumerate() {
+        t.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .restore(state.clone())
+            .map_err(|e| VmSnapshotError::Device(slot, e))?;
+    }
+    Ok(())
 }
 
 impl Vmm {

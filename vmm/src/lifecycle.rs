@@ -10,6 +10,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api;
+use crate::snapshot::vm::Snapshotter;
 use crate::vstate::control::{Control, ExitReason};
 use crate::vstate::vcpu::VcpuHandle;
 
@@ -58,6 +59,8 @@ pub struct Lifecycle {
     /// Open control connections by token, oldest first.
     conns: Vec<(u32, api::Connection)>,
     next_conn: u32,
+    /// A template VMM's snapshot writer (the `snapshot` request).
+    snapshotter: Option<Snapshotter>,
 }
 
 impl Lifecycle {
@@ -69,6 +72,7 @@ impl Lifecycle {
         api: Option<UnixListener>,
         vcpus: Arc<Vec<VcpuHandle>>,
         started: Instant,
+        snapshotter: Option<Snapshotter>,
     ) -> Self {
         Self {
             control,
@@ -79,6 +83,7 @@ impl Lifecycle {
             started,
             conns: Vec::new(),
             next_conn: API_CONN,
+            snapshotter,
         }
     }
 
@@ -121,7 +126,12 @@ impl Lifecycle {
             return;
         };
         let progress = match self.conns.get_mut(at) {
-            Some((_, conn)) => conn.on_readable(&self.control, &self.vcpus, self.started),
+            Some((_, conn)) => conn.on_readable(
+                &self.control,
+                &self.vcpus,
+                self.started,
+                self.snapshotter.as_mut(),
+            ),
             None => return,
         };
         if progress == api::Progress::Done {

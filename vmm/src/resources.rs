@@ -69,6 +69,10 @@ pub struct Resources {
     pub taps: Vec<Option<OwnedFd>>,
     /// One disk image per `blk` entry.
     pub disks: Vec<File>,
+    /// A template's snapshot files to write (state, memory).
+    pub snapshot: Option<(File, File)>,
+    /// The snapshot files to restore from (state, memory).
+    pub restore: Option<(File, File)>,
 }
 
 fn open_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ResourceError {
@@ -123,6 +127,29 @@ impl Resources {
                 .map_err(open_err("disk image", &b.path))?;
             disks.push(file);
         }
+        let writable = |what: &'static str, p: &Path| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(p)
+                .map_err(open_err(what, p))
+        };
+        let snapshot = match &config.snapshot {
+            Some(f) => Some((
+                writable("snapshot state", &f.state)?,
+                writable("snapshot memory", &f.memory)?,
+            )),
+            None => None,
+        };
+        let restore = match &config.restore {
+            Some(f) => Some((
+                File::open(&f.state).map_err(open_err("snapshot state", &f.state))?,
+                File::open(&f.memory).map_err(open_err("snapshot memory", &f.memory))?,
+            )),
+            None => None,
+        };
         Ok(Resources {
             kvm: Kvm::new().map_err(ResourceError::Kvm)?,
             kernel,
@@ -132,6 +159,8 @@ impl Resources {
             vsock,
             taps: config.net.iter().map(|_| None).collect(),
             disks,
+            snapshot,
+            restore,
         })
     }
 
@@ -167,6 +196,15 @@ impl Resources {
         for p in &fds.taps {
             taps.push(Some(take("tap", *p)?));
         }
+        let mut pair = |what: &'static str, at: Option<[i32; 2]>| match at {
+            Some([state, memory]) => Ok::<_, ResourceError>(Some((
+                File::from(take(what, state)?),
+                File::from(take(what, memory)?),
+            ))),
+            None => Ok(None),
+        };
+        let snapshot = pair("snapshot files", fds.snapshot)?;
+        let restore = pair("restore files", fds.restore)?;
         let mut disks = Vec::with_capacity(fds.disks.len());
         for p in &fds.disks {
             disks.push(File::from(take("disk image", *p)?));
@@ -180,6 +218,8 @@ impl Resources {
             vsock,
             taps,
             disks,
+            snapshot,
+            restore,
         })
     }
 }

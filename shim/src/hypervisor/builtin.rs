@@ -63,6 +63,8 @@ pub fn vm_config(spec: &VmSpec, api: PathBuf) -> VmConfig {
         fds: None,
         jail: None,
         seccomp: true,
+        snapshot: None,
+        restore: None,
     }
 }
 

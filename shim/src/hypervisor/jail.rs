@@ -101,6 +101,8 @@ pub async fn prepare(
         api,
         vsock,
         taps,
+        snapshot: None,
+        restore: None,
         disks: Vec::new(),
     });
     let root = spec.workdir.join("jail");

@@ -100,9 +100,13 @@ where
     }
     let dev = Arc::new(Mutex::new(dev));
     let interrupt = Arc::new(Interrupt::new(irq_evt));
-    let transport = MmioTransport::new(a.mem.clone(), dev.clone(), interrupt);
-    a.mmio
-        .insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+    let transport = Arc::new(Mutex::new(MmioTransport::new(
+        a.mem.clone(),
+        dev.clone(),
+        interrupt,
+    )));
+    a.mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+    a.transports.push(transport);
     a.events.add_subscriber(dev);
     a.cmdline
         .push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));

@@ -28,6 +28,7 @@
 
 pub mod event_loop;
 mod rules;
+pub mod snapshot;
 pub mod vcpu;
 
 use std::os::fd::RawFd;
@@ -58,6 +59,8 @@ pub struct VmContext {
     pub vhost_user_sockets: Vec<RawFd>,
     /// The signal that kicks a vCPU out of `KVM_RUN` (the only one the main thread may send).
     pub kick_signal: i32,
+    /// A template's VMM: the event loop may take the snapshot (KVM state reads, file writes).
+    pub snapshot: bool,
 }
 
 /// The compiled filters of one VM.

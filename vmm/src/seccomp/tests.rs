@@ -65,7 +65,41 @@ fn vm() -> VmContext {
     VmContext {
         vhost_user_sockets: vec![17],
         kick_signal: libc::SIGRTMIN(),
+        snapshot: false,
     }
+}
+
+#[test]
+fn only_a_template_vmm_may_snapshot_and_still_never_the_forbidden_calls() {
+    let plain = event_loop::rules(&vm()).expect("rules");
+    let template = event_loop::rules(&VmContext {
+        snapshot: true,
+        ..vm()
+    })
+    .expect("rules");
+    Filters::compile(&VmContext {
+        snapshot: true,
+        ..vm()
+    })
+    .expect("compile");
+    for nr in [libc::SYS_ftruncate, libc::SYS_lseek, libc::SYS_fstat] {
+        assert!(!plain.contains(nr), "plain VMM allows syscall {nr}");
+        assert!(template.contains(nr), "template VMM lacks syscall {nr}");
+    }
+    for &nr in NEVER {
+        assert!(!template.contains(nr), "template allows syscall {nr}");
+    }
+    // The KVM reads, and none of them a KVM_SET_* (bit 30, _IOC_WRITE alone, would be set
+    // for the _IOW setters; the readers are _IOR/_IOWR or _IO).
+    let ioctls = snapshot::ioctls();
+    assert_eq!(ioctls.len(), 16);
+    assert!(ioctls.contains(&0x8090_ae81), "KVM_GET_REGS");
+    assert!(ioctls.contains(&0xc008_ae88), "KVM_GET_MSRS");
+    assert!(ioctls.contains(&0xae03), "KVM_CHECK_EXTENSION");
+    assert!(
+        ioctls.iter().all(|nr| nr >> 30 != 0b01),
+        "no write-only ioctl"
+    );
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! VM snapshots on disk: a state file and a guest-memory file (restore wiring: not yet).
+//! VM snapshots on disk: a state file and a guest-memory file, and the VM state they hold
+//! ([`mod@vm`]: taking one, loading one).
 //!
 //! **State file** ([`mod@format`]): a fixed 28-byte header, then the payload; integers
 //! little-endian.
@@ -35,6 +36,7 @@
 
 pub mod format;
 pub mod memory;
+pub mod vm;
 
 pub use format::{
     peek_fingerprint, read_state, read_state_unchecked, write_state, FormatVersion, SnapshotFile,

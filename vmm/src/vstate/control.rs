@@ -1,7 +1,8 @@
 //! Run control shared by the vCPU threads and the event loop.
 //!
-//! States: `Running` → `Paused` (vCPUs park outside KVM_RUN) → `Running`, and any → `Stopping`
-//! (vCPU threads return). The first exit reason recorded wins; recording one signals `exit_evt`,
+//! States: `Running` → `Paused` (vCPUs park outside KVM_RUN) → `Running`, `Running`/`Paused` →
+//! `HandingOver` (a snapshot: each vCPU thread completes its last exit, hands its vCPU to the
+//! event loop and returns), and any → `Stopping` (vCPU threads return). The first exit reason recorded wins; recording one signals `exit_evt`,
 //! which the event loop watches.
 
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -20,16 +21,20 @@ pub enum ExitReason {
     Signal,
     /// KVM or a vCPU failed; details are in the log.
     Failed(&'static str),
+    /// A `snapshot` request wrote the VM to its snapshot files (a template is never resumed).
+    Snapshotted,
 }
 
 impl ExitReason {
-    /// The process exit status: 0 guest shutdown, 1 failure, 3 requested stop, 4 signal.
+    /// The process exit status: 0 guest shutdown, 1 failure, 3 requested stop, 4 signal,
+    /// 5 snapshot taken.
     pub fn code(self) -> i32 {
         match self {
             ExitReason::GuestShutdown => 0,
             ExitReason::Failed(_) => 1,
             ExitReason::Requested => 3,
             ExitReason::Signal => 4,
+            ExitReason::Snapshotted => 5,
         }
     }
 }
@@ -41,8 +46,21 @@ pub enum RunState {
     Running,
     /// Parked until resumed.
     Paused,
+    /// Handing their vCPUs over for a snapshot, then returning from their threads.
+    HandingOver,
     /// Returning from their threads.
     Stopping,
+}
+
+/// What a vCPU thread does next, from [`Control::vcpu_checkpoint`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// Enter the guest again.
+    Run,
+    /// Complete the last exit, hand the vCPU over, return.
+    HandOver,
+    /// Return.
+    Stop,
 }
 
 struct Inner {
@@ -114,6 +132,18 @@ impl Control {
         true
     }
 
+    /// Moves to `HandingOver` (and wakes parked vCPUs); false unless it was `Running` or
+    /// `Paused`. There is no way back: the vCPU threads end.
+    pub fn request_handover(&self) -> bool {
+        let mut inner = self.lock();
+        if !matches!(inner.state, RunState::Running | RunState::Paused) {
+            return false;
+        }
+        inner.state = RunState::HandingOver;
+        self.cond.notify_all();
+        true
+    }
+
     /// Moves back to `Running`; false unless it was `Paused`.
     pub fn resume(&self) -> bool {
         let mut inner = self.lock();
@@ -144,8 +174,8 @@ impl Control {
         }
     }
 
-    /// Called by a vCPU thread outside KVM_RUN: blocks while paused; returns false once stopping.
-    pub fn vcpu_checkpoint(&self) -> bool {
+    /// Called by a vCPU thread outside KVM_RUN: blocks while paused, then says what to do.
+    pub fn vcpu_checkpoint(&self) -> Checkpoint {
         let mut inner = self.lock();
         if inner.state == RunState::Paused {
             inner.parked += 1;
@@ -154,7 +184,11 @@ impl Control {
             }
             inner.parked -= 1;
         }
-        inner.state == RunState::Running
+        match inner.state {
+            RunState::Running => Checkpoint::Run,
+            RunState::HandingOver => Checkpoint::HandOver,
+            RunState::Paused | RunState::Stopping => Checkpoint::Stop,
+        }
     }
 }
 
@@ -162,6 +196,23 @@ impl Control {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn handover_wakes_parked_vcpus_and_is_final() {
+        let c = Arc::new(Control::new().expect("control"));
+        assert!(c.request_pause());
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || c2.vcpu_checkpoint());
+        assert!(c.wait_parked(1, Duration::from_secs(5), || {}));
+        assert!(c.request_handover());
+        assert_eq!(t.join().expect("join"), Checkpoint::HandOver);
+        assert!(!c.request_handover());
+        assert!(!c.resume());
+        assert!(!c.request_pause());
+        c.exit(ExitReason::Snapshotted);
+        assert_eq!(c.vcpu_checkpoint(), Checkpoint::Stop);
+        assert_eq!(ExitReason::Snapshotted.code(), 5);
+    }
 
     #[test]
     fn pause_parks_vcpus_until_resume_and_first_exit_wins() {
@@ -172,12 +223,12 @@ mod tests {
         let t = std::thread::spawn(move || c2.vcpu_checkpoint());
         assert!(c.wait_parked(1, Duration::from_secs(5), || {}));
         assert!(c.resume());
-        assert!(t.join().expect("join"));
+        assert_eq!(t.join().expect("join"), Checkpoint::Run);
         c.exit(ExitReason::Requested);
         c.exit(ExitReason::GuestShutdown);
         assert_eq!(c.exit_reason(), Some(ExitReason::Requested));
         assert_eq!(c.exit_evt.read().expect("signalled"), 2);
-        assert!(!c.vcpu_checkpoint());
+        assert_eq!(c.vcpu_checkpoint(), Checkpoint::Stop);
         assert_eq!(ExitReason::Requested.code(), 3);
     }
 }

@@ -9,7 +9,8 @@ use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use seccompiler::BpfProgram;
 
-use super::control::{Control, ExitReason};
+use super::control::{Checkpoint, Control, ExitReason};
+use super::vcpu_state::{self, StateError, VcpuState};
 use super::vm::Vm;
 use crate::arch::regs::{self, BootEntry, RegsError};
 use crate::arch::{cpuid, msr};
@@ -37,6 +38,9 @@ pub enum VcpuError {
     /// The kick signal handler could not be installed.
     #[error("installing the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    /// A saved vCPU state was refused.
+    #[error("restoring the vCPU state")]
+    State(#[from] StateError),
 }
 
 /// The signal that knocks a vCPU thread out of KVM_RUN.
@@ -79,6 +83,69 @@ pub fn create(
         regs::setup_boot_vcpu(&fd, gdt, entry)?;
     }
     Ok(fd)
+}
+
+/// Creates vCPU `id` and puts it where a snapshot left it (no boot setup: the saved state has
+/// CPUID, MSRs, registers and LAPIC), then tells a kvmclock guest it was paused.
+///
+/// # Errors
+/// [`VcpuError::Kvm`] when the vCPU cannot be created, [`VcpuError::State`] naming what KVM
+/// refused of the saved state.
+pub fn create_restored(vm: &Vm, id: u8, state: &VcpuState) -> Result<VcpuFd, VcpuError> {
+    let fd = vm
+        .fd
+        .create_vcpu(u64::from(id))
+        .map_err(|e| VcpuError::Kvm("KVM_CREATE_VCPU", e))?;
+    state.restore(&vm.fd, &fd)?;
+    vcpu_state::kvmclock_ctrl(&fd)?;
+    Ok(fd)
+}
+
+/// Where vCPU threads leave their vCPUs for a snapshot ([`Checkpoint::HandOver`]), and where the
+/// event loop collects them.
+#[derive(Default)]
+pub struct Handover {
+    fds: Mutex<Vec<(u8, VcpuFd)>>,
+    cond: Condvar,
+}
+
+impl Handover {
+    /// Leaves vCPU `id` here.
+    pub fn put(&self, id: u8, fd: VcpuFd) {
+        self.fds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((id, fd));
+        self.cond.notify_all();
+    }
+
+    /// Waits until `count` vCPUs are here (calling `kick` between checks, for threads still in
+    /// KVM_RUN), and returns them in id order; None after `timeout`.
+    pub fn collect(
+        &self,
+        count: usize,
+        timeout: std::time::Duration,
+        kick: impl Fn(),
+    ) -> Option<Vec<VcpuFd>> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut fds = self.fds.lock().unwrap_or_else(PoisonError::into_inner);
+        while fds.len() < count {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            kick();
+            let wait = (deadline - now).min(std::time::Duration::from_millis(2));
+            fds = self
+                .cond
+                .wait_timeout(fds, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        let mut all = std::mem::take(&mut *fds);
+        all.sort_by_key(|(id, _)| *id);
+        Some(all.into_iter().map(|(_, fd)| fd).collect())
+    }
 }
 
 /// A running vCPU thread.
@@ -137,6 +204,8 @@ pub struct Run {
     pub filter: Option<BpfProgram>,
     /// Opened once every thread is ready.
     pub start: Arc<StartGate>,
+    /// Where the vCPU goes for a snapshot.
+    pub handover: Arc<Handover>,
 }
 
 /// Starts vCPU `id` on its own thread; it installs its filter, waits at the start gate, then
@@ -157,14 +226,27 @@ pub fn spawn(id: u8, fd: VcpuFd, run_with: Run) -> Result<VcpuHandle, VcpuError>
                 }
             }
             run_with.start.wait();
-            run(id, fd, &run_with.pio, &run_with.mmio, &run_with.control);
+            if let Some(fd) = run(id, fd, &run_with.pio, &run_with.mmio, &run_with.control) {
+                run_with.handover.put(id, fd);
+            }
         })
         .map_err(VcpuError::Spawn)?;
     Ok(VcpuHandle { thread })
 }
 
-fn run(id: u8, mut fd: VcpuFd, pio: &Bus, mmio: &Bus, control: &Control) {
-    while control.vcpu_checkpoint() {
+/// Runs the guest until told to stop (None) or to hand the vCPU over (Some, its last exit
+/// completed).
+fn run(id: u8, mut fd: VcpuFd, pio: &Bus, mmio: &Bus, control: &Control) -> Option<VcpuFd> {
+    loop {
+        match control.vcpu_checkpoint() {
+            Checkpoint::Run => {}
+            Checkpoint::Stop => break,
+            Checkpoint::HandOver => {
+                complete_last_exit(id, &mut fd);
+                tracing::debug!(vcpu = id, "vCPU handed over for a snapshot");
+                return Some(fd);
+            }
+        }
         match fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !pio.read(u64::from(port), data) {
@@ -209,4 +291,18 @@ fn run(id: u8, mut fd: VcpuFd, pio: &Bus, mmio: &Bus, control: &Control) {
         }
     }
     tracing::debug!(vcpu = id, "vCPU thread done");
+    None
+}
+
+/// After an I/O or MMIO exit KVM finishes the instruction (stores the value read, advances RIP)
+/// only on the next KVM_RUN: one run with `immediate_exit` set does that and returns EINTR
+/// without entering the guest, so the saved registers are those after the instruction.
+fn complete_last_exit(id: u8, fd: &mut VcpuFd) {
+    fd.set_kvm_immediate_exit(1);
+    match fd.run() {
+        Err(e) if e.errno() == libc::EINTR => {}
+        Err(e) => tracing::warn!(vcpu = id, error = %e, "completing the last exit"),
+        Ok(exit) => tracing::warn!(vcpu = id, exit = ?exit, "exit while completing the last one"),
+    }
+    fd.set_kvm_immediate_exit(0);
 }

@@ -1,0 +1,300 @@
+//! Snapshot and restore of a real guest on this host's KVM: a template VMM (seccomp on) boots
+//! the guest kernel to its console, writes itself out on `snapshot` and exits 5; a second VMM
+//! restored from the files carries on running that kernel, which goes on printing to the new
+//! VMM's console where the first one stopped. Corrupt or mismatched snapshots are refused with
+//! the reason.
+//!
+//! On a PVM host (these CI machines) the guest only gets through early boot in usable time, so
+//! the snapshot is taken there; on hardware-virtualisation KVM the same test passes too. Needs
+//! `/dev/kvm` and `target/guest/vmlinux` (`cargo xtask guest`); without either it fails saying so.
+#![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// PVM emulates guest kernel code and misses a few instructions; these keep the guest off them.
+const PVM_SAFE: &str = "earlyprintk=serial noxsave nosmap nosmep \
+    clearcpuid=popcnt,cx16,smap,smep,xsave,avx,avx2 int3_selftest=off";
+const MEMORY_MIB: u64 = 256;
+
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn kernel(test: &str) -> Option<PathBuf> {
+    if !Path::new("/dev/kvm").exists() {
+        common::cannot_run(
+            test,
+            "/dev/kvm does not exist: the built-in VMM runs on KVM only",
+        );
+        return None;
+    }
+    let kernel = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest/vmlinux");
+    if !kernel.exists() {
+        common::cannot_run(
+            test,
+            "target/guest/vmlinux is missing: run `cargo xtask guest`",
+        );
+        return None;
+    }
+    Some(kernel)
+}
+
+fn request(sock: &Path, line: &str) -> String {
+    let mut s = UnixStream::connect(sock).expect("connect control socket");
+    s.write_all(format!("{line}\n").as_bytes()).expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+fn fingerprint(cmdline: &str) -> serde_json::Value {
+    serde_json::json!({
+        "kernel_sha256": "k", "initramfs_sha256": null, "vmm_sha256": "v",
+        "vcpus": 2, "memory_mib": MEMORY_MIB, "cmdline": cmdline,
+        "host_cpu": "c", "host_kernel": "h",
+    })
+}
+
+/// A VMM config in `dir`, its console at `console`, with `extra` merged in.
+fn config(kernel: &Path, dir: &Path, name: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut c = serde_json::json!({
+        "kernel": kernel,
+        "cmdline": format!("console=ttyS0 {PVM_SAFE} reboot=t panic=-1"),
+        "vcpus": 2,
+        "memory_mib": MEMORY_MIB,
+        "console_log": dir.join(format!("{name}.log")),
+        "api_socket": dir.join(format!("{name}.sock")),
+    });
+    if let (Some(c), serde_json::Value::Object(extra)) = (c.as_object_mut(), extra) {
+        c.extend(extra);
+    }
+    c
+}
+
+fn spawn(config: &serde_json::Value) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_pangolin-vmm"))
+        .arg("--config-json")
+        .arg(config.to_string())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pangolin-vmm")
+}
+
+/// Waits for `vmm` to exit (at most `limit`); its status and stderr.
+fn finish(mut vmm: Child, limit: Duration) -> (Option<i32>, String) {
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = vmm.try_wait().expect("wait") {
+            break s.code();
+        }
+        if Instant::now() > deadline {
+            let _ = vmm.kill();
+            let _ = vmm.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut e) = vmm.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    (status, stderr)
+}
+
+/// Waits until `log` holds `needle` while `vmm` runs; the log so far.
+fn wait_for(vmm: &mut Child, log: &Path, needle: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        if let Ok(Some(status)) = vmm.try_wait() {
+            panic!("VMM exited ({status}) before {needle:?}; console:\n{text}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} within {limit:?}; console:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Boots a template VMM to the console and snapshots it; the files' paths.
+fn take_snapshot(kernel: &Path, dir: &Path) -> (PathBuf, PathBuf, String) {
+    let (state, memory) = (dir.join("state"), dir.join("memory"));
+    let cmdline = format!("console=ttyS0 {PVM_SAFE} reboot=t panic=-1");
+    let files = serde_json::json!({
+        "state": state, "memory": memory, "fingerprint": fingerprint(&cmdline),
+    });
+    let c = config(
+        kernel,
+        dir,
+        "template",
+        serde_json::json!({ "snapshot": files }),
+    );
+    let mut vmm = spawn(&c);
+    let log = dir.join("template.log");
+    let before = wait_for(
+        &mut vmm,
+        &log,
+        "console [ttyS0] enabled",
+        Duration::from_secs(90),
+    );
+    let answer = request(&dir.join("template.sock"), "snapshot");
+    let (status, stderr) = finish(vmm, Duration::from_secs(30));
+    assert_eq!(answer, "ok\n", "snapshot answer; stderr:\n{stderr}");
+    assert_eq!(
+        status,
+        Some(5),
+        "exit status after a snapshot; stderr:\n{stderr}"
+    );
+    assert!(stderr.contains("snapshot written"), "{stderr}");
+    // The console as it was when the vCPUs stopped.
+    let at_snapshot = std::fs::read_to_string(&log).unwrap_or(before);
+    (state, memory, at_snapshot)
+}
+
+#[test]
+fn a_restored_guest_carries_on_from_where_the_template_stopped() {
+    let test = "a_restored_guest_carries_on_from_where_the_template_stopped";
+    let Some(kernel) = kernel(test) else { return };
+    let dir = Dir(std::env::temp_dir().join(format!("pangolin-snapshot-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    let (state, memory, at_snapshot) = take_snapshot(&kernel, &dir.0);
+
+    let mem = std::fs::metadata(&memory).expect("memory file");
+    assert_eq!(mem.len(), MEMORY_MIB << 20, "laid out like guest RAM");
+    let allocated = mem.blocks() * 512;
+    eprintln!(
+        "memory file: {} MiB of {MEMORY_MIB} MiB allocated; state file {} bytes",
+        allocated >> 20,
+        std::fs::metadata(&state).expect("state").len()
+    );
+    assert!(
+        allocated < (MEMORY_MIB << 20) / 2,
+        "sparse: {allocated} bytes allocated"
+    );
+
+    // The restored VMM has its own console: what the kernel prints next lands there.
+    let cmdline = format!("console=ttyS0 {PVM_SAFE} reboot=t panic=-1");
+    let files = serde_json::json!({
+        "state": state, "memory": memory, "fingerprint": fingerprint(&cmdline),
+    });
+    let c = config(
+        &kernel,
+        &dir.0,
+        "clone",
+        serde_json::json!({ "restore": files }),
+    );
+    let started = Instant::now();
+    let mut vmm = spawn(&c);
+    let log = dir.0.join("clone.log");
+    let deadline = started + Duration::from_secs(90);
+    let printed = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        // A whole line the template never printed: the guest ran on in the clone.
+        if text.lines().count() >= 2 {
+            break text;
+        }
+        if let Ok(Some(status)) = vmm.try_wait() {
+            let (_, stderr) = finish(vmm, Duration::from_secs(1));
+            panic!("restored VMM exited ({status}); stderr:\n{stderr}\nconsole:\n{text}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the clone printed nothing within 90 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let elapsed = started.elapsed();
+    let status = request(&dir.0.join("clone.sock"), "status");
+    assert!(status.contains("\"state\":\"running\""), "{status}");
+    assert_eq!(request(&dir.0.join("clone.sock"), "stop"), "ok\n");
+    let (code, stderr) = finish(vmm, Duration::from_secs(10));
+    eprintln!(
+        "template's last line: {:?}\nthe clone printed within {elapsed:?}:\n{printed}",
+        at_snapshot.lines().last().unwrap_or_default()
+    );
+    assert_eq!(code, Some(3), "stop exit status; stderr:\n{stderr}");
+    assert!(stderr.contains("snapshot loaded"), "{stderr}");
+    assert!(stderr.contains("started_from=\"snapshot\""), "{stderr}");
+    let first = printed.lines().next().unwrap_or_default();
+    assert!(
+        !first.contains("Linux version"),
+        "the clone booted from scratch instead of restoring:\n{printed}"
+    );
+    // Each line the clone printed comes after the template's last one: none is repeated.
+    let last_template_line = at_snapshot.lines().last().unwrap_or_default().to_owned();
+    for line in printed.lines().skip(1) {
+        assert_ne!(
+            line, last_template_line,
+            "clone repeated the template's output"
+        );
+    }
+}
+
+#[test]
+fn corrupt_or_mismatched_snapshots_are_refused_with_the_reason() {
+    let test = "corrupt_or_mismatched_snapshots_are_refused_with_the_reason";
+    let Some(kernel) = kernel(test) else { return };
+    let dir = Dir(std::env::temp_dir().join(format!("pangolin-snapbad-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    let (state, memory, _) = take_snapshot(&kernel, &dir.0);
+    let cmdline = format!("console=ttyS0 {PVM_SAFE} reboot=t panic=-1");
+    let restore = |name: &str, state: &Path, fp: serde_json::Value| {
+        let files = serde_json::json!({ "state": state, "memory": memory, "fingerprint": fp });
+        let c = config(
+            &kernel,
+            &dir.0,
+            name,
+            serde_json::json!({ "restore": files }),
+        );
+        finish(spawn(&c), Duration::from_secs(30))
+    };
+
+    let (code, stderr) = restore("other-cmdline", &state, fingerprint("console=ttyS1"));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("snapshot taken with another cmdline"),
+        "{stderr}"
+    );
+
+    let mut bytes = std::fs::read(&state).expect("state");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x20;
+    let flipped = dir.0.join("flipped");
+    std::fs::write(&flipped, &bytes).expect("write");
+    let (code, stderr) = restore("flipped", &flipped, fingerprint(&cmdline));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("snapshot checksum mismatch"), "{stderr}");
+
+    // A VMM that is not a template refuses the request and keeps running.
+    let c = config(&kernel, &dir.0, "plain", serde_json::json!({}));
+    let mut vmm = spawn(&c);
+    let sock = dir.0.join("plain.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        request(&sock, "snapshot").starts_with("error: no snapshot files configured"),
+        "plain VMM"
+    );
+    assert!(request(&sock, "status").contains("\"state\":\"running\""));
+    assert_eq!(request(&sock, "stop"), "ok\n");
+    let _ = vmm.wait();
+}
