@@ -75,14 +75,14 @@ fn suite_binary(name: &str) -> std::path::PathBuf {
 }
 
 /// Runs the test binaries of `suites` one after the other on the built-in VMM inside a test
-/// host, then `leftovers` (a shell command printing counts); asserts every suite passed and
+/// host (ignored tests too: those are the ones that need its hardware virtualisation), then `leftovers` (a shell command printing counts); asserts every suite passed and
 /// the output contains `clean`. Returns the suites' summary lines.
 fn builtin_suites_in_test_host(suites: &[&str], leftovers: &str, clean: &str) -> Vec<String> {
     let runs: Vec<String> = suites
         .iter()
         .map(|s| {
             format!(
-                "{} --test-threads=1 --color never",
+                "{} --test-threads=1 --color never --include-ignored",
                 suite_binary(s).display()
             )
         })
@@ -114,11 +114,12 @@ fn builtin_suites_in_test_host(suites: &[&str], leftovers: &str, clean: &str) ->
 }
 
 /// The whole `pangolin run` and sandbox suites on the built-in VMM, on the test host's
-/// hardware-virtualisation KVM: the path a host with VT-x/AMD-V takes.
+/// hardware-virtualisation KVM: the path a host with VT-x/AMD-V takes; and the VMM's snapshot
+/// tests (`vmm/tests/snapshot.rs`), whose template there is a guest with its agent up.
 #[test]
 fn builtin_vmm_passes_the_run_and_sandbox_suites_in_the_nested_test_host() {
     let passed = builtin_suites_in_test_host(
-        &["run", "sandbox", "jail"],
+        &["run", "sandbox", "jail", "snapshot"],
         "echo \"leftover-vmm=$(pgrep -c pangolin-vmm)\"",
         "leftover-vmm=0",
     );

@@ -5,8 +5,11 @@
 //! the reason.
 //!
 //! On a PVM host (these CI machines) the guest only gets through early boot in usable time, so
-//! the snapshot is taken there; on hardware-virtualisation KVM the same test passes too. Needs
-//! `/dev/kvm` and `target/guest/vmlinux` (`cargo xtask guest`); without either it fails saying so.
+//! the snapshot is taken there; on hardware-virtualisation KVM the same tests pass too. The
+//! template that matters, a guest whose agent is up, needs hardware virtualisation: that test is
+//! `#[ignore]`d here and run by `tests/tests/testhost.rs` in the nested test host
+//! (`--include-ignored`). Needs `/dev/kvm` and `target/guest/{vmlinux,initramfs.cpio.gz}`
+//! (`cargo xtask guest`); without them each test fails saying so.
 #![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
 
 mod common;
@@ -244,6 +247,132 @@ fn a_restored_guest_carries_on_from_where_the_template_stopped() {
             "clone repeated the template's output"
         );
     }
+}
+
+/// The agent's vsock port and the host port it reports READY on (pangolin-protocols).
+const AGENT_PORT: u32 = 1024;
+const READY_PORT: u32 = 1025;
+
+/// `CONNECT <port>` through the hybrid vsock socket `uds`; the guest's answer line.
+fn vsock_connect(uds: &Path, port: u32) -> std::io::Result<String> {
+    let mut s = UnixStream::connect(uds)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') && line.len() < 64 {
+        if s.read(&mut byte)? == 0 {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// Retries [`vsock_connect`] until the guest accepts (`OK <port>`); how long it took.
+fn until_agent_accepts(uds: &Path, vmm: &mut Child, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if let Ok(line) = vsock_connect(uds, AGENT_PORT) {
+            if line.starts_with("OK ") {
+                return started.elapsed();
+            }
+        }
+        if let Ok(Some(status)) = vmm.try_wait() {
+            panic!("VMM exited ({status}) before the agent accepted");
+        }
+        assert!(
+            started.elapsed() < limit,
+            "the agent did not accept within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+#[ignore = "needs hardware-virtualisation KVM: tests/tests/testhost.rs runs it in the nested test host"]
+fn a_clone_of_a_template_whose_agent_was_up_answers_on_its_own_vsock() {
+    let test = "a_clone_of_a_template_whose_agent_was_up_answers_on_its_own_vsock";
+    let Some(kernel) = kernel(test) else { return };
+    let initramfs = kernel.with_file_name("initramfs.cpio.gz");
+    assert!(
+        initramfs.exists(),
+        "{} missing: run `cargo xtask guest`",
+        initramfs.display()
+    );
+    let dir = Dir(std::env::temp_dir().join(format!("pangolin-snapagent-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    let slow: u32 = std::env::var("PANGOLIN_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let limit = Duration::from_secs(30) * slow;
+    let cmdline = "console=ttyS0 reboot=t panic=-1 quiet".to_string();
+    let (state, memory) = (dir.0.join("state"), dir.0.join("memory"));
+    let files = serde_json::json!({
+        "state": state, "memory": memory, "fingerprint": fingerprint(&cmdline),
+    });
+    let guest = |name: &str, extra: serde_json::Value| {
+        let mut c = config(&kernel, &dir.0, name, extra);
+        c["cmdline"] = cmdline.clone().into();
+        c["initramfs"] = serde_json::json!(initramfs);
+        c["rng"] = true.into();
+        c["vsock"] = serde_json::json!({
+            "guest_cid": 3, "uds_path": dir.0.join(format!("{name}.vsock")),
+        });
+        c
+    };
+
+    // Cold: boot until the agent says READY on the host's port, then until it accepts.
+    let ready =
+        std::os::unix::net::UnixListener::bind(dir.0.join(format!("template.vsock_{READY_PORT}")))
+            .expect("READY listener");
+    let started = Instant::now();
+    let mut template = spawn(&guest("template", serde_json::json!({ "snapshot": files })));
+    ready.set_nonblocking(true).expect("nonblocking");
+    loop {
+        if ready.accept().is_ok() {
+            break;
+        }
+        if let Ok(Some(status)) = template.try_wait() {
+            let (_, stderr) = finish(template, Duration::from_secs(1));
+            let console = std::fs::read_to_string(dir.0.join("template.log")).unwrap_or_default();
+            panic!("template exited ({status}):\n{stderr}\nconsole:\n{console}");
+        }
+        assert!(
+            started.elapsed() < limit * 4,
+            "no READY within {:?}",
+            limit * 4
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let cold_ready = started.elapsed();
+    until_agent_accepts(&dir.0.join("template.vsock"), &mut template, limit);
+    let cold = started.elapsed();
+    // The connection is closed; the template is taken with the agent idle.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(request(&dir.0.join("template.sock"), "snapshot"), "ok\n");
+    let (code, stderr) = finish(template, limit);
+    assert_eq!(code, Some(5), "{stderr}");
+
+    // The clone: its own vsock socket, console and control socket; no READY (the agent said it
+    // to the template), its listener answers once the transport reset is through.
+    let mut clone = spawn(&guest("clone", serde_json::json!({ "restore": files })));
+    let accepted = until_agent_accepts(&dir.0.join("clone.vsock"), &mut clone, limit);
+    let second = vsock_connect(&dir.0.join("clone.vsock"), AGENT_PORT).expect("again");
+    assert!(second.starts_with("OK "), "{second}");
+    assert_eq!(request(&dir.0.join("clone.sock"), "stop"), "ok\n");
+    let (code, stderr) = finish(clone, limit);
+    eprintln!(
+        "cold boot: READY after {cold_ready:?}, agent accepting after {cold:?}; \
+         clone: agent accepting {accepted:?} after spawn\nclone's log:\n{stderr}"
+    );
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stderr.contains("transport reset sent to the restored guest"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -29,7 +29,7 @@
 //! after region at the memfd's own offsets, so its length is the guest's RAM size). Ranges the
 //! memfd never allocated stay holes, found with `SEEK_DATA`/`SEEK_HOLE`; inside allocated ranges,
 //! 4 KiB pages that are all zero are left out too. A restore creates a fresh memfd of the same
-//! size and copies only the file's data extents (their nonzero pages) into it, so its cost follows
+//! size and reads only the file's data extents into it, straight into guest RAM, so its cost follows
 //! what the guest had touched, not its RAM size, and the restored RAM is again a plain shared
 //! memfd that vhost-user daemons can map. (A MAP_PRIVATE mapping of the file would be faster, but
 //! an out-of-process virtiofsd maps the memfd and would never see the guest's private copies.)
