@@ -76,6 +76,9 @@ pub enum AgentError {
     /// The terminal's console socket did not deliver a pty.
     #[error("no terminal received from the container runtime")]
     NoConsole,
+    /// The host's entropy could not be added (or the CRNG not reseeded from it).
+    #[error("adding the host's entropy")]
+    Entropy(#[from] crate::entropy::EntropyError),
 }
 
 impl AgentError {
@@ -91,6 +94,7 @@ impl AgentError {
                 crate::net::NetError::Invalid { .. } | crate::net::NetError::NoSuchMac { .. },
             ) => Code::INVALID_ARGUMENT,
             AgentError::State { .. } => Code::FAILED_PRECONDITION,
+            AgentError::Entropy(crate::entropy::EntropyError::TooLong(_)) => Code::INVALID_ARGUMENT,
             AgentError::HelperTimeout(_) => Code::DEADLINE_EXCEEDED,
             _ => Code::INTERNAL,
         }

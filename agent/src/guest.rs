@@ -247,6 +247,9 @@ pub fn details(ready_boottime_ns: u64) -> GuestDetails {
         online_cpus: u32::try_from(cpus).unwrap_or(u32::MAX),
         mem_total_bytes: mem_kib.saturating_mul(1024),
         agent_ready_boottime_ns: ready_boottime_ns,
+        boot_id: fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
         ..Default::default()
     }
 }

@@ -5,6 +5,7 @@ mod cgroup;
 mod clock;
 mod confinement;
 mod container;
+mod entropy;
 pub mod error;
 pub mod guest;
 pub mod helper;

@@ -58,6 +58,15 @@ impl AgentService for Service {
         _: &Ctx,
         req: GuestDetailsRequest,
     ) -> ttrpc::Result<GuestDetails> {
+        // First, before anything could draw from it: a template's clone must not go on with
+        // the template's CRNG state.
+        if let Err(err) = crate::entropy::reseed(&req.entropy) {
+            tracing::error!(%err, "cannot add the host's entropy");
+            return Err(crate::error::AgentError::from(err).into());
+        }
+        if !req.entropy.is_empty() {
+            tracing::debug!(bytes = req.entropy.len(), "CRNG reseeded from the host");
+        }
         match crate::clock::sync_to(req.host_time_unix_ns) {
             Ok(true) => tracing::info!("guest clock set from the host"),
             Ok(false) => {}

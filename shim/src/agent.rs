@@ -42,6 +42,9 @@ pub enum AgentError {
         /// Host version.
         host: u32,
     },
+    /// The host's own randomness for the guest could not be drawn.
+    #[error("drawing entropy for the guest")]
+    Entropy(#[source] std::io::Error),
 }
 
 impl AgentError {
@@ -131,7 +134,9 @@ impl AgentClient {
         call!(self, check, "Check", CheckRequest::new(), Some(timeout)).map(|_| ())
     }
 
-    /// Guest facts (and the guest clock set from ours); fails on another API version.
+    /// Guest facts (and the guest clock set from ours, its CRNG reseeded with our entropy:
+    /// a VM restored from a template must not go on with the template's); fails on another API
+    /// version.
     pub async fn guest_details(&self) -> Result<GuestDetails, AgentError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -139,6 +144,7 @@ impl AgentClient {
             .unwrap_or(0);
         let req = GuestDetailsRequest {
             host_time_unix_ns: now,
+            entropy: host_entropy().map_err(AgentError::Entropy)?,
             ..Default::default()
         };
         let d = call!(self, get_guest_details, "GetGuestDetails", req, Some(QUICK))?;
@@ -382,4 +388,28 @@ impl AgentClient {
         )
         .map(|_| ())
     }
+}
+
+/// Bytes of host randomness sent with every GetGuestDetails.
+pub const ENTROPY_BYTES: usize = 64;
+
+/// [`ENTROPY_BYTES`] from the host's CRNG (`getrandom(2)`).
+fn host_entropy() -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; ENTROPY_BYTES];
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: `rest` is a live, writable buffer of `rest.len()` bytes.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match usize::try_from(n) {
+            Ok(n) => filled += n,
+            Err(_) => {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+        }
+    }
+    Ok(buf)
 }

@@ -145,6 +145,9 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
             .map_err(|e| BuildError::Event("control socket", e))?;
     }
 
+    if config.snapshot.is_some() && snapshot_files.is_none() {
+        return Err(VmSnapshotError::NoFiles("snapshot").into());
+    }
     // A restore starts from the snapshot's memory; the state goes back in once the VM and its
     // devices exist, built from the same configuration as a booted VM's.
     let (restored, mem) = match (&config.restore, restore_files) {
@@ -158,7 +161,8 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
             );
             (Some(snap), mem)
         }
-        _ => (None, memory::create(u64::from(config.memory_mib))?),
+        (Some(_), None) => return Err(VmSnapshotError::NoFiles("restore").into()),
+        (None, _) => (None, memory::create(u64::from(config.memory_mib))?),
     };
     let vm = Arc::new(Vm::with_kvm(kvm, &mem)?);
     let mut events: EventManager<Subscriber> =

@@ -51,6 +51,10 @@ pub struct VmSnapshot {
 /// Taking or loading a snapshot failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VmSnapshotError {
+    /// The configuration names snapshot files the resources do not hold (a bug: `Resources`
+    /// opens or adopts them whenever the configuration has them).
+    #[error("no {0} files among the VMM's resources")]
+    NoFiles(&'static str),
     /// The VM was not running or paused (a snapshot is already under way, or it stops).
     #[error("the VM is not running")]
     NotRunning,
