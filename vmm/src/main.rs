@@ -1,6 +1,7 @@
-//! `pangolin-vmm --config FILE`: boots the VM a JSON [`VmConfig`] describes and runs it until the
-//! guest powers off (exit 0), the VMM fails (1), the config is bad (2), a `stop` request arrives
-//! (3), or SIGTERM/SIGINT (4).
+//! `pangolin-vmm --config FILE`: boots the VM a JSON [`VmConfig`] describes (or restores it from
+//! the snapshot the config names) and runs it until the guest powers off (exit 0), the VMM fails
+//! (1), the config is bad (2), a `stop` request arrives (3), SIGTERM/SIGINT (4), or a template
+//! VMM has written its snapshot (5).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
