@@ -78,7 +78,7 @@ pub fn reseed(bytes: &[u8]) -> Result<(), EntropyError> {
     unsafe { rnd_add_entropy(fd, std::ptr::from_ref(&info).cast()) }.map_err(EntropyError::Add)?;
     // SAFETY: an argument-less ioctl on an open descriptor.
     unsafe { rnd_reseed_crng(fd) }.map_err(EntropyError::Reseed)?;
-    // Keep the buffer's copy of the host bytes out of the agent's memory.
+    // This copy of the host bytes is not kept (the request's own goes with the request).
     info.buf.fill(0);
     std::hint::black_box(&info);
     Ok(())

@@ -1,8 +1,13 @@
-//! What a VM snapshot was taken from: the [`Fingerprint`] a state file carries in its payload and
-//! a restore compares whole against the one it computes for itself. Restoring a guest on another
-//! kernel, initramfs, VMM build, vCPU or memory size, command line, host CPU model or host kernel
-//! is refused, as Firecracker only supports resuming on the same CPU model and host kernel. The
-//! host side computes this too (it links no KVM), hence here.
+//! What a VM snapshot was taken from: the [`Fingerprint`] a state file carries in its payload.
+//! The host side computes it (digests of the kernel, initramfs and VMM binary, the host's CPU
+//! model and kernel, and the VM's size and command line), hands it to the template's VMM to
+//! stamp and to a restoring VMM to expect; the restoring VMM refuses a state file whose
+//! fingerprint differs in any field, and its configuration validation refuses an expected
+//! fingerprint that does not describe the VM it configures (vCPUs, memory, command line,
+//! initramfs or not). So restoring a guest on another kernel, initramfs, VMM build, size,
+//! command line, host CPU model or host kernel is refused, as Firecracker only supports resuming
+//! on the same CPU model and host kernel, as long as the host computes the fingerprint as
+//! [`Fingerprint`]'s helpers do. Hence it lives here: the host side links no KVM.
 
 use std::fmt::Write as _;
 use std::fs::File;

@@ -217,6 +217,15 @@ impl VmConfig {
                     "fingerprint.memory_mib differs from memory_mib",
                 ));
             }
+            if f.fingerprint.cmdline != self.cmdline {
+                return Err(invalid(field, "fingerprint.cmdline differs from cmdline"));
+            }
+            if f.fingerprint.initramfs_sha256.is_some() != self.initramfs.is_some() {
+                return Err(invalid(
+                    field,
+                    "fingerprint.initramfs_sha256 must be given exactly when initramfs is",
+                ));
+            }
         }
         if self.snapshot.is_some() && self.restore.is_some() {
             return Err(invalid(
@@ -266,7 +275,7 @@ mod tests {
                     vmm_sha256: "v".into(),
                     vcpus,
                     memory_mib,
-                    cmdline: String::new(),
+                    cmdline: "console=ttyS0".into(),
                     host_cpu: "c".into(),
                     host_kernel: "h".into(),
                 },
@@ -309,6 +318,25 @@ mod tests {
                 ..base()
             }),
             "snapshot: state and memory paths must be absolute"
+        );
+        let mut other_cmdline = good.clone();
+        if let Some(f) = other_cmdline.as_mut() {
+            f.fingerprint.cmdline = "console=ttyS1".into();
+        }
+        assert_eq!(
+            reason(VmConfig {
+                restore: other_cmdline,
+                ..base()
+            }),
+            "restore: fingerprint.cmdline differs from cmdline"
+        );
+        assert_eq!(
+            reason(VmConfig {
+                restore: good.clone(),
+                initramfs: Some("/i".into()),
+                ..base()
+            }),
+            "restore: fingerprint.initramfs_sha256 must be given exactly when initramfs is"
         );
         assert!(reason(VmConfig {
             restore: good,

@@ -2,6 +2,7 @@
 //! the event loop that runs until the guest or the host stops it.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -151,9 +152,9 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
     // A restore starts from the snapshot's memory; the state goes back in once the VM and its
     // devices exist, built from the same configuration as a booted VM's.
     let (restored, mem) = match (&config.restore, restore_files) {
-        (Some(files), Some((mut state, memory_file))) => {
+        (Some(files), Some((state, memory_file))) => {
             let (snap, mem, stats) =
-                snapshot_vm::load(config, &files.fingerprint, &mut state, &memory_file)?;
+                snapshot_vm::load(config, &files.fingerprint, &state, &memory_file)?;
             tracing::info!(
                 memory_bytes = stats.data_bytes_written,
                 ms = started.elapsed().as_millis(),
@@ -204,17 +205,15 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
         seccomp: crate::seccomp::VmContext {
             vhost_user_sockets: Vec::new(),
             kick_signal: vcpu::kick_signal(),
-            snapshot: config.snapshot.is_some(),
+            snapshot: snapshot_files
+                .as_ref()
+                .map(|(state, memory)| [state.as_raw_fd(), memory.as_raw_fd()]),
         },
         transports: Vec::new(),
     };
     let host = crate::devices::HostSide { vsock, taps, disks };
     crate::devices::attach_all(&mut attach, config, host)?;
     let transports = std::mem::take(&mut attach.transports);
-    if let Some(snap) = &restored {
-        restore_devices(snap, &transports)?;
-        snap.vm.restore(&vm.fd).map_err(VmSnapshotError::from)?;
-    }
     // A template's MSR list is asked of /dev/kvm now: the event loop's filter has no KVM
     // system ioctl.
     let msr_indices = match config.snapshot {
@@ -235,6 +234,12 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
             .collect::<Result<Vec<_>, _>>()?,
         None => boot_vcpus(config, &vm, &mem, &mut kernel, initramfs.as_mut(), &cmdline)?,
     };
+    // A restore puts the VM and the devices back once the vCPUs (and their LAPICs) are: the
+    // devices' re-raised interrupts and kicks then meet the restored irqchips.
+    if let Some(snap) = &restored {
+        snap.vm.restore(&vm.fd).map_err(VmSnapshotError::from)?;
+        restore_devices(snap, &transports)?;
+    }
     let handover = Arc::new(Handover::default());
     // Every vCPU installs its filter, then waits at this gate until the main thread has
     // installed its own: no guest instruction runs before every thread is filtered.

@@ -61,11 +61,13 @@ fn request(sock: &Path, line: &str) -> String {
     out
 }
 
-fn fingerprint(cmdline: &str) -> serde_json::Value {
+/// The fingerprint the tests stamp and expect (the host side computes real digests; the VMM
+/// only compares): `host_kernel` varies to make a mismatch.
+fn fingerprint(cmdline: &str, initramfs: bool, host_kernel: &str) -> serde_json::Value {
     serde_json::json!({
-        "kernel_sha256": "k", "initramfs_sha256": null, "vmm_sha256": "v",
+        "kernel_sha256": "k", "initramfs_sha256": initramfs.then_some("i"), "vmm_sha256": "v",
         "vcpus": 2, "memory_mib": MEMORY_MIB, "cmdline": cmdline,
-        "host_cpu": "c", "host_kernel": "h",
+        "host_cpu": "c", "host_kernel": host_kernel,
     })
 }
 
@@ -139,7 +141,7 @@ fn take_snapshot(kernel: &Path, dir: &Path) -> (PathBuf, PathBuf, String) {
     let (state, memory) = (dir.join("state"), dir.join("memory"));
     let cmdline = format!("console=ttyS0 {PVM_SAFE} reboot=t panic=-1");
     let files = serde_json::json!({
-        "state": state, "memory": memory, "fingerprint": fingerprint(&cmdline),
+        "state": state, "memory": memory, "fingerprint": fingerprint(&cmdline, false, "h"),
     });
     let c = config(
         kernel,
@@ -194,7 +196,7 @@ fn a_restored_guest_carries_on_from_where_the_template_stopped() {
     // The restored VMM has its own console: what the kernel prints next lands there.
     let cmdline = format!("console=ttyS0 {PVM_SAFE} reboot=t panic=-1");
     let files = serde_json::json!({
-        "state": state, "memory": memory, "fingerprint": fingerprint(&cmdline),
+        "state": state, "memory": memory, "fingerprint": fingerprint(&cmdline, false, "h"),
     });
     let c = config(
         &kernel,
@@ -311,7 +313,7 @@ fn a_clone_of_a_template_whose_agent_was_up_answers_on_its_own_vsock() {
     let cmdline = "console=ttyS0 reboot=t panic=-1 quiet".to_string();
     let (state, memory) = (dir.0.join("state"), dir.0.join("memory"));
     let files = serde_json::json!({
-        "state": state, "memory": memory, "fingerprint": fingerprint(&cmdline),
+        "state": state, "memory": memory, "fingerprint": fingerprint(&cmdline, true, "h"),
     });
     let guest = |name: &str, extra: serde_json::Value| {
         let mut c = config(&kernel, &dir.0, name, extra);
@@ -395,10 +397,22 @@ fn corrupt_or_mismatched_snapshots_are_refused_with_the_reason() {
         finish(spawn(&c), Duration::from_secs(30))
     };
 
-    let (code, stderr) = restore("other-cmdline", &state, fingerprint("console=ttyS1"));
+    // An expected fingerprint that does not describe the VM configured is refused up front.
+    let (code, stderr) = restore(
+        "other-cmdline",
+        &state,
+        fingerprint("console=ttyS1", false, "h"),
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("fingerprint.cmdline differs from cmdline"),
+        "{stderr}"
+    );
+    // One that does, but is not the snapshot's, is refused when the state file is read.
+    let (code, stderr) = restore("other-host", &state, fingerprint(&cmdline, false, "other"));
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
-        stderr.contains("snapshot taken with another cmdline"),
+        stderr.contains("snapshot taken with another host_kernel"),
         "{stderr}"
     );
 
@@ -407,7 +421,7 @@ fn corrupt_or_mismatched_snapshots_are_refused_with_the_reason() {
     bytes[at] ^= 0x20;
     let flipped = dir.0.join("flipped");
     std::fs::write(&flipped, &bytes).expect("write");
-    let (code, stderr) = restore("flipped", &flipped, fingerprint(&cmdline));
+    let (code, stderr) = restore("flipped", &flipped, fingerprint(&cmdline, false, "h"));
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("snapshot checksum mismatch"), "{stderr}");
 

@@ -84,8 +84,8 @@ pub fn rules(vm: &VmContext) -> Result<Rules, BackendError> {
     r.allow(libc::SYS_unlinkat);
     r.allow(libc::SYS_rt_sigreturn);
     common(&mut r)?;
-    if vm.snapshot {
-        super::snapshot::add(&mut r)?;
+    if let Some(files) = vm.snapshot {
+        super::snapshot::add(&mut r, files)?;
     }
     // Process exit: Rust's runtime frees the main thread's alternate signal stack, then exits.
     r.allow(libc::SYS_sigaltstack);

@@ -59,8 +59,9 @@ pub struct VmContext {
     pub vhost_user_sockets: Vec<RawFd>,
     /// The signal that kicks a vCPU out of `KVM_RUN` (the only one the main thread may send).
     pub kick_signal: i32,
-    /// A template's VMM: the event loop may take the snapshot (KVM state reads, file writes).
-    pub snapshot: bool,
+    /// A template's VMM: the snapshot files (state, memory) the event loop may truncate when it
+    /// takes the snapshot (KVM state reads, file writes); None for every other VMM.
+    pub snapshot: Option<[RawFd; 2]>,
 }
 
 /// The compiled filters of one VM.

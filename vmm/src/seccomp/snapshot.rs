@@ -64,16 +64,17 @@ pub fn ioctls() -> Vec<u64> {
     .collect()
 }
 
-/// Adds the snapshot's calls to the event loop's rules.
+/// Adds the snapshot's calls to the event loop's rules; `files` are the state and memory files.
 ///
 /// # Errors
 /// A condition seccompiler cannot express (a bug here).
-pub fn add(r: &mut Rules) -> Result<(), BackendError> {
+pub fn add(r: &mut Rules, files: [std::os::fd::RawFd; 2]) -> Result<(), BackendError> {
     // Reading the vCPUs' and the VM's KVM state: these reads only, no KVM_SET_*.
     r.allow_arg_in(libc::SYS_ioctl, 1, &ioctls())?;
-    // The files the host opened: truncating and rewinding the state file, finding the guest
-    // memfd's data extents (SEEK_DATA/SEEK_HOLE), sizing the sparse memory file, its length.
-    r.allow(libc::SYS_ftruncate);
+    // The files the host opened: truncating the two snapshot files (and no other descriptor:
+    // not the guest memfd), rewinding the state file, finding the guest memfd's data extents
+    // (SEEK_DATA/SEEK_HOLE), the files' lengths (fstat, or statx on the descriptor itself).
+    r.allow_arg_in(libc::SYS_ftruncate, 0, &files.map(arg))?;
     r.allow_arg_in(
         libc::SYS_lseek,
         2,
@@ -84,6 +85,6 @@ pub fn add(r: &mut Rules) -> Result<(), BackendError> {
         ],
     )?;
     r.allow(libc::SYS_fstat);
-    r.allow(libc::SYS_statx);
+    r.allow_arg_in(libc::SYS_statx, 2, &[arg(libc::AT_EMPTY_PATH)])?;
     Ok(())
 }

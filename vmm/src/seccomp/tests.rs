@@ -65,7 +65,7 @@ fn vm() -> VmContext {
     VmContext {
         vhost_user_sockets: vec![17],
         kick_signal: libc::SIGRTMIN(),
-        snapshot: false,
+        snapshot: None,
     }
 }
 
@@ -73,12 +73,12 @@ fn vm() -> VmContext {
 fn only_a_template_vmm_may_snapshot_and_still_never_the_forbidden_calls() {
     let plain = event_loop::rules(&vm()).expect("rules");
     let template = event_loop::rules(&VmContext {
-        snapshot: true,
+        snapshot: Some([40, 41]),
         ..vm()
     })
     .expect("rules");
     Filters::compile(&VmContext {
-        snapshot: true,
+        snapshot: Some([40, 41]),
         ..vm()
     })
     .expect("compile");

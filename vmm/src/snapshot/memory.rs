@@ -97,20 +97,27 @@ pub fn restore_memory(
     }
     let mem = crate::memory::create(size_mib)?;
     let mut stats = MemoryStats::default();
-    let mut reader = src;
+    let mut buf = vec![0u8; chunk_len(CHUNK)];
     for region in mem.iter() {
         let addr = region.start_addr().0;
         let base = stats.total_bytes;
         let end = base
             .checked_add(region.len())
             .ok_or(SnapshotError::Layout(addr))?;
-        // Each data extent straight from the file into guest RAM: one copy, by the kernel
-        // (the save already left zero pages out, so every extent is worth reading).
+        // Each data extent, by positioned reads (the descriptor's offset is never used: one
+        // open template may serve several restores at once), into guest RAM. The save left
+        // zero pages out, so every extent is worth copying whole.
         let mut pos = base;
         while let Some((data, hole)) = next_extent(src, pos, end)? {
-            let len = usize::try_from(hole - data).map_err(|_| SnapshotError::Layout(addr))?;
-            seek(src, data, Whence::SeekSet)?;
-            region.read_exact_volatile_from(MemoryRegionAddress(data - base), &mut reader, len)?;
+            let mut at = data;
+            while at < hole {
+                let len = chunk_len(hole - at).min(buf.len());
+                let chunk = &mut buf[..len];
+                src.read_exact_at(chunk, at)
+                    .map_err(SnapshotError::MemoryFile)?;
+                region.write_slice(chunk, MemoryRegionAddress(at - base))?;
+                at += len as u64;
+            }
             stats.data_bytes_written += hole - data;
             stats.pages_written += (hole - data).div_ceil(PAGE_SIZE);
             pos = hole;

@@ -18,8 +18,9 @@
 //! (an older minor is read, so a minor version may only add fields with serde defaults); a
 //! payload longer than the bound (checked before anything is allocated); a file cut short; a
 //! checksum mismatch; a payload that is not the JSON of a `SnapshotFile`; and a `Fingerprint`
-//! that differs from the restoring VM's in any field (kernel, initramfs and VMM digests, vCPUs,
-//! memory size, command line, host CPU model and kernel). The fingerprint is compared before the
+//! that differs in any field (kernel, initramfs and VMM digests, vCPUs, memory size, command
+//! line, host CPU model and kernel) from the one the restoring VM's configuration expects (the
+//! host computes both; see `config::snapshot`). The fingerprint is compared before the
 //! state is decoded, so a snapshot from another VMM build is refused for that, not for some state
 //! field that build defined differently. The state (`T`) is defined by the vCPU, VM and device
 //! code; this module only carries it. The CRC catches corruption, not tampering: state files are

@@ -6,7 +6,8 @@
 //! 2. the vCPUs' KVM state in id order, then the VM's (PIT, clock, irqchips);
 //! 3. every virtio-mmio transport in slot order (virtio-fs asks virtiofsd where its rings stand)
 //!    and the UART;
-//! 4. the state file (header, fingerprint, this state) and the sparse memory file, both synced;
+//! 4. the sparse memory file, then the state file (header, fingerprint, this state), each synced:
+//!    the state file, whole and checksummed, marks a complete snapshot;
 //! 5. the VMM exits with status 5.
 //!
 //! Restoring is the builder's (`builder::build` with `restore`): memory from the memory file,
@@ -27,7 +28,7 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::{PersistError, TransportState};
 use crate::memory::GuestMemoryMmap;
 use crate::vstate::control::{Control, ExitReason};
-use crate::vstate::vcpu::{Handover, VcpuHandle};
+use crate::vstate::vcpu::{Handover, HandoverError, VcpuHandle};
 use crate::vstate::vcpu_state::{StateError, VcpuState};
 use crate::vstate::vm::Vm;
 use crate::vstate::vm_state::{VmState, VmStateError};
@@ -58,9 +59,9 @@ pub enum VmSnapshotError {
     /// The VM was not running or paused (a snapshot is already under way, or it stops).
     #[error("the VM is not running")]
     NotRunning,
-    /// Some vCPU thread did not hand its vCPU over in time.
-    #[error("the vCPUs were not handed over within {0:?}")]
-    Handover(Duration),
+    /// The vCPUs could not all be handed over.
+    #[error(transparent)]
+    Handover(#[from] HandoverError),
     /// A vCPU's KVM state.
     #[error("vCPU {0}")]
     Vcpu(usize, #[source] StateError),
@@ -147,8 +148,7 @@ impl Snapshotter {
         let kick = || self.vcpus.iter().for_each(VcpuHandle::kick);
         let fds = self
             .handover
-            .collect(self.vcpus.len(), HANDOVER_TIMEOUT, kick)
-            .ok_or(VmSnapshotError::Handover(HANDOVER_TIMEOUT))?;
+            .collect(self.vcpus.len(), HANDOVER_TIMEOUT, kick)?;
         let vcpus = fds
             .iter()
             .enumerate()
@@ -180,14 +180,16 @@ impl Snapshotter {
             serial,
             devices,
         };
+        // Memory first, the state file last: a state file that reads back whole (its checksum
+        // holds) is the mark of a complete snapshot, so one cut short by a crash is refused.
         let f = &mut self.state_file;
         f.set_len(0).map_err(VmSnapshotError::Io)?;
+        let stats = memory::save_memory(&self.mem, &self.memory_file)?;
+        self.memory_file.sync_all().map_err(VmSnapshotError::Io)?;
         f.rewind().map_err(VmSnapshotError::Io)?;
         format::write_state(f, &self.fingerprint, &snapshot)?;
         f.flush().map_err(VmSnapshotError::Io)?;
         f.sync_all().map_err(VmSnapshotError::Io)?;
-        let stats = memory::save_memory(&self.mem, &self.memory_file)?;
-        self.memory_file.sync_all().map_err(VmSnapshotError::Io)?;
         Ok(stats)
     }
 }
@@ -200,10 +202,16 @@ impl Snapshotter {
 pub fn load(
     config: &VmConfig,
     fingerprint: &Fingerprint,
-    state: &mut File,
+    state: &File,
     memory_file: &File,
 ) -> Result<(VmSnapshot, GuestMemoryMmap, MemoryStats), VmSnapshotError> {
-    let snapshot: VmSnapshot = format::read_state(state, fingerprint)?;
+    let snapshot: VmSnapshot = format::read_state(
+        &mut ReadAt {
+            file: state,
+            pos: 0,
+        },
+        fingerprint,
+    )?;
     let vcpus = usize::from(config.vcpus);
     if snapshot.vcpus.len() != vcpus {
         return Err(VmSnapshotError::Count {
@@ -214,4 +222,19 @@ pub fn load(
     }
     let (mem, stats) = memory::restore_memory(memory_file, u64::from(config.memory_mib))?;
     Ok((snapshot, mem, stats))
+}
+
+/// Reads `file` from `pos` on by positioned reads: the descriptor's own offset is neither used
+/// nor moved (one open template may serve several restores at once).
+struct ReadAt<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl std::io::Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
 }

@@ -105,46 +105,77 @@ pub fn create_restored(vm: &Vm, id: u8, state: &VcpuState) -> Result<VcpuFd, Vcp
 /// event loop collects them.
 #[derive(Default)]
 pub struct Handover {
-    fds: Mutex<Vec<(u8, VcpuFd)>>,
+    slots: Mutex<Slots>,
     cond: Condvar,
 }
 
+#[derive(Default)]
+struct Slots {
+    fds: Vec<(u8, VcpuFd)>,
+    /// vCPUs whose last exit could not be completed: their state is mid-instruction.
+    failed: Vec<u8>,
+}
+
+/// The vCPUs could not all be handed over.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    /// Some thread did not hand its vCPU over in time.
+    #[error("the vCPUs were not handed over within {0:?}")]
+    Timeout(std::time::Duration),
+    /// A vCPU's last exit could not be completed.
+    #[error("vCPU {0} could not complete its last exit")]
+    LastExit(u8),
+}
+
 impl Handover {
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Leaves vCPU `id` here.
     pub fn put(&self, id: u8, fd: VcpuFd) {
-        self.fds
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((id, fd));
+        self.slots().fds.push((id, fd));
+        self.cond.notify_all();
+    }
+
+    /// Says vCPU `id` cannot be saved.
+    pub fn fail(&self, id: u8) {
+        self.slots().failed.push(id);
         self.cond.notify_all();
     }
 
     /// Waits until `count` vCPUs are here (calling `kick` between checks, for threads still in
-    /// KVM_RUN), and returns them in id order; None after `timeout`.
+    /// KVM_RUN), and returns them in id order.
+    ///
+    /// # Errors
+    /// [`HandoverError`]: a vCPU failed, or not all came within `timeout`.
     pub fn collect(
         &self,
         count: usize,
         timeout: std::time::Duration,
         kick: impl Fn(),
-    ) -> Option<Vec<VcpuFd>> {
+    ) -> Result<Vec<VcpuFd>, HandoverError> {
         let deadline = std::time::Instant::now() + timeout;
-        let mut fds = self.fds.lock().unwrap_or_else(PoisonError::into_inner);
-        while fds.len() < count {
+        let mut slots = self.slots();
+        while slots.fds.len() < count {
+            if let Some(&id) = slots.failed.first() {
+                return Err(HandoverError::LastExit(id));
+            }
             let now = std::time::Instant::now();
             if now >= deadline {
-                return None;
+                return Err(HandoverError::Timeout(timeout));
             }
             kick();
             let wait = (deadline - now).min(std::time::Duration::from_millis(2));
-            fds = self
+            slots = self
                 .cond
-                .wait_timeout(fds, wait)
+                .wait_timeout(slots, wait)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
-        let mut all = std::mem::take(&mut *fds);
+        let mut all = std::mem::take(&mut slots.fds);
         all.sort_by_key(|(id, _)| *id);
-        Some(all.into_iter().map(|(_, fd)| fd).collect())
+        Ok(all.into_iter().map(|(_, fd)| fd).collect())
     }
 }
 
@@ -226,25 +257,35 @@ pub fn spawn(id: u8, fd: VcpuFd, run_with: Run) -> Result<VcpuHandle, VcpuError>
                 }
             }
             run_with.start.wait();
-            if let Some(fd) = run(id, fd, &run_with.pio, &run_with.mmio, &run_with.control) {
-                run_with.handover.put(id, fd);
+            match run(id, fd, &run_with.pio, &run_with.mmio, &run_with.control) {
+                Some(Ok(fd)) => run_with.handover.put(id, fd),
+                Some(Err(())) => run_with.handover.fail(id),
+                None => {}
             }
         })
         .map_err(VcpuError::Spawn)?;
     Ok(VcpuHandle { thread })
 }
 
-/// Runs the guest until told to stop (None) or to hand the vCPU over (Some, its last exit
-/// completed).
-fn run(id: u8, mut fd: VcpuFd, pio: &Bus, mmio: &Bus, control: &Control) -> Option<VcpuFd> {
+/// Runs the guest until told to stop (None) or to hand the vCPU over (Some: the vCPU with its
+/// last exit completed, or Err when that failed).
+fn run(
+    id: u8,
+    mut fd: VcpuFd,
+    pio: &Bus,
+    mmio: &Bus,
+    control: &Control,
+) -> Option<Result<VcpuFd, ()>> {
     loop {
         match control.vcpu_checkpoint() {
             Checkpoint::Run => {}
             Checkpoint::Stop => break,
             Checkpoint::HandOver => {
-                complete_last_exit(id, &mut fd);
+                if !complete_last_exit(id, &mut fd) {
+                    return Some(Err(()));
+                }
                 tracing::debug!(vcpu = id, "vCPU handed over for a snapshot");
-                return Some(fd);
+                return Some(Ok(fd));
             }
         }
         match fd.run() {
@@ -296,13 +337,22 @@ fn run(id: u8, mut fd: VcpuFd, pio: &Bus, mmio: &Bus, control: &Control) -> Opti
 
 /// After an I/O or MMIO exit KVM finishes the instruction (stores the value read, advances RIP)
 /// only on the next KVM_RUN: one run with `immediate_exit` set does that and returns EINTR
-/// without entering the guest, so the saved registers are those after the instruction.
-fn complete_last_exit(id: u8, fd: &mut VcpuFd) {
+/// without entering the guest, so the saved registers are those after the instruction. False
+/// when KVM did anything else (another exit, an error): the vCPU is mid-instruction and must not
+/// be saved.
+fn complete_last_exit(id: u8, fd: &mut VcpuFd) -> bool {
     fd.set_kvm_immediate_exit(1);
-    match fd.run() {
-        Err(e) if e.errno() == libc::EINTR => {}
-        Err(e) => tracing::warn!(vcpu = id, error = %e, "completing the last exit"),
-        Ok(exit) => tracing::warn!(vcpu = id, exit = ?exit, "exit while completing the last one"),
-    }
+    let done = match fd.run() {
+        Err(e) if e.errno() == libc::EINTR => true,
+        Err(e) => {
+            tracing::error!(vcpu = id, error = %e, "completing the last exit");
+            false
+        }
+        Ok(exit) => {
+            tracing::error!(vcpu = id, exit = ?exit, "an exit while completing the last one");
+            false
+        }
+    };
     fd.set_kvm_immediate_exit(0);
+    done
 }

@@ -290,8 +290,14 @@ impl VirtioDevice for VhostUserFs {
     }
 
     /// Asks virtiofsd where it stands in each ring (`GET_VRING_BASE`, which also stops the ring:
-    /// the snapshotted VM is never resumed) and reads the used index from guest memory. A
-    /// template is taken before any FUSE request, so both are 0 there.
+    /// the snapshotted VM is never resumed) and reads the used index from guest memory.
+    ///
+    /// Only a device that never carried a request can be saved: the FUSE session (INIT, node
+    /// ids, open handles) lives in the template's virtiofsd and cannot move to a clone's, so a
+    /// template must be taken before the guest mounts the share (the agent mounts it when the
+    /// kernel command line names it). Any ring the daemon has taken a request from is refused.
+    /// The call blocks the event loop until virtiofsd answers (vhost-user has no timeout here);
+    /// the template's daemon is the host's own, started for the template.
     fn queue_progress(&mut self) -> Result<Vec<QueueProgress>, PersistError> {
         let (queues, mem) = match &self.state {
             State::Ready => return Ok(Vec::new()),
@@ -310,6 +316,11 @@ impl VirtioDevice for VhostUserFs {
             let used = queue
                 .used_idx(mem, std::sync::atomic::Ordering::Acquire)
                 .map_err(|e| PersistError::Backend(Box::new(e)))?;
+            if next_avail != 0 || used.0 != 0 {
+                return Err(PersistError::Busy(
+                    "virtio-fs served requests: its FUSE session cannot move to a clone",
+                ));
+            }
             progress.push(QueueProgress {
                 next_avail,
                 next_used: used.0,

@@ -8,8 +8,9 @@
 //!
 //! The event queue is used once in a device's life, after a restore from a snapshot: the
 //! guest's connections belonged to the VMM that took the snapshot, so the restored device puts a
-//! `TRANSPORT_RESET` in the guest's first event buffer before it moves any packet (the driver
-//! then resets every connected socket and re-reads the cid; listening sockets survive).
+//! `TRANSPORT_RESET` in the guest's first event buffer and moves no packet until the driver has
+//! handled it (it resets every connected socket, re-reads the cid, then refills its event buffer
+//! and kicks: that kick releases the device; listening sockets survive).
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
@@ -49,6 +50,20 @@ struct Active {
     queues: Vec<Queue>,
 }
 
+/// The transport reset of a restored device. The guest still believes in connections this
+/// process never had; a connection made before its driver has handled the reset would be reset
+/// with the old ones, so nothing goes to rx until then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reset {
+    /// Nothing to tell (a booted device, or the reset is through).
+    Done,
+    /// Restored: the event waits for the driver's next event buffer.
+    Pending,
+    /// The event is in the guest's hands; rx waits for the driver's next event-queue kick,
+    /// the refill its event worker makes once it has reset its sockets.
+    Posted,
+}
+
 /// A virtio-vsock device whose host side is a hybrid vsock Unix socket.
 pub struct Vsock {
     guest_cid: u64,
@@ -61,10 +76,8 @@ pub struct Vsock {
     registered: bool,
     /// The tx queue may hold chains not yet handed to the muxer (kicked, or stalled on rx).
     tx_due: bool,
-    /// Restored from a snapshot: the guest still believes in connections this process never
-    /// had. Until a `TRANSPORT_RESET` event is in the guest's hands nothing goes to rx (a
-    /// connection made before the reset would be reset with the old ones).
-    reset_pending: bool,
+    /// Where a restored device is with telling the guest its connections are gone.
+    reset: Reset,
     muxer: Muxer,
     tx_payload: Vec<u8>,
     rx_payload: Vec<u8>,
@@ -120,7 +133,7 @@ impl Vsock {
             active: None,
             registered: false,
             tx_due: false,
-            reset_pending: false,
+            reset: Reset::Done,
             muxer: Muxer::new(guest_cid, uds_path, listener),
             tx_payload: Vec::new(),
             rx_payload: Vec::new(),
@@ -146,8 +159,13 @@ impl Vsock {
             self.tx_due = true;
         } else if fd == self.queue_evts[EVENT_QUEUE].as_raw_fd() {
             let _ = self.queue_evts[EVENT_QUEUE].read();
-            if !self.reset_pending {
-                return;
+            match self.reset {
+                // A kick with no reset under way: nothing to do (no event is ever sent).
+                Reset::Done => return,
+                // A buffer for the reset, maybe: `pump` tries.
+                Reset::Pending => {}
+                // The driver refilled after handling the reset: rx may flow.
+                Reset::Posted => self.reset = Reset::Done,
             }
         } else if fd == self.muxer.listener_fd() {
             self.muxer.accept(reg, now);
@@ -224,11 +242,17 @@ impl Vsock {
 
     /// Moves packets both ways until nothing more can move, then interrupts the guest.
     fn pump(&mut self, reg: &mut dyn FdRegistry) {
-        if self.reset_pending {
-            if !self.post_transport_reset() {
+        match self.reset {
+            Reset::Done => {}
+            Reset::Pending => {
+                if self.post_transport_reset() {
+                    // Only a kick after this point is the driver's answer to the event.
+                    let _ = self.queue_evts[EVENT_QUEUE].read();
+                    self.reset = Reset::Posted;
+                }
                 return;
             }
-            self.reset_pending = false;
+            Reset::Posted => return,
         }
         let mut used = false;
         for _ in 0..BUDGET {
@@ -439,7 +463,7 @@ impl VirtioDevice for Vsock {
     /// The restored guest's connections died with the old VMM: tell it so before anything else
     /// goes to it.
     fn after_restore(&mut self) {
-        self.reset_pending = true;
+        self.reset = Reset::Pending;
     }
 }
 
@@ -723,10 +747,12 @@ mod tests {
         let id: u32 = mem.read_obj(GuestAddress(0x3_0000)).expect("read");
         assert_eq!(id, EVENT_TRANSPORT_RESET);
         assert_ne!(irq.status() & 1, 0);
-        let pkts = guest.received();
-        assert_eq!(pkts.len(), 1);
-        assert_eq!(pkts[0].0.op, op::REQUEST);
-        // Only once: a second event buffer stays unused.
+        assert!(
+            guest.received().is_empty(),
+            "rx still held: the driver has not handled the reset yet"
+        );
+        // Its event worker refills the buffer and kicks: now the request goes out, and the
+        // reset is not sent twice.
         let ev = SplitDescriptor::new(0x3_1000, 8, WRITE, 0);
         guest
             .ev
@@ -734,6 +760,9 @@ mod tests {
             .expect("event buffer");
         kick(&mut dev, &mut reg, EVENT_QUEUE);
         assert_eq!(guest.ev.used().idx().load(), 1);
+        let pkts = guest.received();
+        assert_eq!(pkts.len(), 1);
+        assert_eq!(pkts[0].0.op, op::REQUEST);
         assert_eq!(
             dev.queue_progress().expect("progress")[EVENT_QUEUE],
             QueueProgress {
