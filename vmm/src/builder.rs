@@ -334,7 +334,7 @@ fn boot_vcpus(
     cmdline: &str,
 ) -> Result<Vec<kvm_ioctls::VcpuFd>, BuildError> {
     let entry = boot::load(mem, kernel, initramfs, cmdline)?;
-    tracing::debug!(?entry, "kernel loaded");
+    tracing::info!(?entry, "kernel loaded");
     mptable::write(mem, config.vcpus)?;
     let gdt = regs::write_tables(mem, entry)?;
     let base_cpuid = cpuid::supported(&vm.kvm)?;
