@@ -7,26 +7,17 @@
 //! saying so.
 #![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+mod common;
+
+use common::{request, PVM_SAFE};
+
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// PVM emulates guest kernel code and misses a few instructions; these keep the guest off them.
-const PVM_SAFE: &str = "earlyprintk=serial noxsave nosmap nosmep \
-    clearcpuid=popcnt,cx16,smap,smep,xsave,avx,avx2 int3_selftest=off";
-
 fn guest_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest")
-}
-
-fn request(sock: &Path, line: &str) -> String {
-    let mut s = UnixStream::connect(sock).expect("connect control socket");
-    s.write_all(format!("{line}\n").as_bytes()).expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
 }
 
 #[test]

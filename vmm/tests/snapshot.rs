@@ -14,6 +14,8 @@
 
 mod common;
 
+use common::{request, PVM_SAFE};
+
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
@@ -21,9 +23,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// PVM emulates guest kernel code and misses a few instructions; these keep the guest off them.
-const PVM_SAFE: &str = "earlyprintk=serial noxsave nosmap nosmep \
-    clearcpuid=popcnt,cx16,smap,smep,xsave,avx,avx2 int3_selftest=off";
 const MEMORY_MIB: u64 = 256;
 
 struct Dir(PathBuf);
@@ -51,14 +50,6 @@ fn kernel(test: &str) -> Option<PathBuf> {
         return None;
     }
     Some(kernel)
-}
-
-fn request(sock: &Path, line: &str) -> String {
-    let mut s = UnixStream::connect(sock).expect("connect control socket");
-    s.write_all(format!("{line}\n").as_bytes()).expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
 }
 
 /// The fingerprint the tests stamp and expect (the host side computes real digests; the VMM
