@@ -79,6 +79,9 @@ pub enum AgentError {
     /// The host's entropy could not be added (or the CRNG not reseeded from it).
     #[error("adding the host's entropy")]
     Entropy(#[from] crate::entropy::EntropyError),
+    /// The pod's share could not be mounted.
+    #[error(transparent)]
+    Share(#[from] crate::share::ShareError),
 }
 
 impl AgentError {
@@ -94,7 +97,9 @@ impl AgentError {
                 crate::net::NetError::Invalid { .. } | crate::net::NetError::NoSuchMac { .. },
             ) => Code::INVALID_ARGUMENT,
             AgentError::State { .. } => Code::FAILED_PRECONDITION,
-            AgentError::Entropy(crate::entropy::EntropyError::TooLong(_)) => Code::INVALID_ARGUMENT,
+            AgentError::Entropy(crate::entropy::EntropyError::TooLong(_))
+            | AgentError::Share(crate::share::ShareError::BadTag(_)) => Code::INVALID_ARGUMENT,
+            AgentError::Share(crate::share::ShareError::Other { .. }) => Code::FAILED_PRECONDITION,
             AgentError::HelperTimeout(_) => Code::DEADLINE_EXCEEDED,
             _ => Code::INTERNAL,
         }

@@ -1,7 +1,6 @@
 //! PID 1 duties: the guest's base mounts, logging, the shared filesystem, serving, power-off.
 //!
 //! Kernel command line parameters read by the agent:
-//! - `pangolin.share=<tag>`: virtio-fs tag mounted at `GUEST_SHARED_DIR` (the host's shared dir).
 //! - `pangolin.log=<level>`: agent log level (error|warn|info|debug|trace), default info.
 
 use std::fs;
@@ -11,9 +10,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use nix::mount::{mount, MsFlags};
 use pangolin_protocols::agent::GuestDetails;
-use pangolin_protocols::{
-    AGENT_READY_PORT, AGENT_VSOCK_PORT, API_VERSION, GUEST_SHARED_DIR, LOG_PARAM, SHARE_PARAM,
-};
+use pangolin_protocols::{AGENT_READY_PORT, AGENT_VSOCK_PORT, API_VERSION, LOG_PARAM};
 
 use crate::oom::OomWatcher;
 use crate::reaper::Reaper;
@@ -157,10 +154,7 @@ pub fn run() -> anyhow::Result<()> {
     if let Err(err) = crate::cgroup::setup_root() {
         tracing::warn!(%err, "cgroup setup failed; container limits will not apply");
     }
-    if let Some(tag) = cmdline_param(&cmdline, SHARE_PARAM) {
-        mount_fs(&tag, GUEST_SHARED_DIR, "virtiofs", MsFlags::empty(), None)
-            .with_context(|| format!("mount virtio-fs tag {tag}"))?;
-    }
+    // The pod's share is mounted by the host's first call (`share.rs`), not here.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -277,8 +271,11 @@ mod tests {
 
     #[test]
     fn cmdline_params_are_found_by_key() {
-        let c = "console=ttyS0 pangolin.share=pangolin pangolin.log=debug quiet";
-        assert_eq!(cmdline_param(c, SHARE_PARAM).as_deref(), Some("pangolin"));
+        let c = "console=ttyS0 pangolin.other=pangolin pangolin.log=debug quiet";
+        assert_eq!(
+            cmdline_param(c, "pangolin.other").as_deref(),
+            Some("pangolin")
+        );
         assert_eq!(cmdline_param(c, LOG_PARAM).as_deref(), Some("debug"));
         assert_eq!(cmdline_param(c, "pangolin.port"), None);
     }

@@ -15,4 +15,5 @@ mod oom;
 mod reaper;
 pub mod sandbox;
 pub mod service;
+mod share;
 mod stdio;

@@ -15,6 +15,7 @@ use crate::sandbox::Sandbox;
 pub struct Service {
     sandbox: Arc<Sandbox>,
     ready_boottime_ns: u64,
+    share: crate::share::Share,
 }
 
 impl Service {
@@ -23,6 +24,7 @@ impl Service {
         Service {
             sandbox,
             ready_boottime_ns,
+            share: crate::share::Share::default(),
         }
     }
 }
@@ -72,6 +74,8 @@ impl AgentService for Service {
             Ok(false) => {}
             Err(err) => tracing::warn!(%err, "cannot set the guest clock"),
         }
+        // After the reseed (the share's virtiofsd is this pod's, never the template's).
+        self.share.mount(&req.share_tag).map_err(AgentError::from)?;
         Ok(crate::guest::details(self.ready_boottime_ns))
     }
 

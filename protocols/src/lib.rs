@@ -17,9 +17,6 @@ pub const AGENT_READY_PORT: u32 = 1025;
 /// Guest path where the agent mounts the sandbox's virtio-fs share.
 pub const GUEST_SHARED_DIR: &str = "/run/pangolin/shared";
 
-/// Kernel command line key naming the virtio-fs tag the agent mounts at [`GUEST_SHARED_DIR`].
-pub const SHARE_PARAM: &str = "pangolin.share";
-
 /// Kernel command line key setting the agent's log level.
 pub const LOG_PARAM: &str = "pangolin.log";
 

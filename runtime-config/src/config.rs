@@ -143,6 +143,8 @@ pub struct Config {
     pub vsock: VsockConfig,
     /// Host-side runtime behaviour.
     pub runtime: RuntimeConfig,
+    /// VM templates: pods restored from a snapshot instead of booted.
+    pub template: TemplateConfig,
 }
 
 /// Settings for booting the pod's microVM, grouped because every backend needs them.
@@ -287,6 +289,37 @@ impl Default for RuntimeConfig {
         Self {
             log_level: LogLevel::Info,
             state_dir: PathBuf::from("/run/pangolin"),
+        }
+    }
+}
+
+/// VM templates (built-in VMM only): one booted, snapshotted VM per size class, from which
+/// pods are restored instead of booted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TemplateConfig {
+    /// Start pods from templates where one fits; off, every pod boots its kernel.
+    pub enabled: bool,
+    /// Where templates are kept; empty means `<runtime.state_dir>/templates`.
+    pub dir: PathBuf,
+}
+
+impl Default for TemplateConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dir: PathBuf::new(),
+        }
+    }
+}
+
+impl TemplateConfig {
+    /// The template directory: `dir`, or `templates` under `state_dir` when `dir` is empty.
+    pub fn dir_under(&self, state_dir: &Path) -> PathBuf {
+        if self.dir.as_os_str().is_empty() {
+            state_dir.join("templates")
+        } else {
+            self.dir.clone()
         }
     }
 }

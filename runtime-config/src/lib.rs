@@ -7,7 +7,7 @@ mod error;
 mod validate;
 
 pub use config::{
-    Accel, Config, HypervisorConfig, HypervisorKind, LogLevel, RuntimeConfig, VirtiofsCache,
-    VirtiofsConfig, VsockConfig, DEFAULT_CONFIG_PATH,
+    Accel, Config, HypervisorConfig, HypervisorKind, LogLevel, RuntimeConfig, TemplateConfig,
+    VirtiofsCache, VirtiofsConfig, VsockConfig, DEFAULT_CONFIG_PATH,
 };
 pub use error::{ConfigError, ParseEnumError};

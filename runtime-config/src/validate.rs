@@ -52,6 +52,9 @@ impl Config {
         in_range("vsock.agent_port", v.agent_port, 1..=u32::MAX - 1)?;
 
         absolute("runtime.state_dir", &self.runtime.state_dir)?;
+        if !self.template.dir.as_os_str().is_empty() {
+            absolute("template.dir", &self.template.dir)?;
+        }
         Ok(())
     }
 }

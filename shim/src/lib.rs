@@ -14,4 +14,7 @@ pub mod network;
 pub mod sandbox;
 pub mod shimv2;
 pub mod spec;
+pub mod template;
+#[cfg(test)]
+mod test_dir;
 pub mod vsock;

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pangolin_protocols::agent::GuestDetails;
-use pangolin_protocols::{AGENT_READY_PORT, AGENT_VSOCK_PORT, LOG_PARAM, SHARE_PARAM};
+use pangolin_protocols::{AGENT_READY_PORT, AGENT_VSOCK_PORT, LOG_PARAM};
 use pangolin_runtime_config::{Config, HypervisorKind, VirtiofsCache};
+use pangolin_vmm_config::SnapshotFiles;
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +24,7 @@ use crate::host_cgroup::PodCgroup;
 use crate::hypervisor::{
     self, builtin::Builtin, qemu::Qemu, Hypervisor, HypervisorError, NicSpec, Vm, VmSpec,
 };
+use crate::template::{self, StartedFrom, Template};
 
 /// virtio-fs tag of the sandbox share.
 pub const SHARE_TAG: &str = "pangolin";
@@ -103,6 +105,57 @@ pub struct BootTimings {
     pub agent_ready: Instant,
 }
 
+/// How a sandbox's VM comes up.
+#[derive(Debug, Clone, Copy)]
+enum Mode<'t> {
+    /// Boots its kernel.
+    Cold,
+    /// Restored from a template.
+    Restore(&'t Template),
+    /// A template: boots, is written to these files once its agent serves, and ends.
+    Build(&'t SnapshotFiles),
+}
+
+/// A booted VM's agent, its first answer, and the boot's milestones.
+type Ready = (AgentClient, GuestDetails, BootTimings);
+
+/// An error with its sources, on one line (a cold boot's logged reason).
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Fails on a missing guest kernel or initramfs, naming its config key.
+fn check_artifacts(config: &Config) -> Result<(), SandboxError> {
+    for (what, path, key) in [
+        (
+            "guest kernel",
+            &config.hypervisor.kernel,
+            "hypervisor.kernel",
+        ),
+        (
+            "guest initramfs",
+            &config.hypervisor.initramfs,
+            "hypervisor.initramfs",
+        ),
+    ] {
+        if !path.is_file() {
+            return Err(SandboxError::Artifact {
+                what,
+                path: path.clone(),
+                key,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A running microVM with its agent.
 pub struct Sandbox {
     /// Sandbox id.
@@ -115,6 +168,8 @@ pub struct Sandbox {
     pub details: GuestDetails,
     /// Boot milestones.
     pub timings: BootTimings,
+    /// Booted or restored from a template.
+    pub started_from: StartedFrom,
     agent: AgentClient,
     parts: Parts,
     /// Fires when the VMM or a helper its devices need (virtiofsd) exits: either ends the VM.
@@ -212,13 +267,12 @@ fn remove_workdir(dir: &Path) {
     }
 }
 
-/// The kernel command line for a sandbox.
-pub fn kernel_cmdline(config: &Config, share: bool) -> String {
+/// The kernel command line for a sandbox: the same for every pod of a configuration (nothing
+/// of the pod is in it, so a template's fits all its clones; the share is named in the first
+/// agent call).
+pub fn kernel_cmdline(config: &Config) -> String {
     // reboot=t: power-off is a triple fault, an exit for every VMM; panic=-1: a dead agent ends the VM.
     let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1 quiet");
-    if share {
-        cmdline.push_str(&format!(" {SHARE_PARAM}={SHARE_TAG}"));
-    }
     cmdline.push_str(&format!(" {LOG_PARAM}={}", config.runtime.log_level));
     if !config.hypervisor.kernel_params.trim().is_empty() {
         cmdline.push(' ');
@@ -246,18 +300,19 @@ fn virtiofsd_args(socket: &Path, source: &Path, cache: VirtiofsCache) -> Vec<Str
     ]
 }
 
-/// Waits for the agent's READY call, checking the VMM lives; a missed call ends at the deadline
-/// and the caller's connect loop then reports what the console shows.
+/// Waits for the agent's READY call, checking the VMM lives; true once it came. A missed call
+/// ends at the deadline (false) and the caller's connect loop then reports what the console
+/// shows.
 async fn wait_ready(
     listener: &UnixListener,
     deadline: Instant,
     mut alive: impl FnMut() -> Result<(), SandboxError>,
-) -> Result<(), SandboxError> {
+) -> Result<bool, SandboxError> {
     loop {
         alive()?;
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Ok(());
+            return Ok(false);
         }
         tokio::select! {
             accepted = listener.accept() => {
@@ -266,7 +321,7 @@ async fn wait_ready(
                     let _ = tokio::time::timeout(Duration::from_secs(1), stream.read_exact(&mut buf)).await;
                     tracing::trace!(said = ?String::from_utf8_lossy(&buf), "agent announced readiness");
                 }
-                return Ok(());
+                return Ok(true);
             }
             () = tokio::time::sleep(left.min(Duration::from_millis(20))) => {}
         }
@@ -287,7 +342,10 @@ impl Sandbox {
         Self::start_with(id, config, options).await
     }
 
-    /// As [`Sandbox::start`], with a console log path and a pod network namespace.
+    /// As [`Sandbox::start`], with a console log path and a pod network namespace. The VM is
+    /// restored from its size class's template when the pod fits one (built first if there is
+    /// none), and boots its kernel otherwise, or when the restore fails (that template is then
+    /// removed); either way the reason is logged with the pod.
     pub async fn start_with(
         id: &str,
         config: &Config,
@@ -296,26 +354,120 @@ impl Sandbox {
         let start = Instant::now();
         let host = HostInfo::probe();
         let kind = hypervisor::resolve(config.hypervisor.kind, &host)?;
-        for (what, path, key) in [
-            (
-                "guest kernel",
-                &config.hypervisor.kernel,
-                "hypervisor.kernel",
-            ),
-            (
-                "guest initramfs",
-                &config.hypervisor.initramfs,
-                "hypervisor.initramfs",
-            ),
-        ] {
-            if !path.is_file() {
-                return Err(SandboxError::Artifact {
-                    what,
-                    path: path.clone(),
-                    key,
-                });
+        check_artifacts(config)?;
+        let cancel = options.cancel.clone().unwrap_or_default();
+        let unfit = template::unfit(
+            config,
+            kind,
+            options.share.is_some(),
+            options.netns.is_some(),
+        );
+        let why_cold = match &unfit {
+            Some(why) => why.clone(),
+            None => {
+                let found = tokio::select! {
+                    found = template::get_or_build(config, false) => found,
+                    () = cancel.cancelled() => return Err(SandboxError::Cancelled),
+                };
+                match found {
+                    Ok(t) => {
+                        let mode = Mode::Restore(&t);
+                        // The boot deadline counts from here: a build before is not the pod's.
+                        let start = Instant::now();
+                        match Self::launch(id, config, &options, kind, &host, mode, start).await {
+                            Ok(sandbox) => return sandbox.ok_or(SandboxError::Cancelled),
+                            Err(SandboxError::Cancelled) => return Err(SandboxError::Cancelled),
+                            Err(err) => {
+                                template::discard(config, &t).await;
+                                let why = format!(
+                                    "restoring from template {} failed, so it is removed: {}",
+                                    t.class,
+                                    chain(&err)
+                                );
+                                tracing::warn!(sandbox = id, reason = %why, "booting the VM's kernel");
+                                why
+                            }
+                        }
+                    }
+                    Err(err) => {
+                        let why = chain(&err);
+                        tracing::warn!(sandbox = id, reason = %why, "no template: booting the VM's kernel");
+                        why
+                    }
+                }
             }
+        };
+        tracing::info!(sandbox = id, reason = %why_cold, "booting the VM's kernel (no template)");
+        let start = if options.share.is_some() && unfit.is_none() {
+            Instant::now()
+        } else {
+            start
+        };
+        Self::launch(id, config, &options, kind, &host, Mode::Cold, start)
+            .await?
+            .ok_or(SandboxError::Cancelled)
+    }
+
+    /// Boots a template VM of `class` with an empty share, writes it to `files` once its agent
+    /// serves, and tears it down.
+    ///
+    /// # Errors
+    /// [`SandboxError`] when the backend is not the built-in VMM, or the VM fails to boot or to
+    /// be written.
+    pub async fn build_template(
+        config: &Config,
+        class: &str,
+        files: &SnapshotFiles,
+    ) -> Result<(), SandboxError> {
+        let start = Instant::now();
+        let host = HostInfo::probe();
+        let kind = hypervisor::resolve(config.hypervisor.kind, &host)?;
+        if kind != HypervisorKind::Builtin {
+            return Err(HypervisorError::Unsupported {
+                kind,
+                reason: "VM templates need the built-in VMM".into(),
+            }
+            .into());
         }
+        check_artifacts(config)?;
+        // Under the class's lock: a directory of this name is a dead build's.
+        let id = format!("template-{class}");
+        remove_workdir(&workdir_of(&config.runtime.state_dir, &id));
+        let share = files
+            .state
+            .parent()
+            .map_or_else(|| PathBuf::from("/"), Path::to_path_buf)
+            .join("empty-share");
+        std::fs::create_dir_all(&share).map_err(|e| SandboxError::Workdir(share.clone(), e))?;
+        let options = BootOptions {
+            share: Some(&share),
+            ..BootOptions::default()
+        };
+        let built = Self::launch(
+            &id,
+            config,
+            &options,
+            kind,
+            &host,
+            Mode::Build(files),
+            start,
+        )
+        .await;
+        let _ = std::fs::remove_dir(&share);
+        built.map(|_| ())
+    }
+
+    /// Prepares a sandbox directory and its parts and brings the VM up as `mode` says: the
+    /// ready sandbox, or None for a template build (its parts already torn down).
+    async fn launch(
+        id: &str,
+        config: &Config,
+        options: &BootOptions<'_>,
+        kind: HypervisorKind,
+        host: &HostInfo,
+        mode: Mode<'_>,
+        start: Instant,
+    ) -> Result<Option<Sandbox>, SandboxError> {
         // One identity for the pod's confined host processes (the built-in VMM, or QEMU and
         // vhost-device-vsock): a per-VM id from the range, or the shared jail uid/gid.
         let j = &config.jail;
@@ -342,7 +494,7 @@ impl Sandbox {
             HypervisorKind::Qemu => Box::new(Qemu {
                 qemu_path: config.hypervisor.qemu_path.clone(),
                 vhost_vsock_path: config.vsock.vhost_device_vsock_path.clone(),
-                accel: hypervisor::qemu_accel(config.hypervisor.accel, &host)?,
+                accel: hypervisor::qemu_accel(config.hypervisor.accel, host)?,
                 jail,
             }),
             HypervisorKind::Builtin => Box::new(Builtin {
@@ -395,29 +547,39 @@ impl Sandbox {
         }
         let cancel = options.cancel.clone().unwrap_or_default();
         let booted = tokio::select! {
-            booted = Self::boot(id, config, options, backend.as_ref(), &mut parts, start) => booted,
+            booted = Self::boot(id, config, options, backend.as_ref(), &mut parts, mode, start) => booted,
             () = cancel.cancelled() => Err(SandboxError::Cancelled),
         };
         match booted {
-            Ok((agent, details, timings)) => {
+            Ok(Some((agent, details, timings))) => {
+                let started_from = match mode {
+                    Mode::Restore(_) => StartedFrom::Template,
+                    Mode::Cold | Mode::Build(_) => StartedFrom::Boot,
+                };
                 tracing::info!(
                     sandbox = id,
                     hypervisor = %kind,
                     kernel = %details.kernel_release,
+                    started_from = %started_from,
                     agent_ready_ms = (timings.agent_ready - start).as_millis(),
                     "sandbox ready"
                 );
                 let ended = parts.ended();
-                Ok(Sandbox {
+                Ok(Some(Sandbox {
                     id: id.into(),
                     workdir,
                     hypervisor: kind,
                     details,
                     timings,
+                    started_from,
                     agent,
                     parts,
                     ended,
-                })
+                }))
+            }
+            Ok(None) => {
+                parts.teardown(Duration::ZERO).await;
+                Ok(None)
             }
             Err(err) => {
                 let t = Instant::now();
@@ -428,14 +590,16 @@ impl Sandbox {
         }
     }
 
+    #[allow(clippy::too_many_lines)] // one boot sequence, in order, with one arm per mode
     async fn boot(
         id: &str,
         config: &Config,
-        options: BootOptions<'_>,
+        options: &BootOptions<'_>,
         backend: &dyn Hypervisor,
         parts: &mut Parts,
+        mode: Mode<'_>,
         start: Instant,
-    ) -> Result<(AgentClient, GuestDetails, BootTimings), SandboxError> {
+    ) -> Result<Option<Ready>, SandboxError> {
         let workdir = parts.workdir.clone();
         let nic = match options.netns {
             Some(netns) => match crate::network::discover(netns).await? {
@@ -485,10 +649,11 @@ impl Sandbox {
             }
             None => None,
         };
+        let share_tag = fs.as_ref().map(|(_, tag)| tag.clone());
         let spec = VmSpec {
             kernel: config.hypervisor.kernel.clone(),
             initramfs: config.hypervisor.initramfs.clone(),
-            cmdline: kernel_cmdline(config, fs.is_some()),
+            cmdline: kernel_cmdline(config),
             vcpus: config.hypervisor.vcpus,
             memory_mib: config.hypervisor.memory_mib,
             workdir: workdir.clone(),
@@ -496,23 +661,65 @@ impl Sandbox {
                 .console_log
                 .map_or_else(|| workdir.join("console.log"), Path::to_path_buf),
             fs,
-            guest_cid: config.vsock.guest_cid,
+            // A clone keeps the template's: its guest read it at boot.
+            guest_cid: match mode {
+                Mode::Restore(t) => t.meta.guest_cid,
+                Mode::Cold | Mode::Build(_) => config.vsock.guest_cid,
+            },
             vsock_uds: workdir.join("vm.vsock"),
             net: nic,
             cgroup: parts.cgroup.clone(),
+            snapshot: match mode {
+                Mode::Build(files) => Some(files.clone()),
+                Mode::Cold | Mode::Restore(_) => None,
+            },
+            restore: match mode {
+                Mode::Restore(t) => Some(t.files.clone()),
+                Mode::Cold | Mode::Build(_) => None,
+            },
         };
         // Listen for the agent's readiness call before the guest can make it.
         let ready_path = PathBuf::from(format!("{}_{AGENT_READY_PORT}", spec.vsock_uds.display()));
         let ready =
             UnixListener::bind(&ready_path).map_err(|e| SandboxError::Workdir(ready_path, e))?;
-        tracing::debug!(sandbox = id, cmdline = %spec.cmdline, "booting");
+        tracing::debug!(sandbox = id, cmdline = %spec.cmdline, ?mode, "booting");
         let vm = parts.vm.insert(backend.boot(&spec).await?);
         let vmm_started = Instant::now();
         let deadline = start + Duration::from_millis(config.hypervisor.boot_timeout_ms);
-        wait_ready(&ready, deadline, || {
-            vm.check_alive().map_err(SandboxError::from)
-        })
-        .await?;
+        match mode {
+            // A booting guest announces its agent.
+            Mode::Cold => {
+                wait_ready(&ready, deadline, || {
+                    vm.check_alive().map_err(SandboxError::from)
+                })
+                .await?;
+            }
+            // A template is written once its agent serves, before anyone called it.
+            Mode::Build(_) => {
+                let heard = wait_ready(&ready, deadline, || {
+                    vm.check_alive().map_err(SandboxError::from)
+                })
+                .await?;
+                if !heard {
+                    return Err(HypervisorError::Snapshot(format!(
+                        "the template's agent did not start within {:?} (hypervisor.boot_timeout_ms); console log {} ends with: {}",
+                        Duration::from_millis(config.hypervisor.boot_timeout_ms),
+                        spec.console_log.display(),
+                        crate::daemon::log_tail(&spec.console_log, 5)
+                    ))
+                    .into());
+                }
+                vm.snapshot().await?;
+                tracing::info!(
+                    sandbox = id,
+                    boot_ms = start.elapsed().as_millis(),
+                    "template written"
+                );
+                return Ok(None);
+            }
+            // A restored agent has served since before the snapshot: it is called at once.
+            Mode::Restore(_) => {}
+        }
         let agent = AgentClient::connect(&spec.vsock_uds, AGENT_VSOCK_PORT, deadline, || {
             vm.check_alive().map_err(SandboxError::from)
         })
@@ -531,11 +738,11 @@ impl Sandbox {
             other => other,
         })?;
         let agent_ready = Instant::now();
-        let details = agent.guest_details().await?;
+        let details = agent.guest_details(share_tag.as_deref()).await?;
         if let Some(net) = &parts.network {
             agent.setup_network(net.iface.agent_request()).await?;
         }
-        Ok((
+        Ok(Some((
             agent,
             details,
             BootTimings {
@@ -543,7 +750,7 @@ impl Sandbox {
                 vmm_started,
                 agent_ready,
             },
-        ))
+        )))
     }
 
     /// The agent of this sandbox.
@@ -625,15 +832,14 @@ mod tests {
     }
 
     #[test]
-    fn cmdline_carries_share_log_level_and_extra_params() {
+    fn cmdline_carries_log_level_and_extra_params_and_nothing_of_the_pod() {
         let mut config = Config::default();
         config.hypervisor.kernel_params = " foo=bar ".into();
-        let c = kernel_cmdline(&config, true);
+        let c = kernel_cmdline(&config);
         assert!(c.starts_with("console=ttyS0 reboot=t panic=-1"), "{c}");
-        assert!(c.contains("pangolin.share=pangolin"), "{c}");
+        assert!(!c.contains("pangolin.share"), "nothing of the pod: {c}");
         assert!(c.contains("pangolin.log=info"), "{c}");
         assert!(c.ends_with(" foo=bar"), "{c}");
-        assert!(!kernel_cmdline(&config, false).contains("pangolin.share"));
     }
 
     #[test]

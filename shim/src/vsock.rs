@@ -86,10 +86,11 @@ pub async fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::TestDir;
     use tokio::net::UnixListener;
 
-    async fn fake_vmm(answer: &'static [u8]) -> (tempdir::Dir, tokio::task::JoinHandle<Vec<u8>>) {
-        let dir = tempdir::Dir::new();
+    async fn fake_vmm(answer: &'static [u8]) -> (TestDir, tokio::task::JoinHandle<Vec<u8>>) {
+        let dir = TestDir::new("vsock");
         let listener = UnixListener::bind(dir.path.join("vm.vsock")).expect("bind");
         let task = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.expect("accept");
@@ -100,27 +101,6 @@ mod tests {
             buf
         });
         (dir, task)
-    }
-
-    mod tempdir {
-        pub struct Dir {
-            pub path: std::path::PathBuf,
-        }
-        impl Dir {
-            pub fn new() -> Dir {
-                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let path =
-                    std::env::temp_dir().join(format!("pangolin-vsock-{}-{n}", std::process::id()));
-                std::fs::create_dir_all(&path).expect("mkdir");
-                Dir { path }
-            }
-        }
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.path);
-            }
-        }
     }
 
     #[tokio::test]

@@ -114,6 +114,8 @@ impl TestEnv {
         config.hypervisor.initramfs = artifact("target/guest/initramfs.cpio.gz");
         config.hypervisor.vmm_path = pangolin_bin().with_file_name("pangolin-vmm");
         config.runtime.state_dir = state.clone();
+        // Each test boots the VM it tests; the template tests (tests/templates.rs) opt in.
+        config.template.enabled = false;
         // Emulated (TCG) boots on a loaded 2-core machine can take several seconds.
         config.hypervisor.boot_timeout_ms = 60_000;
         // The same suite runs on either backend (e.g. builtin inside the nested test host).

@@ -115,12 +115,19 @@ fn builtin_suites_in_test_host(suites: &[&str], leftovers: &str, clean: &str) ->
 
 /// The whole `pangolin run` and sandbox suites on the built-in VMM, on the test host's
 /// hardware-virtualisation KVM: the path a host with VT-x/AMD-V takes; and the snapshot tests
-/// (`vmm/tests/snapshot.rs`, `template_clones.rs`), whose templates there are guests with their
-/// agent up.
+/// (`vmm/tests/snapshot.rs`, `template_clones.rs`) and the template tests (`templates.rs`: pods
+/// restored through `pangolin run`), whose templates there are guests with their agent up.
 #[test]
 fn builtin_vmm_passes_the_run_and_sandbox_suites_in_the_nested_test_host() {
     let passed = builtin_suites_in_test_host(
-        &["run", "sandbox", "jail", "snapshot", "template_clones"],
+        &[
+            "run",
+            "sandbox",
+            "jail",
+            "snapshot",
+            "template_clones",
+            "templates",
+        ],
         "echo \"leftover-vmm=$(pgrep -c pangolin-vmm)\"",
         "leftover-vmm=0",
     );

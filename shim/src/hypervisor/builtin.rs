@@ -16,6 +16,10 @@ use crate::daemon::{Daemon, SpawnOptions};
 
 /// How long a control request may take.
 const API_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long writing a snapshot may take (the guest's touched memory, tens of MB, and fsyncs).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// The VMM's exit status once it wrote its snapshot (`vmm/src/main.rs`).
+const EXIT_SNAPSHOTTED: i32 = 5;
 
 /// Boots VMs with `pangolin-vmm`.
 #[derive(Debug, Clone)]
@@ -63,8 +67,8 @@ pub fn vm_config(spec: &VmSpec, api: PathBuf) -> VmConfig {
         fds: None,
         jail: None,
         seccomp: true,
-        snapshot: None,
-        restore: None,
+        snapshot: spec.snapshot.clone(),
+        restore: spec.restore.clone(),
     }
 }
 
@@ -145,6 +149,11 @@ struct BuiltinVm {
 impl BuiltinVm {
     /// Sends one control request; returns the answer line.
     async fn request(&self, request: Request) -> std::io::Result<String> {
+        self.request_within(request, API_TIMEOUT).await
+    }
+
+    /// Sends one control request, waiting up to `limit` for the answer.
+    async fn request_within(&self, request: Request, limit: Duration) -> std::io::Result<String> {
         let exchange = async {
             let mut stream = tokio::net::UnixStream::connect(&self.api).await?;
             let line = format!("{}\n", request.as_str());
@@ -153,7 +162,7 @@ impl BuiltinVm {
             BufReader::new(stream).read_line(&mut answer).await?;
             Ok::<_, std::io::Error>(answer.trim_end().to_string())
         };
-        tokio::time::timeout(API_TIMEOUT, exchange)
+        tokio::time::timeout(limit, exchange)
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "VMM control socket"))?
     }
@@ -187,6 +196,29 @@ impl Vm for BuiltinVm {
         }
         self.vmm.stop(Duration::from_millis(200)).await;
     }
+
+    async fn snapshot(&mut self) -> Result<(), HypervisorError> {
+        let answer = self
+            .request_within(Request::Snapshot, SNAPSHOT_TIMEOUT)
+            .await
+            .map_err(|e| HypervisorError::Snapshot(format!("control socket: {e}")))?;
+        if answer != "ok" {
+            return Err(HypervisorError::Snapshot(format!(
+                "the VMM answered {answer:?}; its log: {}",
+                crate::daemon::log_tail(&self.vmm.log, 3)
+            )));
+        }
+        let status = tokio::time::timeout(Duration::from_secs(10), self.vmm.wait())
+            .await
+            .map_err(|_| HypervisorError::Snapshot("the VMM did not exit after it".into()))?;
+        if status.code() == Some(EXIT_SNAPSHOTTED) {
+            Ok(())
+        } else {
+            Err(HypervisorError::Snapshot(format!(
+                "the VMM exited with {status}, not {EXIT_SNAPSHOTTED} (snapshot written)"
+            )))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -208,6 +240,8 @@ mod tests {
             vsock_uds: "/run/p/s1/vm.vsock".into(),
             net: None,
             cgroup: None,
+            snapshot: None,
+            restore: None,
         };
         let c = vm_config(&spec, "/run/p/s1/api.sock".into());
         assert!(c.validate().is_ok());

@@ -93,6 +93,36 @@ pub async fn prepare(
             .map_err(|e| HypervisorError::Io("opening the pod's tap", std::io::Error::other(e)))?;
         taps.push(push(fd));
     }
+    // A template's files, created for it to write; a clone's, read-only. Both live outside
+    // the jail, which only ever sees these descriptors.
+    let snapshot = match &config.snapshot {
+        Some(files) => {
+            let open = |path: &Path| {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open(path)
+                    .map_err(io("creating the template's snapshot files"))
+            };
+            let state = push(open(&files.state)?.into());
+            let memory = push(open(&files.memory)?.into());
+            Some([state, memory])
+        }
+        None => None,
+    };
+    let restore = match &config.restore {
+        Some(files) => {
+            let open = |path: &Path| File::open(path).map_err(io("opening the template"));
+            let state = push(open(&files.state)?.into());
+            let memory = push(open(&files.memory)?.into());
+            Some([state, memory])
+        }
+        None => None,
+    };
     config.fds = Some(InheritedFds {
         kvm,
         kernel,
@@ -101,8 +131,8 @@ pub async fn prepare(
         api,
         vsock,
         taps,
-        snapshot: None,
-        restore: None,
+        snapshot,
+        restore,
         disks: Vec::new(),
     });
     let root = spec.workdir.join("jail");

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pangolin_runtime_config::{Accel, HypervisorKind};
+use pangolin_vmm_config::SnapshotFiles;
 
 use crate::daemon::{log_tail, Daemon, DaemonError, ExitWatch};
 use crate::host::HostInfo;
@@ -45,6 +46,10 @@ pub struct VmSpec {
     pub net: Option<NicSpec>,
     /// The pod's host cgroup: the backend moves each process it starts into it.
     pub cgroup: Option<std::sync::Arc<crate::host_cgroup::PodCgroup>>,
+    /// A template VM: where its snapshot goes (built-in VMM only).
+    pub snapshot: Option<SnapshotFiles>,
+    /// Restore from this snapshot instead of booting the kernel (built-in VMM only).
+    pub restore: Option<SnapshotFiles>,
 }
 
 impl VmSpec {
@@ -101,6 +106,9 @@ pub enum HypervisorError {
     /// A file the backend writes could not be written.
     #[error("{0}")]
     Io(&'static str, #[source] std::io::Error),
+    /// The VMM refused or failed a snapshot.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     /// The VMM exited.
     #[error("the VMM exited ({status}); console log {console}: {tail}")]
     Exited {
@@ -126,6 +134,16 @@ pub trait Vm: Send + Sync {
     /// Waits for the VMM to exit on its own (guest power-off) up to `grace`, then kills it;
     /// stops the backend's helper daemons too.
     async fn shutdown(&mut self, grace: Duration);
+    /// A template VM: writes the VM to its spec's snapshot files and waits for the VMM to end.
+    ///
+    /// # Errors
+    /// The backend has no snapshots, or the VMM refused or failed to write one.
+    async fn snapshot(&mut self) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Unsupported {
+            kind: HypervisorKind::Qemu,
+            reason: "VM templates need the built-in VMM".into(),
+        })
+    }
 }
 
 /// Boots VMs.

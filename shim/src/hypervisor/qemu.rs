@@ -177,6 +177,12 @@ impl Hypervisor for Qemu {
     }
 
     async fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, HypervisorError> {
+        if spec.snapshot.is_some() || spec.restore.is_some() {
+            return Err(HypervisorError::Unsupported {
+                kind: HypervisorKind::Qemu,
+                reason: "VM templates need the built-in VMM".into(),
+            });
+        }
         if !self.qemu_path.is_file() {
             return Err(HypervisorError::Missing {
                 what: "QEMU",
@@ -394,6 +400,8 @@ mod tests {
             vsock_uds: "/run/p/s1/vm.vsock".into(),
             net: None,
             cgroup: None,
+            snapshot: None,
+            restore: None,
         }
     }
 

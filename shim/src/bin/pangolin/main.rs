@@ -2,6 +2,7 @@
 
 mod check;
 mod run;
+mod template;
 mod term;
 
 use std::path::PathBuf;
@@ -28,6 +29,9 @@ enum Command {
     Check,
     /// Boot a microVM, run CMD as a container on --rootfs, and exit with its status.
     Run(run::RunArgs),
+    /// Manage the VM templates pods are restored from (built-in VMM).
+    #[command(subcommand)]
+    Template(template::TemplateCommand),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check => runtime.block_on(check::check(cli.config.as_deref())),
         Command::Run(args) => runtime.block_on(run::run(cli.config.as_deref(), args)),
+        Command::Template(cmd) => runtime.block_on(template::template(cli.config.as_deref(), cmd)),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -64,6 +64,9 @@ pub struct RunArgs {
     /// Print a timing breakdown (JSON) to stderr at the end.
     #[arg(long)]
     timings: bool,
+    /// Boot the VM's kernel even where a VM template fits (`template.enabled = false`).
+    #[arg(long)]
+    no_template: bool,
     /// Command and arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -92,6 +95,9 @@ pub async fn run(config_file: Option<&Path>, args: RunArgs) -> anyhow::Result<u8
     }
     if let Some(mem) = args.memory {
         config.hypervisor.memory_mib = mem;
+    }
+    if args.no_template {
+        config.template.enabled = false;
     }
     // The configuration's own limits apply to the overrides (--cpus: hypervisor.vcpus, ...).
     config.validate().context("--hypervisor/--cpus/--memory")?;
@@ -128,7 +134,9 @@ pub async fn run(config_file: Option<&Path>, args: RunArgs) -> anyhow::Result<u8
     let booted = Instant::now();
     let agent = sandbox.agent().clone();
     // Guest clock: kernel start to the agent serving.
+    // (A template's clone reports the template's: its guest booted once, before the snapshot.)
     let guest_ready_ms = sandbox.details.agent_ready_boottime_ns as f64 / 1e6;
+    let started_from = sandbox.started_from;
     let result = tokio::select! {
         r = run_in(agent, &args, spec_json) => r,
         err = sandbox.vmm_exited() => Err(anyhow::Error::new(err).context("the microVM died")),
@@ -153,7 +161,7 @@ pub async fn run(config_file: Option<&Path>, args: RunArgs) -> anyhow::Result<u8
     };
     if args.timings {
         eprintln!(
-            "pangolin-timings: {{\"boot_ms\":{:.1},\"guest_agent_ready_ms\":{:.1},\"create_start_ms\":{:.1},\"teardown_ms\":{:.1},\"total_ms\":{:.1}}}",
+            "pangolin-timings: {{\"started_from\":\"{started_from}\",\"boot_ms\":{:.1},\"guest_agent_ready_ms\":{:.1},\"create_start_ms\":{:.1},\"teardown_ms\":{:.1},\"total_ms\":{:.1}}}",
             ms(total, booted),
             guest_ready_ms,
             ms(booted, created),
