@@ -87,6 +87,9 @@ pub enum Problem {
     /// Routes but no interface to send them through.
     #[error("routes need an interface")]
     NoInterface,
+    /// Not a unicast Ethernet MAC (`aa:bb:cc:dd:ee:ff`, first octet even).
+    #[error("not a unicast MAC address")]
+    NotMac,
 }
 
 /// One interface as the request wants it.
@@ -98,8 +101,24 @@ pub struct LinkPlan {
     pub index: u32,
     /// New MTU (None: keep).
     pub mtu: Option<u32>,
+    /// New MAC (None: keep; a template's clone gets its pod's).
+    pub mac: Option<[u8; 6]>,
     /// Addresses to add.
     pub addresses: Vec<IpNet>,
+}
+
+/// `aa:bb:cc:dd:ee:ff` as bytes, when it is a unicast MAC.
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
 }
 
 /// One route as the request wants it.
@@ -142,9 +161,18 @@ pub fn plan(
 ) -> Result<Plan, NetError> {
     let mut links = Vec::new();
     for (index, iface) in req.interfaces.iter().enumerate() {
-        let (dev, ifindex) = nic(&iface.mac).ok_or_else(|| NetError::NoSuchMac {
+        // A clone of a template still has the template's MAC: found by it, given the pod's.
+        let (find, mac) = if iface.guest_mac.is_empty() {
+            (&iface.mac, None)
+        } else {
+            let field = format!("interfaces[{index}].mac");
+            let mac =
+                parse_mac(&iface.mac).ok_or_else(|| invalid(field, &iface.mac, Problem::NotMac))?;
+            (&iface.guest_mac, Some(mac))
+        };
+        let (dev, ifindex) = nic(find).ok_or_else(|| NetError::NoSuchMac {
             index,
-            mac: iface.mac.clone(),
+            mac: find.clone(),
         })?;
         let mtu = match iface.mtu {
             0 => None,
@@ -169,6 +197,7 @@ pub fn plan(
             dev,
             index: ifindex,
             mtu,
+            mac,
             addresses,
         });
     }
@@ -220,8 +249,9 @@ fn family(addr: IpAddr) -> AddressFamily {
     }
 }
 
-/// `RTM_SETLINK`: IFF_UP, and the MTU if given.
-fn link_message(index: u32, mtu: Option<u32>) -> LinkMessage {
+/// `RTM_SETLINK`: IFF_UP, and the MTU and MAC if given (the kernel sets the address before
+/// the flags; virtio-net changes it live).
+fn link_message(index: u32, mtu: Option<u32>, mac: Option<[u8; 6]>) -> LinkMessage {
     let mut msg = LinkMessage::default();
     msg.header.index = index;
     msg.header.flags = LinkFlags::Up;
@@ -229,6 +259,12 @@ fn link_message(index: u32, mtu: Option<u32>) -> LinkMessage {
     if let Some(mtu) = mtu {
         msg.attributes
             .push(netlink_packet_route::link::LinkAttribute::Mtu(mtu));
+    }
+    if let Some(mac) = mac {
+        msg.attributes
+            .push(netlink_packet_route::link::LinkAttribute::Address(
+                mac.to_vec(),
+            ));
     }
     msg
 }
@@ -298,8 +334,11 @@ pub fn link_up(dev: &str) -> Result<(), NetError> {
         kernel("finding the interface", dev)(std::io::Error::from_raw_os_error(libc::ENODEV))
     })?;
     let mut rtnl = Rtnl::open().map_err(kernel("opening route netlink", dev))?;
-    rtnl.request(RouteNetlinkMessage::SetLink(link_message(index, None)), 0)
-        .map_err(kernel("setting IFF_UP", dev))
+    rtnl.request(
+        RouteNetlinkMessage::SetLink(link_message(index, None, None)),
+        0,
+    )
+    .map_err(kernel("setting IFF_UP", dev))
 }
 
 /// The guest interface (name, index) whose MAC is `mac` (case-insensitive), from sysfs.
@@ -333,10 +372,10 @@ pub fn setup(req: &SetupNetworkRequest) -> Result<(), NetError> {
             no_dad(&link.dev);
         }
         rtnl.request(
-            RouteNetlinkMessage::SetLink(link_message(link.index, link.mtu)),
+            RouteNetlinkMessage::SetLink(link_message(link.index, link.mtu, link.mac)),
             0,
         )
-        .map_err(kernel("setting the MTU and IFF_UP", &link.dev))?;
+        .map_err(kernel("setting the MTU, MAC and IFF_UP", &link.dev))?;
         for net in &link.addresses {
             rtnl.replace(RouteNetlinkMessage::NewAddress(address_message(
                 link.index, *net,
@@ -400,6 +439,7 @@ mod tests {
                 dev: "eth0".into(),
                 index: 2,
                 mtu: Some(1450),
+                mac: None,
                 addresses: vec![
                     net("10.231.1.2/24"),
                     net("10.231.9.2/16"),
@@ -550,7 +590,7 @@ mod tests {
 
     #[test]
     fn link_up_sets_only_the_up_flag_and_the_mtu_when_asked() {
-        let msg = link_message(2, Some(1450));
+        let msg = link_message(2, Some(1450), None);
         assert_eq!(
             (msg.header.flags, msg.header.change_mask),
             (LinkFlags::Up, LinkFlags::Up)
@@ -559,6 +599,46 @@ mod tests {
             msg.attributes,
             [netlink_packet_route::link::LinkAttribute::Mtu(1450)]
         );
-        assert!(link_message(1, None).attributes.is_empty());
+        assert!(link_message(1, None, None).attributes.is_empty());
+        let mac = [0x02, 0, 0, 0, 0, 9];
+        assert_eq!(
+            link_message(1, None, Some(mac)).attributes,
+            [netlink_packet_route::link::LinkAttribute::Address(
+                mac.to_vec()
+            )]
+        );
+    }
+
+    #[test]
+    fn a_clone_s_nic_is_found_by_the_template_mac_and_gets_the_pod_s() {
+        let mut req = request(&["10.231.1.2/24"], &[]);
+        req.interfaces[0].guest_mac = "AA:BB:CC:DD:EE:01".into();
+        req.interfaces[0].mac = "0a:58:0a:e7:01:02".into();
+        let planned = plan(&req, nic).expect("plan");
+        assert_eq!(planned.links[0].dev, "eth0");
+        assert_eq!(
+            planned.links[0].mac,
+            Some([0x0a, 0x58, 0x0a, 0xe7, 0x01, 0x02])
+        );
+        for bad in [
+            "01:00:5e:00:00:01",
+            "0a:58:0a:e7:01",
+            "0a:58:0a:e7:01:02:03",
+            "zz:58:0a:e7:01:02",
+            "",
+        ] {
+            req.interfaces[0].mac = bad.into();
+            let err = plan(&req, nic).expect_err(bad);
+            assert!(
+                err.to_string().contains("interfaces[0].mac"),
+                "{bad}: {err}"
+            );
+        }
+        req.interfaces[0].mac = "0a:58:0a:e7:01:02".into();
+        req.interfaces[0].guest_mac = "02:00:00:00:00:77".into();
+        assert!(matches!(
+            plan(&req, nic),
+            Err(NetError::NoSuchMac { index: 0, .. })
+        ));
     }
 }

@@ -300,7 +300,8 @@ impl Default for RuntimeConfig {
 pub struct TemplateConfig {
     /// Start pods from templates where one fits; off, every pod boots its kernel.
     pub enabled: bool,
-    /// Where templates are kept; empty means `<runtime.state_dir>/templates`.
+    /// Where templates are kept; empty means `<runtime.state_dir>/.templates` (a name no
+    /// sandbox id can take: containerd's ids start with a letter or digit).
     pub dir: PathBuf,
 }
 
@@ -314,10 +315,10 @@ impl Default for TemplateConfig {
 }
 
 impl TemplateConfig {
-    /// The template directory: `dir`, or `templates` under `state_dir` when `dir` is empty.
+    /// The template directory: `dir`, or `.templates` under `state_dir` when `dir` is empty.
     pub fn dir_under(&self, state_dir: &Path) -> PathBuf {
         if self.dir.as_os_str().is_empty() {
-            state_dir.join("templates")
+            state_dir.join(".templates")
         } else {
             self.dir.clone()
         }

@@ -112,8 +112,14 @@ enum Mode<'t> {
     Cold,
     /// Restored from a template.
     Restore(&'t Template),
-    /// A template: boots, is written to these files once its agent serves, and ends.
-    Build(&'t SnapshotFiles),
+    /// A template: boots, is written to `files` once its agent serves, and ends; with a NIC
+    /// on the tap in `netns` when there is one.
+    Build {
+        /// Where its snapshot goes.
+        files: &'t SnapshotFiles,
+        /// Its private network namespace holding the tap.
+        netns: Option<&'t Path>,
+    },
 }
 
 /// A booted VM's agent, its first answer, and the boot's milestones.
@@ -356,17 +362,17 @@ impl Sandbox {
         let kind = hypervisor::resolve(config.hypervisor.kind, &host)?;
         check_artifacts(config)?;
         let cancel = options.cancel.clone().unwrap_or_default();
-        let unfit = template::unfit(
-            config,
-            kind,
-            options.share.is_some(),
-            options.netns.is_some(),
-        );
+        let unfit = template::unfit(config, kind, options.share.is_some());
         let why_cold = match &unfit {
             Some(why) => why.clone(),
             None => {
+                // The template must have the devices the pod's VM will have: a NIC or none.
+                let nic = match options.netns {
+                    Some(netns) => crate::network::discover(netns).await?.is_some(),
+                    None => false,
+                };
                 let found = tokio::select! {
-                    found = template::get_or_build(config, false) => found,
+                    found = template::get_or_build(config, nic, false) => found,
                     () = cancel.cancelled() => return Err(SandboxError::Cancelled),
                 };
                 match found {
@@ -408,8 +414,9 @@ impl Sandbox {
             .ok_or(SandboxError::Cancelled)
     }
 
-    /// Boots a template VM of `class` with an empty share, writes it to `files` once its agent
-    /// serves, and tears it down.
+    /// Boots a template VM of `class` with an empty share (and, with `nic`, a NIC on a tap in a
+    /// network namespace of its own), writes it to `files` once its agent serves, and tears it
+    /// down.
     ///
     /// # Errors
     /// [`SandboxError`] when the backend is not the built-in VMM, or the VM fails to boot or to
@@ -417,6 +424,7 @@ impl Sandbox {
     pub async fn build_template(
         config: &Config,
         class: &str,
+        nic: bool,
         files: &SnapshotFiles,
     ) -> Result<(), SandboxError> {
         let start = Instant::now();
@@ -431,28 +439,30 @@ impl Sandbox {
         }
         check_artifacts(config)?;
         // Under the class's lock: a directory of this name is a dead build's.
-        let id = format!("template-{class}");
+        // A leading dot: no containerd id can take the name.
+        let id = format!(".template-{class}");
         remove_workdir(&workdir_of(&config.runtime.state_dir, &id));
-        let share = files
+        let class_dir = files
             .state
             .parent()
-            .map_or_else(|| PathBuf::from("/"), Path::to_path_buf)
-            .join("empty-share");
+            .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
+        let share = class_dir.join("empty-share");
         std::fs::create_dir_all(&share).map_err(|e| SandboxError::Workdir(share.clone(), e))?;
+        let netns = if nic {
+            Some(crate::network::private::PrivateNetns::new(class_dir.join("netns")).await?)
+        } else {
+            None
+        };
         let options = BootOptions {
             share: Some(&share),
             ..BootOptions::default()
         };
-        let built = Self::launch(
-            &id,
-            config,
-            &options,
-            kind,
-            &host,
-            Mode::Build(files),
-            start,
-        )
-        .await;
+        let mode = Mode::Build {
+            files,
+            netns: netns.as_ref().map(|n| n.path.as_path()),
+        };
+        let built = Self::launch(&id, config, &options, kind, &host, mode, start).await;
+        drop(netns);
         let _ = std::fs::remove_dir(&share);
         built.map(|_| ())
     }
@@ -554,7 +564,7 @@ impl Sandbox {
             Ok(Some((agent, details, timings))) => {
                 let started_from = match mode {
                     Mode::Restore(_) => StartedFrom::Template,
-                    Mode::Cold | Mode::Build(_) => StartedFrom::Boot,
+                    Mode::Cold | Mode::Build { .. } => StartedFrom::Boot,
                 };
                 tracing::info!(
                     sandbox = id,
@@ -601,8 +611,19 @@ impl Sandbox {
         start: Instant,
     ) -> Result<Option<Ready>, SandboxError> {
         let workdir = parts.workdir.clone();
-        let nic = match options.netns {
-            Some(netns) => match crate::network::discover(netns).await? {
+        let nic = match (mode, options.netns) {
+            // A template's NIC: the tap of its own namespace, nothing wired to it.
+            (
+                Mode::Build {
+                    netns: Some(netns), ..
+                },
+                _,
+            ) => Some(NicSpec {
+                netns: netns.to_path_buf(),
+                tap: crate::network::TAP_NAME.to_string(),
+                mac: template::TEMPLATE_MAC.to_string(),
+            }),
+            (_, Some(netns)) => match crate::network::discover(netns).await? {
                 Some(iface) => {
                     let net = crate::network::attach(netns, iface).await?;
                     let nic = NicSpec {
@@ -618,7 +639,7 @@ impl Sandbox {
                     None
                 }
             },
-            None => None,
+            (_, None) => None,
         };
         let fs = match options.share {
             Some(source) => {
@@ -664,18 +685,18 @@ impl Sandbox {
             // A clone keeps the template's: its guest read it at boot.
             guest_cid: match mode {
                 Mode::Restore(t) => t.meta.guest_cid,
-                Mode::Cold | Mode::Build(_) => config.vsock.guest_cid,
+                Mode::Cold | Mode::Build { .. } => config.vsock.guest_cid,
             },
             vsock_uds: workdir.join("vm.vsock"),
             net: nic,
             cgroup: parts.cgroup.clone(),
             snapshot: match mode {
-                Mode::Build(files) => Some(files.clone()),
+                Mode::Build { files, .. } => Some(files.clone()),
                 Mode::Cold | Mode::Restore(_) => None,
             },
             restore: match mode {
                 Mode::Restore(t) => Some(t.files.clone()),
-                Mode::Cold | Mode::Build(_) => None,
+                Mode::Cold | Mode::Build { .. } => None,
             },
         };
         // Listen for the agent's readiness call before the guest can make it.
@@ -695,7 +716,7 @@ impl Sandbox {
                 .await?;
             }
             // A template is written once its agent serves, before anyone called it.
-            Mode::Build(_) => {
+            Mode::Build { .. } => {
                 let heard = wait_ready(&ready, deadline, || {
                     vm.check_alive().map_err(SandboxError::from)
                 })
@@ -740,7 +761,11 @@ impl Sandbox {
         let agent_ready = Instant::now();
         let details = agent.guest_details(share_tag.as_deref()).await?;
         if let Some(net) = &parts.network {
-            agent.setup_network(net.iface.agent_request()).await?;
+            // A clone's NIC still has the template's MAC: the agent gives it the pod's.
+            let guest_mac = matches!(mode, Mode::Restore(_)).then_some(template::TEMPLATE_MAC);
+            agent
+                .setup_network(net.iface.agent_request(guest_mac))
+                .await?;
         }
         Ok(Some((
             agent,

@@ -243,10 +243,12 @@ pub(crate) fn pod_interface(
 }
 
 impl PodInterface {
-    /// The agent request that configures the guest like this interface.
-    pub fn agent_request(&self) -> SetupNetworkRequest {
+    /// The agent request that configures the guest like this interface; `guest_mac` is the
+    /// guest NIC's MAC when it is not this interface's (a VM restored from a template).
+    pub fn agent_request(&self, guest_mac: Option<&str>) -> SetupNetworkRequest {
         let mut iface = NetworkInterface::new();
         iface.mac.clone_from(&self.mac);
+        iface.guest_mac = guest_mac.unwrap_or_default().into();
         iface.mtu = self.mtu;
         iface.addresses = self.addresses.iter().map(IpNet::to_string).collect();
         let mut req = SetupNetworkRequest::new();
@@ -380,9 +382,21 @@ mod tests {
                 },
             ]
         );
-        let req = iface.agent_request();
+        let req = iface.agent_request(None);
         assert_eq!(req.interfaces.len(), 1);
         assert_eq!(req.interfaces[0].mac, "aa:bb:cc:dd:ee:01");
+        assert_eq!(
+            req.interfaces[0].guest_mac, "",
+            "a booted guest has the pod's MAC"
+        );
+        let clone = iface.agent_request(Some("02:50:47:00:00:01"));
+        assert_eq!(
+            (
+                clone.interfaces[0].mac.as_str(),
+                clone.interfaces[0].guest_mac.as_str()
+            ),
+            ("aa:bb:cc:dd:ee:01", "02:50:47:00:00:01")
+        );
         assert_eq!(
             req.interfaces[0].addresses,
             ["10.231.1.2/24", "10.231.9.2/16", "fd23:1:1::2/64"]
@@ -411,7 +425,7 @@ mod tests {
             .expect("valid")
             .expect("interface");
         assert_eq!(iface.addresses, [net("fd23::5/64")]);
-        assert_eq!(iface.agent_request().routes[0].gateway, "");
+        assert_eq!(iface.agent_request(None).routes[0].gateway, "");
     }
 
     #[test]

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 mod interface;
 mod netns;
+pub mod private;
 mod rtnl;
 mod tap;
 mod wiring;
@@ -52,6 +53,15 @@ pub enum NetworkError {
         /// The tap.
         tap: String,
         /// The namespace.
+        netns: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A private namespace (a template's) could not be made.
+    #[error("creating network namespace {netns} with its tap")]
+    Private {
+        /// The namespace's file.
         netns: PathBuf,
         /// Why.
         #[source]

@@ -4,11 +4,12 @@
 //! devices: vsock, rng and a virtio-fs device whose share is never mounted), snapshotted once
 //! its agent serves and before the host's first call. A pod restored from it gets its own
 //! virtiofsd and share, entropy, boot id and clock at that first call (`agent.rs`,
-//! `agent/src/share.rs`). Templates are per size class (vCPUs, memory) and per fingerprint
-//! ([`fingerprint`]); [`Store`] keeps them. Only the built-in VMM has templates, and only pods
-//! without a NIC use them so far (a template with a NIC needs a tap to boot with and the
-//! clone's MAC set by the agent: not built yet); every other pod boots cold, and the reason is
-//! logged with the pod.
+//! `agent/src/share.rs`). Templates are per size class (vCPUs, memory, NIC or not) and per
+//! fingerprint ([`fingerprint`]); [`Store`] keeps them. A template with a NIC boots with a tap
+//! in a network namespace of its own ([`crate::network::private`]) and the MAC
+//! [`TEMPLATE_MAC`]; its clones have their pod's tap in the same slot, and the agent gives the
+//! NIC the pod veth's MAC before it configures it. Only the built-in VMM has templates; every
+//! other pod boots cold, and the reason is logged with the pod.
 
 pub mod fingerprint;
 pub mod store;
@@ -18,6 +19,10 @@ use std::time::{Duration, Instant};
 use pangolin_runtime_config::{Config, HypervisorKind};
 
 pub use store::{class, Listed, Meta, Store, Template};
+
+/// The NIC MAC of every template VM (locally administered); a clone's agent replaces it with
+/// its pod's.
+pub const TEMPLATE_MAC: &str = "02:50:47:00:00:01";
 
 /// How a pod's VM came up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +69,7 @@ pub enum TemplateError {
 }
 
 /// Why a pod cannot use a template at all, or None when it can.
-pub fn unfit(config: &Config, kind: HypervisorKind, share: bool, netns: bool) -> Option<String> {
+pub fn unfit(config: &Config, kind: HypervisorKind, share: bool) -> Option<String> {
     if !config.template.enabled {
         return Some("template.enabled = false".into());
     }
@@ -73,11 +78,6 @@ pub fn unfit(config: &Config, kind: HypervisorKind, share: bool, netns: bool) ->
     }
     if !share {
         return Some("the VM has no share (templates are built with one)".into());
-    }
-    if netns {
-        return Some(
-            "the pod has a network namespace: templates with a NIC are not built yet".into(),
-        );
     }
     None
 }
@@ -92,15 +92,19 @@ fn io(dir: &std::path::Path, what: &'static str) -> impl FnOnce(std::io::Error) 
     move |source| TemplateError::Io { dir, what, source }
 }
 
-/// The template of `config`'s size class, built now if there is none with the current
-/// fingerprint (or always, with `rebuild`). Pods that ask at the same moment wait for one
-/// build under the class's lock.
+/// The template of `config`'s size class (with a NIC or without), built now if there is none
+/// with the current fingerprint (or always, with `rebuild`). Pods that ask at the same moment
+/// wait for one build under the class's lock.
 ///
 /// # Errors
 /// [`TemplateError`] when the lock, the fingerprint's inputs or the build fail.
-pub async fn get_or_build(config: &Config, rebuild: bool) -> Result<Template, TemplateError> {
+pub async fn get_or_build(
+    config: &Config,
+    nic: bool,
+    rebuild: bool,
+) -> Result<Template, TemplateError> {
     let store = store(config);
-    let class = class(config.hypervisor.vcpus, config.hypervisor.memory_mib);
+    let class = class(config.hypervisor.vcpus, config.hypervisor.memory_mib, nic);
     let dir = store.dir().to_path_buf();
     let (lock, fingerprint, digests) = {
         let (store, class, config) = (store.clone(), class.clone(), config.clone());
@@ -133,7 +137,7 @@ pub async fn get_or_build(config: &Config, rebuild: bool) -> Result<Template, Te
         .staging(&class, fingerprint.clone())
         .map_err(io(&dir, "preparing the build"))?;
     let started = Instant::now();
-    crate::sandbox::Sandbox::build_template(config, &class, &staged)
+    crate::sandbox::Sandbox::build_template(config, &class, nic, &staged)
         .await
         .map_err(|e| TemplateError::Build(Box::new(e)))?;
     let meta = Meta {
@@ -175,18 +179,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_builtin_pods_with_a_share_and_no_nic_fit() {
+    fn only_builtin_pods_with_a_share_fit() {
         let config = Config::default();
-        assert_eq!(unfit(&config, HypervisorKind::Builtin, true, false), None);
-        let qemu = unfit(&config, HypervisorKind::Qemu, true, false).expect("qemu");
+        assert_eq!(unfit(&config, HypervisorKind::Builtin, true), None);
+        let qemu = unfit(&config, HypervisorKind::Qemu, true).expect("qemu");
         assert!(qemu.contains("qemu"), "{qemu}");
-        assert!(unfit(&config, HypervisorKind::Builtin, false, false).is_some());
-        let nic = unfit(&config, HypervisorKind::Builtin, true, true).expect("nic");
-        assert!(nic.contains("NIC"), "{nic}");
+        assert!(unfit(&config, HypervisorKind::Builtin, false).is_some());
         let mut off = Config::default();
         off.template.enabled = false;
         assert_eq!(
-            unfit(&off, HypervisorKind::Builtin, true, false).as_deref(),
+            unfit(&off, HypervisorKind::Builtin, true).as_deref(),
             Some("template.enabled = false")
         );
     }
@@ -197,7 +199,7 @@ mod tests {
         config.runtime.state_dir = "/run/p".into();
         assert_eq!(
             store(&config).dir(),
-            std::path::Path::new("/run/p/templates")
+            std::path::Path::new("/run/p/.templates")
         );
         config.template.dir = "/var/lib/pangolin/templates".into();
         assert_eq!(

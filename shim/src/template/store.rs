@@ -64,9 +64,10 @@ pub struct Store {
     dir: PathBuf,
 }
 
-/// The size class of a VM: templates are per (vCPUs, memory).
-pub fn class(vcpus: u8, memory_mib: u32) -> String {
-    format!("{vcpus}vcpu-{memory_mib}mib")
+/// The size class of a VM: templates are per (vCPUs, memory, NIC or not).
+pub fn class(vcpus: u8, memory_mib: u32, nic: bool) -> String {
+    let nic = if nic { "-nic" } else { "" };
+    format!("{vcpus}vcpu-{memory_mib}mib{nic}")
 }
 
 impl Store {
@@ -285,8 +286,9 @@ mod tests {
     #[test]
     fn a_template_is_found_only_once_committed_and_only_with_its_fingerprint() {
         let (_d, s) = store("find");
-        let class = class(1, 256);
+        let class = class(1, 256, false);
         assert_eq!(class, "1vcpu-256mib");
+        assert_eq!(super::class(2, 512, true), "2vcpu-512mib-nic");
         let fp = fingerprint(1);
         assert_eq!(
             s.find(&class, &fp).expect_err("nothing yet"),

@@ -28,6 +28,9 @@ pub struct SizeArgs {
     /// Memory in MiB (64-65536).
     #[arg(long)]
     memory: Option<u32>,
+    /// The class of pods with a network interface (every CRI pod): a template with a NIC.
+    #[arg(long)]
+    nic: bool,
 }
 
 /// What to remove.
@@ -37,7 +40,7 @@ pub struct RmArgs {
     #[command(flatten)]
     size: SizeArgs,
     /// Every template.
-    #[arg(long, conflicts_with_all = ["cpus", "memory"])]
+    #[arg(long, conflicts_with_all = ["cpus", "memory", "nic"])]
     all: bool,
 }
 
@@ -59,8 +62,8 @@ pub async fn template(config_file: Option<&Path>, cmd: TemplateCommand) -> anyho
     }
     let store = template::store(&config);
     match cmd {
-        TemplateCommand::Build(_) => {
-            let t = template::get_or_build(&config, true)
+        TemplateCommand::Build(size) => {
+            let t = template::get_or_build(&config, size.nic, true)
                 .await
                 .context("building the template")?;
             println!(
@@ -111,6 +114,7 @@ pub async fn template(config_file: Option<&Path>, cmd: TemplateCommand) -> anyho
                 vec![template::class(
                     config.hypervisor.vcpus,
                     config.hypervisor.memory_mib,
+                    args.size.nic,
                 )]
             };
             for class in classes {
