@@ -44,6 +44,9 @@ pub struct FakeGuest {
     pub create_delay: Mutex<Duration>,
     /// Output streams stay open after the exit until this is notified.
     pub output_gate: Mutex<Option<Arc<Notify>>>,
+    /// When set, every process's stdout is what the test sends here (ending when the sender
+    /// is dropped).
+    pub stdout_feed: tokio::sync::Mutex<Option<mpsc::UnboundedReceiver<Vec<u8>>>>,
     next_pid: AtomicU32,
     ooms: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     oom_tx: Mutex<Option<mpsc::UnboundedSender<String>>>,
@@ -190,8 +193,13 @@ impl Guest for FakeGuest {
         &self,
         id: &str,
         exec_id: &str,
-        _stderr: bool,
+        stderr: bool,
     ) -> Result<Option<Vec<u8>>, AgentError> {
+        if !stderr {
+            if let Some(feed) = self.stdout_feed.lock().await.as_mut() {
+                return Ok(feed.recv().await);
+            }
+        }
         let gate = lock(&self.output_gate).clone();
         if let Some(gate) = gate {
             // Output flows until the process exits and the test releases the gate.
