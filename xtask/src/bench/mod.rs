@@ -85,7 +85,80 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
     cri_figures(runs, &pangolin, &g.rootfs)?;
     fs_figures(runs.min(3), &pangolin, &g.rootfs)?;
     vmm_figures(runs, &pangolin)?;
-    nested_figures(runs.min(3), &pangolin, &g.rootfs)
+    nested_figures(runs.min(3), &pangolin, &g.rootfs)?;
+    parallel_template_figures(&pangolin, &g.rootfs)
+}
+
+/// Pods started from one template at once.
+const PARALLEL_PODS: usize = 10;
+
+/// The shell script for [`parallel_template_figures`]: builds the template, starts
+/// [`PARALLEL_PODS`] `pangolin run`s at once (each container sleeps so that all VMs run
+/// together), samples the RSS of every VMM and virtiofsd process once all VMMs run (the test
+/// host's kernel has no `smaps_rollup` for PSS), and
+/// prints each run's timings.
+fn parallel_script(pangolin: &std::path::Path, rootfs: &std::path::Path) -> String {
+    let (p, r) = (pangolin.display(), rootfs.display());
+    let n = PARALLEL_PODS;
+    format!(
+        "{p} template build >/dev/null; \
+         for i in $(seq {n}); do ({p} run --timings --rootfs {r} -- sleep 20 2>&1 | sed -n 's/^pangolin-timings: /par /p') & done; \
+         t=0; while [ \"$(pgrep -cf '[p]angolin-vmm --config')\" -lt {n} ] && [ $t -lt 600 ]; do sleep 0.1; t=$((t+1)); done; sleep 8; \
+         for x in $(pgrep -f '[p]angolin-vmm --config'); do awk '/^VmRSS:/{{print \"rss-vmm\", $2}}' /proc/$x/status; done; \
+         for x in $(pgrep -f '[v]irtiofsd --socket-path'); do awk '/^VmRSS:/{{print \"rss-fsd\", $2}}' /proc/$x/status; done; \
+         wait"
+    )
+}
+
+/// [`PARALLEL_PODS`] pods started at once from one template in the nested test host: time
+/// until all are ready (each run's VM start to agent ready; they start together) and host
+/// memory per VM (RSS of its VMM, the guest RAM it holds included, and of its virtiofsd).
+fn parallel_template_figures(
+    pangolin: &std::path::Path,
+    rootfs: &std::path::Path,
+) -> anyhow::Result<()> {
+    let xtask = std::env::current_exe().context("xtask path")?;
+    let out = Command::new(xtask)
+        .args(["testhost", "--timeout", "600", "--", "sh", "-c"])
+        .arg(parallel_script(pangolin, rootfs))
+        .output()
+        .context("running the test host")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!();
+    println!("Nested test host: {PARALLEL_PODS} pods started at once from one template");
+    let mut boot: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("par "))
+        .filter_map(|l| field(l, "boot_ms"))
+        .collect();
+    if boot.len() != PARALLEL_PODS {
+        println!(
+            "{} of {PARALLEL_PODS} runs reported (test host: {})",
+            boot.len(),
+            out.status
+        );
+        if boot.is_empty() {
+            return Ok(());
+        }
+    }
+    let all_ready = boot.iter().copied().fold(0.0, f64::max);
+    stats("each: VM start to agent", &mut boot);
+    println!("{:<28} {all_ready:>8.1} ms", "all ready (slowest)");
+    for (kind, label) in [
+        ("rss-vmm", "VMM RSS per VM"),
+        ("rss-fsd", "virtiofsd RSS per VM"),
+    ] {
+        let kib: f64 = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(kind))
+            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .sum();
+        println!(
+            "{label:<28} {:>8.1} MiB",
+            kib / 1024.0 / PARALLEL_PODS as f64
+        );
+    }
+    Ok(())
 }
 
 /// Boot to agent ready for both backends on the nested test host's hardware-virt KVM.
@@ -402,5 +475,24 @@ mod tests {
         );
         assert_eq!(super::real_secs("real\t1m 2.50s"), Some(62.5));
         assert_eq!(super::real_secs("nothing"), None);
+    }
+
+    #[test]
+    fn the_parallel_script_is_shell_that_runs_ten_pods_and_samples_their_memory() {
+        let script = super::parallel_script(
+            std::path::Path::new("/usr/bin/pangolin"),
+            std::path::Path::new("/rootfs"),
+        );
+        let checked = std::process::Command::new("sh")
+            .args(["-n", "-c", &script])
+            .status()
+            .expect("sh");
+        assert!(checked.success(), "sh -n: {script}");
+        assert!(script.contains("$(seq 10)"), "{script}");
+        // A pattern that does not match its own shell's command line.
+        assert!(
+            script.contains("pgrep -cf '[p]angolin-vmm --config'"),
+            "{script}"
+        );
     }
 }
