@@ -18,3 +18,15 @@ pub mod template;
 #[cfg(test)]
 mod test_dir;
 pub mod vsock;
+
+/// An error with its sources, on one line (for logs and for messages that cross to containerd).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

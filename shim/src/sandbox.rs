@@ -24,6 +24,7 @@ use crate::host_cgroup::PodCgroup;
 use crate::hypervisor::{
     self, builtin::Builtin, qemu::Qemu, Hypervisor, HypervisorError, NicSpec, Vm, VmSpec,
 };
+use crate::network::PodInterface;
 use crate::template::{self, StartedFrom, Template};
 
 /// virtio-fs tag of the sandbox share.
@@ -122,20 +123,17 @@ enum Mode<'t> {
     },
 }
 
+/// How one launch goes: the mode, when its boot deadline starts, and the pod's interface
+/// (discovered once per pod, before any launch: a failed restore's cold boot reuses it).
+#[derive(Debug, Clone, Copy)]
+struct Launch<'a> {
+    mode: Mode<'a>,
+    start: Instant,
+    iface: Option<&'a PodInterface>,
+}
+
 /// A booted VM's agent, its first answer, and the boot's milestones.
 type Ready = (AgentClient, GuestDetails, BootTimings);
-
-/// An error with its sources, on one line (a cold boot's logged reason).
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
 
 /// Fails on a missing guest kernel or initramfs, naming its config key.
 fn check_artifacts(config: &Config) -> Result<(), SandboxError> {
@@ -362,33 +360,39 @@ impl Sandbox {
         let kind = hypervisor::resolve(config.hypervisor.kind, &host)?;
         check_artifacts(config)?;
         let cancel = options.cancel.clone().unwrap_or_default();
-        let unfit = template::unfit(config, kind, options.share.is_some());
-        let why_cold = match &unfit {
-            Some(why) => why.clone(),
+        // The template must have the devices the pod's VM will have: a NIC or none.
+        let iface = match options.netns {
+            Some(netns) => crate::network::discover(netns).await?,
+            None => None,
+        };
+        let iface = iface.as_ref();
+        let mut start = start;
+        let why_cold = match template::unfit(config, kind, options.share.is_some()) {
+            Some(why) => why,
             None => {
-                // The template must have the devices the pod's VM will have: a NIC or none.
-                let nic = match options.netns {
-                    Some(netns) => crate::network::discover(netns).await?.is_some(),
-                    None => false,
-                };
                 let found = tokio::select! {
-                    found = template::get_or_build(config, nic, false) => found,
+                    found = template::get_or_build(config, iface.is_some(), false) => found,
                     () = cancel.cancelled() => return Err(SandboxError::Cancelled),
                 };
+                // The boot deadline counts from here: a build before is not the pod's.
+                start = Instant::now();
                 match found {
                     Ok(t) => {
-                        let mode = Mode::Restore(&t);
-                        // The boot deadline counts from here: a build before is not the pod's.
-                        let start = Instant::now();
-                        match Self::launch(id, config, &options, kind, &host, mode, start).await {
+                        let how = Launch {
+                            mode: Mode::Restore(&t),
+                            start,
+                            iface,
+                        };
+                        match Self::launch(id, config, &options, kind, &host, how).await {
                             Ok(sandbox) => return sandbox.ok_or(SandboxError::Cancelled),
                             Err(SandboxError::Cancelled) => return Err(SandboxError::Cancelled),
                             Err(err) => {
                                 template::discard(config, &t).await;
+                                start = Instant::now();
                                 let why = format!(
                                     "restoring from template {} failed, so it is removed: {}",
                                     t.class,
-                                    chain(&err)
+                                    crate::error_chain(&err)
                                 );
                                 tracing::warn!(sandbox = id, reason = %why, "booting the VM's kernel");
                                 why
@@ -396,7 +400,7 @@ impl Sandbox {
                         }
                     }
                     Err(err) => {
-                        let why = chain(&err);
+                        let why = crate::error_chain(&err);
                         tracing::warn!(sandbox = id, reason = %why, "no template: booting the VM's kernel");
                         why
                     }
@@ -404,12 +408,12 @@ impl Sandbox {
             }
         };
         tracing::info!(sandbox = id, reason = %why_cold, "booting the VM's kernel (no template)");
-        let start = if options.share.is_some() && unfit.is_none() {
-            Instant::now()
-        } else {
-            start
+        let how = Launch {
+            mode: Mode::Cold,
+            start,
+            iface,
         };
-        Self::launch(id, config, &options, kind, &host, Mode::Cold, start)
+        Self::launch(id, config, &options, kind, &host, how)
             .await?
             .ok_or(SandboxError::Cancelled)
     }
@@ -457,11 +461,15 @@ impl Sandbox {
             share: Some(&share),
             ..BootOptions::default()
         };
-        let mode = Mode::Build {
-            files,
-            netns: netns.as_ref().map(|n| n.path.as_path()),
+        let how = Launch {
+            mode: Mode::Build {
+                files,
+                netns: netns.as_ref().map(|n| n.path.as_path()),
+            },
+            start,
+            iface: None,
         };
-        let built = Self::launch(&id, config, &options, kind, &host, mode, start).await;
+        let built = Self::launch(&id, config, &options, kind, &host, how).await;
         drop(netns);
         let _ = std::fs::remove_dir(&share);
         built.map(|_| ())
@@ -475,9 +483,9 @@ impl Sandbox {
         options: &BootOptions<'_>,
         kind: HypervisorKind,
         host: &HostInfo,
-        mode: Mode<'_>,
-        start: Instant,
+        how: Launch<'_>,
     ) -> Result<Option<Sandbox>, SandboxError> {
+        let Launch { mode, start, .. } = how;
         // One identity for the pod's confined host processes (the built-in VMM, or QEMU and
         // vhost-device-vsock): a per-VM id from the range, or the shared jail uid/gid.
         let j = &config.jail;
@@ -557,7 +565,7 @@ impl Sandbox {
         }
         let cancel = options.cancel.clone().unwrap_or_default();
         let booted = tokio::select! {
-            booted = Self::boot(id, config, options, backend.as_ref(), &mut parts, mode, start) => booted,
+            booted = Self::boot(id, config, options, backend.as_ref(), &mut parts, how) => booted,
             () = cancel.cancelled() => Err(SandboxError::Cancelled),
         };
         match booted {
@@ -607,9 +615,9 @@ impl Sandbox {
         options: &BootOptions<'_>,
         backend: &dyn Hypervisor,
         parts: &mut Parts,
-        mode: Mode<'_>,
-        start: Instant,
+        how: Launch<'_>,
     ) -> Result<Option<Ready>, SandboxError> {
+        let Launch { mode, start, iface } = how;
         let workdir = parts.workdir.clone();
         let nic = match (mode, options.netns) {
             // A template's NIC: the tap of its own namespace, nothing wired to it.
@@ -623,9 +631,9 @@ impl Sandbox {
                 tap: crate::network::TAP_NAME.to_string(),
                 mac: template::TEMPLATE_MAC.to_string(),
             }),
-            (_, Some(netns)) => match crate::network::discover(netns).await? {
+            (_, Some(netns)) => match iface {
                 Some(iface) => {
-                    let net = crate::network::attach(netns, iface).await?;
+                    let net = crate::network::attach(netns, iface.clone()).await?;
                     let nic = NicSpec {
                         netns: net.netns.clone(),
                         tap: net.tap.clone(),

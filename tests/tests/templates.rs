@@ -10,7 +10,7 @@
 #![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use pangolin_e2e::{busybox, stderr, stdout, TestEnv};
@@ -38,6 +38,13 @@ fn env(name: &str) -> (TestEnv, PathBuf, PathBuf) {
 
 /// `pangolin run --timings --rootfs <rootfs> -- sh -c <script>`, with the shim's info logs.
 fn run(env: &TestEnv, rootfs: &Path, script: &str) -> Output {
+    spawn_run(env, rootfs, script)
+        .wait_with_output()
+        .expect("wait")
+}
+
+/// [`run`], started in the background.
+fn spawn_run(env: &TestEnv, rootfs: &Path, script: &str) -> Child {
     let mut cmd = env.pangolin();
     cmd.env("RUST_LOG", "info,ttrpc=error")
         .args(["run", "--timings", "--rootfs"])
@@ -45,8 +52,7 @@ fn run(env: &TestEnv, rootfs: &Path, script: &str) -> Output {
         .args(["--", "sh", "-c", script])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let child = cmd.spawn().expect("pangolin run");
-    child.wait_with_output().expect("wait")
+    cmd.spawn().expect("pangolin run")
 }
 
 /// `started_from` of a run's `--timings` line.
@@ -212,16 +218,7 @@ fn a_corrupted_template_is_refused_and_the_pod_boots_cold() {
 fn pods_started_at_once_build_one_template() {
     let (env, templates, rootfs) = env("tpl-once");
     let children: Vec<_> = (0..5)
-        .map(|i| {
-            let mut cmd = env.pangolin();
-            cmd.env("RUST_LOG", "info,ttrpc=error")
-                .args(["run", "--timings", "--rootfs"])
-                .arg(&rootfs)
-                .args(["--", "echo", &format!("pod {i}")])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            cmd.spawn().expect("pangolin run")
-        })
+        .map(|i| spawn_run(&env, &rootfs, &format!("echo pod {i}")))
         .collect();
     let outs: Vec<Output> = children
         .into_iter()

@@ -77,14 +77,7 @@ impl PodError {
 
     /// The message with every source appended.
     pub fn chain(&self) -> String {
-        let mut msg = self.to_string();
-        let mut src = std::error::Error::source(self);
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
-        msg
+        crate::error_chain(self)
     }
 }
 
