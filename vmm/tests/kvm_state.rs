@@ -395,3 +395,24 @@ fn different_tsc_frequency_is_set_or_refused_by_name() {
         assert!(e.to_string().starts_with("KVM_SET_TSC_KHZ"), "{e}");
     }
 }
+
+/// A vCPU's leaf 1 announces the TSC-deadline timer exactly when this KVM emulates it (the guest
+/// then skips calibrating its APIC timer against the PIT).
+#[test]
+fn vcpus_have_the_tsc_deadline_timer_when_kvm_emulates_it() {
+    let Some(kvm) = kvm("vcpus_have_the_tsc_deadline_timer_when_kvm_emulates_it") else {
+        return;
+    };
+    let cpuid = cpuid::supported(&kvm).expect("supported cpuid");
+    let leaf1 = cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 1)
+        .expect("leaf 1");
+    assert_eq!(
+        leaf1.ecx & (1 << 24) != 0,
+        kvm.check_extension(Cap::TscDeadlineTimer),
+        "leaf 1 ECX {:#x}",
+        leaf1.ecx
+    );
+}

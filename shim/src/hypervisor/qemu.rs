@@ -79,13 +79,17 @@ pub fn qemu_args(
     files: HostFiles,
 ) -> Vec<String> {
     let mem = format!("{}M", spec.memory_mib);
-    let (accel_arg, cpu) = match accel {
-        Accel::Kvm => ("kvm", "host"),
-        _ => ("tcg", "max"),
+    // The CMOS clock: without one, a guest that has no kvmclock (TCG) reads 0xff from its
+    // ports, takes the "update in progress" bit as set and retries for 1 s before it gives up
+    // (`mc146818_avoid_UIP`): a second of every boot. Under KVM the wall clock comes from
+    // kvmclock, so the device stays out.
+    let (accel_arg, cpu, rtc) = match accel {
+        Accel::Kvm => ("kvm", "host", "off"),
+        _ => ("tcg", "max", "on"),
     };
     let mut args: Vec<String> = vec![
         "-M".into(),
-        "microvm,acpi=off,x-option-roms=off,rtc=off,memory-backend=mem".into(),
+        format!("microvm,acpi=off,x-option-roms=off,rtc={rtc},memory-backend=mem"),
         "-accel".into(),
         accel_arg.into(),
         "-cpu".into(),
@@ -484,5 +488,17 @@ mod tests {
     fn kvm_uses_the_host_cpu() {
         let args = qemu_args(&spec(), Accel::Kvm, Path::new("/s"), HostFiles::Paths);
         assert!(args.join(" ").contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn only_a_tcg_guest_gets_a_cmos_clock() {
+        let machine = |accel| {
+            qemu_args(&spec(), accel, Path::new("/s"), HostFiles::Paths)
+                .into_iter()
+                .find(|a| a.starts_with("microvm,"))
+                .expect("-M microvm")
+        };
+        assert!(machine(Accel::Tcg).contains(",rtc=on,"));
+        assert!(machine(Accel::Kvm).contains(",rtc=off,"));
     }
 }

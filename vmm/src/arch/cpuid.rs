@@ -1,8 +1,13 @@
 //! The CPUID a vCPU reports: KVM's supported set (which includes the KVM paravirt leaves), with the
 //! vCPU's own APIC id and topology patched in and the hypervisor bit set.
+//!
+//! KVM leaves one bit it emulates out of that set, as its API documents: the TSC-deadline timer
+//! (`KVM_CAP_TSC_DEADLINE_TIMER`). Where the capability is there the bit is set, as QEMU and
+//! Firecracker set it. Without it, Linux calibrates its local APIC timer against the PIT at boot:
+//! two 100 ms busy waits of real time (`calibrate_APIC_clock`, then its verification).
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Cap, Kvm};
 
 /// CPUID could not be prepared.
 #[derive(Debug, thiserror::Error)]
@@ -14,11 +19,27 @@ pub enum CpuidError {
 
 const HYPERVISOR_BIT: u32 = 1 << 31; // leaf 1 ECX
 const HTT_BIT: u32 = 1 << 28; // leaf 1 EDX
+const TSC_DEADLINE_BIT: u32 = 1 << 24; // leaf 1 ECX
 
-/// KVM's supported CPUID, read once and patched per vCPU with [`for_vcpu`].
+/// KVM's supported CPUID with the TSC-deadline timer where KVM emulates it, read once and
+/// patched per vCPU with [`for_vcpu`].
 pub fn supported(kvm: &Kvm) -> Result<CpuId, CpuidError> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(CpuidError::Supported)
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(CpuidError::Supported)?;
+    if kvm.check_extension(Cap::TscDeadlineTimer) {
+        with_tsc_deadline(&mut cpuid);
+    }
+    Ok(cpuid)
+}
+
+/// Sets the TSC-deadline timer bit of leaf 1.
+fn with_tsc_deadline(cpuid: &mut CpuId) {
+    for entry in cpuid.as_mut_slice() {
+        if entry.function == 1 {
+            entry.ecx |= TSC_DEADLINE_BIT;
+        }
+    }
 }
 
 /// `base` adjusted for vCPU `id` of `count`.
@@ -102,5 +123,25 @@ mod tests {
         assert_eq!(bits_for(1), 0);
         assert_eq!(bits_for(16), 4);
         assert_eq!(bits_for(5), 3);
+    }
+
+    #[test]
+    fn the_tsc_deadline_bit_is_set_in_leaf_1_only() {
+        let entries = [
+            kvm_cpuid_entry2 {
+                function: 1,
+                ecx: 0x1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 7,
+                ..Default::default()
+            },
+        ];
+        let mut cpuid = CpuId::from_entries(&entries).expect("cpuid");
+        with_tsc_deadline(&mut cpuid);
+        let e = cpuid.as_slice();
+        assert_eq!(e[0].ecx, 0x1 | TSC_DEADLINE_BIT);
+        assert_eq!(e[1].ecx, 0);
     }
 }
