@@ -27,7 +27,11 @@ const USAGE: &str = "usage: cargo xtask <guest|test|fuzz|demo|bench|install|ctr|
           run every fuzz target of fuzz/ (or the named ones) for S seconds each (default 60):
           execs/s, execs, coverage at start and end, crashes
   demo    run a container in a microVM and show what happened and how long it took
-  bench   time `pangolin run -- true` over repeated runs (median/min/max)
+  bench [--runs N] [--json FILE] [--plot DIR] [--only SECTION,...]
+          cold-start, throughput and memory figures (median/min/max, ratios against runc and
+          their targets) here and in the nested test host; --json writes every figure, --plot
+          draws the cold-start distributions as SVG; sections: run, ctr, cri, fs, vmm, nested,
+          nested-ctr, parallel
   install [--destdir DIR] [--debug]
           install the shim, CLI, VMM, guest kernel/initramfs and /etc/pangolin/configuration.toml
   ctr ARGS...
@@ -251,6 +255,8 @@ fn main() -> ExitCode {
         Some("demo") => demo(),
         Some("install") => install::install(&args[1..]),
         Some("bench") => bench::bench(&args[1..]),
+        // Run by `bench` inside the nested test host; not in USAGE.
+        Some("bench-ctr") => bench::ctr_command(&args[1..]),
         Some("ctr") => {
             return ctr(&args[1..]).unwrap_or_else(|err| {
                 eprintln!("xtask: {err:#}");

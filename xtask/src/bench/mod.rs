@@ -1,30 +1,21 @@
 //! `cargo xtask bench`: cold-start figures of `pangolin run`, printed as median/min/max, and
 //! the built-in VMM against QEMU on this host's KVM.
 
+mod ctr;
+mod plot;
+mod report;
 mod tiny_elf;
 mod vmm;
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 
 use crate::{build_host, deps, guest};
-
-/// The median (sorts `values`).
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-fn stats(name: &str, values: &mut [f64]) {
-    let median = median(values);
-    println!(
-        "{name:<28} median {median:>8.1} ms   min {:>8.1} ms   max {:>8.1} ms",
-        values[0],
-        values[values.len() - 1]
-    );
-}
+pub use ctr::command as ctr_command;
+use report::{median, Report};
 
 fn field(json: &str, key: &str) -> Option<f64> {
     let start = json.find(&format!("\"{key}\":"))? + key.len() + 3;
@@ -33,29 +24,158 @@ fn field(json: &str, key: &str) -> Option<f64> {
     rest[..end].parse().ok()
 }
 
-/// Runs the benchmark; `--runs N` sets the repetitions (default 10).
-pub fn bench(args: &[String]) -> anyhow::Result<()> {
-    let runs: usize = match args.iter().position(|a| a == "--runs") {
-        Some(i) => args
-            .get(i + 1)
-            .context("--runs N")?
-            .parse()
-            .context("--runs N")?,
-        None => 10,
+/// The sections of a run, in the order they run; `--only` picks some.
+const SECTIONS: [&str; 8] = [
+    "run",
+    "ctr",
+    "cri",
+    "fs",
+    "vmm",
+    "nested",
+    "nested-ctr",
+    "parallel",
+];
+
+/// What the command line asks for.
+#[derive(Debug)]
+struct Args {
+    runs: usize,
+    json: Option<PathBuf>,
+    plot: Option<PathBuf>,
+    only: Vec<String>,
+}
+
+fn parse_args(args: &[String]) -> anyhow::Result<Args> {
+    let mut out = Args {
+        runs: 10,
+        json: None,
+        plot: None,
+        only: SECTIONS.iter().map(|s| s.to_string()).collect(),
     };
-    if runs == 0 {
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--runs" => out.runs = value()?.parse().context("--runs N")?,
+            "--json" => out.json = Some(PathBuf::from(value()?)),
+            "--plot" => out.plot = Some(PathBuf::from(value()?)),
+            "--only" => {
+                out.only = value()?.split(',').map(str::to_string).collect();
+                if let Some(bad) = out.only.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
+                    bail!("--only: unknown section {bad:?} (sections: {})", SECTIONS.join(","));
+                }
+            }
+            other => bail!("unknown argument {other:?} (bench [--runs N] [--json FILE] [--plot DIR] [--only SECTION,...])"),
+        }
+    }
+    if out.runs == 0 {
         bail!("--runs must be at least 1");
     }
+    Ok(out)
+}
+
+/// Runs the benchmark: `--runs N` repetitions (default 10; fewer where a section is slow),
+/// `--json FILE` writes every figure, `--plot DIR` draws the cold-start distributions as SVG,
+/// `--only` runs some sections.
+pub fn bench(args: &[String]) -> anyhow::Result<()> {
+    let args = parse_args(args)?;
+    let runs = args.runs;
+    let on = |s: &str| args.only.iter().any(|o| o == s);
     deps::ensure()?;
     let g = guest::build()?;
     let pangolin = build_host(true)?;
+    let mut report = Report::default();
+    if on("run") {
+        run_figures(&mut report, runs, &pangolin, &g.rootfs)?;
+    }
+    if on("ctr") {
+        containerd_figures(&mut report, runs, &pangolin, &g.rootfs)?;
+    }
+    if on("cri") {
+        cri_figures(runs, &pangolin, &g.rootfs)?;
+    }
+    if on("fs") {
+        fs_figures(&mut report, runs.min(3), &pangolin, &g.rootfs)?;
+    }
+    if on("vmm") {
+        vmm_figures(&mut report, runs, &pangolin)?;
+    }
+    if on("nested") || on("nested-ctr") || on("parallel") {
+        crate::testhost::build()?;
+    }
+    if on("nested") {
+        nested_figures(&mut report, runs.min(3), &pangolin, &g.rootfs)?;
+    }
+    if on("nested-ctr") {
+        nested_ctr_figures(&mut report, runs.min(5), &pangolin, &g.rootfs)?;
+    }
+    if on("parallel") {
+        parallel_template_figures(&mut report, &pangolin, &g.rootfs)?;
+    }
+    if let Some(file) = &args.json {
+        std::fs::write(file, report.to_json())
+            .with_context(|| format!("writing {}", file.display()))?;
+        println!();
+        println!("figures written to {}", file.display());
+    }
+    if let Some(dir) = &args.plot {
+        plots(&report, dir)?;
+    }
+    Ok(())
+}
+
+/// The cold-start SVGs of whatever sections ran.
+fn plots(report: &Report, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
+    let plots = [
+        (
+            "cold-start-nested.svg",
+            "ctr run --rm busybox true, nested test host (hardware-virt KVM inside)",
+            "nested-ctr",
+            &["pangolin-cold", "pangolin-template", "runc"][..],
+        ),
+        (
+            "cold-start-tcg.svg",
+            "ctr run --rm busybox true, this machine (pangolin on QEMU/TCG)",
+            "ctr",
+            &["pangolin", "pangolin-template", "runc"][..],
+        ),
+        (
+            "vm-start-nested.svg",
+            "VM start to agent ready, nested test host",
+            "nested",
+            &["builtin-cold", "builtin-template", "qemu"][..],
+        ),
+    ];
+    for (file, title, section, names) in plots {
+        let series: Vec<_> = names
+            .iter()
+            .filter_map(|n| report.find(section, n))
+            .collect();
+        if series.is_empty() {
+            continue;
+        }
+        let path = dir.join(file);
+        plot::distributions(&path, title, &series)?;
+        println!("plot written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// `pangolin run --rootfs busybox -- true` with its timings.
+fn run_figures(
+    report: &mut Report,
+    runs: usize,
+    pangolin: &Path,
+    rootfs: &Path,
+) -> anyhow::Result<()> {
     let (mut wall, mut boot, mut guest, mut create, mut teardown) =
         (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..runs {
         let t = Instant::now();
-        let out = Command::new(&pangolin)
+        let out = Command::new(pangolin)
             .args(["run", "--timings", "--rootfs"])
-            .arg(&g.rootfs)
+            .arg(rootfs)
             .args(["--", "true"])
             .output()
             .context("running pangolin")?;
@@ -75,18 +195,24 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
         teardown.push(field(line, "teardown_ms").context("teardown_ms")?);
     }
     let host = pangolin_host_summary();
-    println!("pangolin run --rootfs busybox -- true, {runs} runs, {host}");
-    stats("wall time (process)", &mut wall);
-    stats("VM start to agent ready", &mut boot);
-    stats("  of which guest boot (guest clock)", &mut guest);
-    stats("container create+start", &mut create);
-    stats("teardown", &mut teardown);
-    containerd_figures(runs, &pangolin, &g.rootfs)?;
-    cri_figures(runs, &pangolin, &g.rootfs)?;
-    fs_figures(runs.min(3), &pangolin, &g.rootfs)?;
-    vmm_figures(runs, &pangolin)?;
-    nested_figures(runs.min(3), &pangolin, &g.rootfs)?;
-    parallel_template_figures(&pangolin, &g.rootfs)
+    report.heading(format!(
+        "pangolin run --rootfs busybox -- true, {runs} runs, {host}"
+    ));
+    let s = "run";
+    report.series(s, "wall time (process)", "ms", wall);
+    report.series(s, "VM start to agent ready", "ms", boot);
+    if let Some(m) = report.series(s, "  of which guest clock to agent", "ms", guest) {
+        report.single(
+            s,
+            "guest clock to agent ready (median)",
+            "ms",
+            m,
+            Some(600.0),
+        );
+    }
+    report.series(s, "container create+start", "ms", create);
+    report.series(s, "teardown", "ms", teardown);
+    Ok(())
 }
 
 /// Pods started from one template at once.
@@ -97,7 +223,7 @@ const PARALLEL_PODS: usize = 10;
 /// together), samples the RSS of every VMM and virtiofsd process once all VMMs run (the test
 /// host's kernel has no `smaps_rollup` for PSS), and
 /// prints each run's timings.
-fn parallel_script(pangolin: &std::path::Path, rootfs: &std::path::Path) -> String {
+fn parallel_script(pangolin: &Path, rootfs: &Path) -> String {
     let (p, r) = (pangolin.display(), rootfs.display());
     let n = PARALLEL_PODS;
     format!(
@@ -110,23 +236,38 @@ fn parallel_script(pangolin: &std::path::Path, rootfs: &std::path::Path) -> Stri
     )
 }
 
+/// Runs `script` in the nested test host; its stdout, and the host's exit status if not 0.
+fn in_test_host(script: &str, timeout_secs: u32) -> anyhow::Result<(String, Option<String>)> {
+    let xtask = std::env::current_exe().context("xtask path")?;
+    let out = Command::new(xtask)
+        .args([
+            "testhost",
+            "--timeout",
+            &timeout_secs.to_string(),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .context("running the test host")?;
+    let failed = (!out.status.success()).then(|| out.status.to_string());
+    Ok((String::from_utf8_lossy(&out.stdout).into_owned(), failed))
+}
+
 /// [`PARALLEL_PODS`] pods started at once from one template in the nested test host: time
 /// until all are ready (each run's VM start to agent ready; they start together) and host
 /// memory per VM (RSS of its VMM, the guest RAM it holds included, and of its virtiofsd).
 fn parallel_template_figures(
-    pangolin: &std::path::Path,
-    rootfs: &std::path::Path,
+    report: &mut Report,
+    pangolin: &Path,
+    rootfs: &Path,
 ) -> anyhow::Result<()> {
-    let xtask = std::env::current_exe().context("xtask path")?;
-    let out = Command::new(xtask)
-        .args(["testhost", "--timeout", "600", "--", "sh", "-c"])
-        .arg(parallel_script(pangolin, rootfs))
-        .output()
-        .context("running the test host")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    println!();
-    println!("Nested test host: {PARALLEL_PODS} pods started at once from one template");
-    let mut boot: Vec<f64> = text
+    let (text, failed) = in_test_host(&parallel_script(pangolin, rootfs), 600)?;
+    report.heading(format!(
+        "Nested test host: {PARALLEL_PODS} pods started at once from one template"
+    ));
+    let boot: Vec<f64> = text
         .lines()
         .filter_map(|l| l.strip_prefix("par "))
         .filter_map(|l| field(l, "boot_ms"))
@@ -135,15 +276,16 @@ fn parallel_template_figures(
         println!(
             "{} of {PARALLEL_PODS} runs reported (test host: {})",
             boot.len(),
-            out.status
+            failed.as_deref().unwrap_or("exit 0")
         );
         if boot.is_empty() {
             return Ok(());
         }
     }
+    let s = "parallel";
     let all_ready = boot.iter().copied().fold(0.0, f64::max);
-    stats("each: VM start to agent", &mut boot);
-    println!("{:<28} {all_ready:>8.1} ms", "all ready (slowest)");
+    report.series(s, "each: VM start to agent", "ms", boot);
+    report.single(s, "all ready (slowest)", "ms", all_ready, None);
     for (kind, label) in [
         ("rss-vmm", "VMM RSS per VM"),
         ("rss-fsd", "virtiofsd RSS per VM"),
@@ -153,21 +295,18 @@ fn parallel_template_figures(
             .filter_map(|l| l.strip_prefix(kind))
             .filter_map(|v| v.trim().parse::<f64>().ok())
             .sum();
-        println!(
-            "{label:<28} {:>8.1} MiB",
-            kib / 1024.0 / PARALLEL_PODS as f64
-        );
+        report.single(s, label, "MiB", kib / 1024.0 / PARALLEL_PODS as f64, None);
     }
     Ok(())
 }
 
 /// Boot to agent ready for both backends on the nested test host's hardware-virt KVM.
 fn nested_figures(
+    report: &mut Report,
     runs: usize,
-    pangolin: &std::path::Path,
-    rootfs: &std::path::Path,
+    pangolin: &Path,
+    rootfs: &Path,
 ) -> anyhow::Result<()> {
-    crate::testhost::build()?;
     // (label, `pangolin run` options): the built-in VMM booting its kernel, the same restored
     // from a template (built before the first run), and QEMU.
     let kinds = [
@@ -190,14 +329,9 @@ fn nested_figures(
         }
     }
     script.push_str("true");
-    let xtask = std::env::current_exe().context("xtask path")?;
-    let out = Command::new(xtask)
-        .args(["testhost", "--timeout", "600", "--", "sh", "-c", &script])
-        .output()
-        .context("running the test host")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    println!();
-    println!("Nested test host (TCG + emulated SVM, hardware-virt KVM inside), {runs} runs each, alternating");
+    let (text, failed) = in_test_host(&script, 600)?;
+    report.heading(format!("Nested test host (TCG + emulated SVM, hardware-virt KVM inside), VM start to agent ready, {runs} runs each, alternating"));
+    let s = "nested";
     let mut medians = Vec::new();
     for (kind, _) in kinds {
         let lines: Vec<&str> = text
@@ -206,24 +340,79 @@ fn nested_figures(
             .filter(|l| l.starts_with('{'))
             .collect();
         if lines.is_empty() {
-            println!("{kind:<28} no result (test host: {})", out.status);
+            println!(
+                "{kind:<36} no result (test host: {})",
+                failed.as_deref().unwrap_or("exit 0")
+            );
             continue;
         }
-        let mut boot: Vec<f64> = lines.iter().filter_map(|l| field(l, "boot_ms")).collect();
-        let mut guest: Vec<f64> = lines
+        let boot: Vec<f64> = lines.iter().filter_map(|l| field(l, "boot_ms")).collect();
+        let guest: Vec<f64> = lines
             .iter()
             .filter_map(|l| field(l, "guest_agent_ready_ms"))
             .collect();
-        stats(&format!("{kind}: VM start to agent"), &mut boot);
-        stats(&format!("{kind}:   guest clock"), &mut guest);
-        medians.push((kind, median(&mut boot)));
+        if let Some(m) = report.series(s, kind, "ms", boot) {
+            medians.push((kind, m));
+        }
+        report.series(s, &format!("{kind} guest clock"), "ms", guest);
     }
     let of = |k: &str| medians.iter().find(|(m, _)| *m == k).map(|(_, v)| *v);
     if let (Some(cold), Some(tpl)) = (of("builtin-cold"), of("builtin-template")) {
+        report.ratio(s, "builtin template / cold", tpl / cold, Some(0.15));
+    }
+    Ok(())
+}
+
+/// `ctr run --rm busybox true` inside the nested test host: pangolin from a template, pangolin
+/// booting its kernel, runc, alternating (the hidden `bench-ctr` command runs there).
+fn nested_ctr_figures(
+    report: &mut Report,
+    runs: usize,
+    pangolin: &Path,
+    rootfs: &Path,
+) -> anyhow::Result<()> {
+    let xtask = std::env::current_exe().context("xtask path")?;
+    let shim_dir = pangolin.parent().context("target dir")?;
+    let script = format!(
+        "{} bench-ctr --runs {runs} --shim-dir {} --rootfs {} --cold",
+        xtask.display(),
+        shim_dir.display(),
+        rootfs.display()
+    );
+    let (text, failed) = in_test_host(&script, 900)?;
+    report.heading(format!(
+        "Nested test host: ctr run --rm busybox true through a private containerd, {runs} runs each, alternating"
+    ));
+    let s = "nested-ctr";
+    let parsed = ctr::parse(&text);
+    if parsed.is_empty() {
         println!(
-            "builtin template / cold: {:.2}x (target <= 0.15x), medians of VM start to agent ready",
-            tpl / cold
+            "no result (test host: {})",
+            failed.as_deref().unwrap_or("exit 0")
         );
+        return Ok(());
+    }
+    let mut medians = Vec::new();
+    for (label, samples) in parsed {
+        let n = samples.ms.len();
+        if let Some(m) = report.series(s, &label, "ms", samples.ms) {
+            medians.push((label.clone(), m));
+        }
+        if label.starts_with("pangolin") {
+            let note = format!(
+                "{label}: {} of {n} pods started from a template",
+                samples.from_template
+            );
+            println!("{note}");
+            report.notes.push(note);
+        }
+    }
+    let of = |k: &str| medians.iter().find(|(m, _)| m == k).map(|(_, v)| *v);
+    if let (Some(tpl), Some(runc)) = (of("pangolin-template"), of("runc")) {
+        report.ratio(s, "pangolin (template) / runc", tpl / runc, Some(2.0));
+    }
+    if let (Some(cold), Some(runc)) = (of("pangolin-cold"), of("runc")) {
+        report.ratio(s, "pangolin (cold) / runc", cold / runc, None);
     }
     Ok(())
 }
@@ -278,9 +467,10 @@ fn real_secs(out: &str) -> Option<f64> {
 /// P7: sequential write (with fsync) and read of 64 MiB through virtio-fs in the guest, and the
 /// same busybox dd on the host directory behind it (guest: busybox `time`, 10 ms resolution).
 fn fs_figures(
+    report: &mut Report,
     runs: usize,
-    pangolin: &std::path::Path,
-    rootfs: &std::path::Path,
+    pangolin: &Path,
+    rootfs: &Path,
 ) -> anyhow::Result<()> {
     const MIB: f64 = 64.0;
     let busybox = rootfs.join("bin/busybox");
@@ -329,30 +519,24 @@ fn fs_figures(
         hw.push(hosts.0?);
         hr.push(hosts.1?);
     }
-    println!();
-    println!("P7 virtio-fs sequential throughput, 64 MiB busybox dd bs=1M (write with fsync; the read file is fresh to the guest), {runs} runs");
-    let (gw, gr, hw, hr) = (
-        median(&mut gw),
-        median(&mut gr),
-        median(&mut hw),
-        median(&mut hr),
-    );
-    println!(
-        "{:<28} guest {gw:>8.1} MiB/s   host {hw:>8.1} MiB/s   {:.2}x",
-        "write",
-        gw / hw
-    );
-    println!(
-        "{:<28} guest {gr:>8.1} MiB/s   host {hr:>8.1} MiB/s   {:.2}x",
-        "read",
-        gr / hr
-    );
+    report.heading(format!("P7 virtio-fs sequential throughput, 64 MiB busybox dd bs=1M (write with fsync; the read file is fresh to the guest), {runs} runs"));
+    let f = "fs";
+    let gw = report.series(f, "write, guest", "MiB/s", gw);
+    let hw = report.series(f, "write, host", "MiB/s", hw);
+    let gr = report.series(f, "read, guest", "MiB/s", gr);
+    let hr = report.series(f, "read, host", "MiB/s", hr);
+    if let (Some(g), Some(h)) = (gw, hw) {
+        report.ratio(f, "write guest / host", g / h, None);
+    }
+    if let (Some(g), Some(h)) = (gr, hr) {
+        report.ratio(f, "read guest / host", g / h, None);
+    }
     Ok(())
 }
 
 /// Built-in VMM vs QEMU microvm on the local KVM, alternating.
-fn vmm_figures(runs: usize, pangolin: &std::path::Path) -> anyhow::Result<()> {
-    if !std::path::Path::new("/dev/kvm").exists() {
+fn vmm_figures(report: &mut Report, runs: usize, pangolin: &Path) -> anyhow::Result<()> {
+    if !Path::new("/dev/kvm").exists() {
         println!("VMM comparison: not run (no /dev/kvm on this host)");
         return Ok(());
     }
@@ -370,30 +554,30 @@ fn vmm_figures(runs: usize, pangolin: &std::path::Path) -> anyhow::Result<()> {
         q_pss.push(q.pss_kib as f64 / 1024.0);
     }
     let _ = std::fs::remove_dir_all(&dir);
-    println!();
-    println!(
+    report.heading(format!(
         "VMM exec to first guest instruction (a PVH stub's first OUT to COM1), this host's KVM ({}), {} runs each, alternating",
-        if std::path::Path::new("/sys/module/kvm_pvm").exists() { "PVM" } else { "hardware" },
+        if Path::new("/sys/module/kvm_pvm").exists() { "PVM" } else { "hardware" },
         b_first.len()
+    ));
+    let v = "vmm";
+    let bf = report.series(v, "builtin (pangolin-vmm)", "ms", b_first);
+    let qf = report.series(v, "QEMU microvm", "ms", q_first);
+    if let (Some(b), Some(q)) = (bf, qf) {
+        report.ratio(v, "builtin / QEMU", b / q, Some(0.2));
+    }
+    report.single(
+        v,
+        "builtin VMM PSS without guest RAM",
+        "MiB",
+        median(&b_pss),
+        Some(5.0),
     );
-    stats("builtin (pangolin-vmm)", &mut b_first.clone());
-    stats("QEMU microvm", &mut q_first.clone());
-    let (bf, qf) = (median(&mut b_first), median(&mut q_first));
-    println!(
-        "{:<28} {:.2}x (target <= 0.2x)",
-        "ratio builtin/QEMU",
-        bf / qf
-    );
-    let (bp, qp) = (median(&mut b_pss), median(&mut q_pss));
-    println!(
-        "{:<28} builtin {bp:.1} MiB, QEMU {qp:.1} MiB (target builtin <= 5 MiB)",
-        "VMM PSS without guest RAM"
-    );
+    report.single(v, "QEMU PSS without guest RAM", "MiB", median(&q_pss), None);
     Ok(())
 }
 
 fn pangolin_host_summary() -> String {
-    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
     if pvm {
         "QEMU TCG (this host's KVM is PVM)".into()
     } else {
@@ -401,72 +585,70 @@ fn pangolin_host_summary() -> String {
     }
 }
 
-/// P1: `ctr run --rm busybox true` with the pangolin runtime and with runc, alternating.
+/// P1: `ctr run --rm busybox true` with the pangolin runtime and with runc, alternating, on
+/// this machine.
 fn containerd_figures(
+    report: &mut Report,
     runs: usize,
-    pangolin: &std::path::Path,
-    rootfs: &std::path::Path,
+    pangolin: &Path,
+    rootfs: &Path,
 ) -> anyhow::Result<()> {
-    use crate::containerd::{PrivateContainerd, BUSYBOX_IMAGE, PANGOLIN_RUNTIME};
+    use ctr::Kind;
     let shim_dir = pangolin.parent().context("target dir")?;
-    let dir =
-        std::env::temp_dir().join(format!("pangolin-bench-containerd-{}", std::process::id()));
-    let ctrd = PrivateContainerd::start(&dir, shim_dir)?;
-    ctrd.import_busybox(rootfs, BUSYBOX_IMAGE)?;
-    let (mut pg, mut rc) = (vec![], vec![]);
-    for i in 0..runs {
-        for (runtime, out) in [
-            (PANGOLIN_RUNTIME, &mut pg),
-            ("io.containerd.runc.v2", &mut rc),
-        ] {
-            let id = format!(
-                "bench-{i}-{}",
-                if runtime == PANGOLIN_RUNTIME {
-                    "pg"
-                } else {
-                    "runc"
-                }
-            );
-            let t = Instant::now();
-            let status = ctrd
-                .ctr([
-                    "run",
-                    "--rm",
-                    "--runtime",
-                    runtime,
-                    BUSYBOX_IMAGE,
-                    &id,
-                    "true",
-                ])
-                .status()
-                .context("ctr run")?;
-            if !status.success() {
-                bail!(
-                    "ctr run --runtime {runtime} failed ({status}); log: {}",
-                    ctrd.log_tail(20)
-                );
-            }
-            out.push(t.elapsed().as_secs_f64() * 1000.0);
-        }
+    // Where pods may start from a template here (hardware KVM), the template is built first.
+    let templates = Path::new("/dev/kvm").exists() && !Path::new("/sys/module/kvm_pvm").exists();
+    let samples = ctr::rounds(
+        runs,
+        shim_dir,
+        rootfs,
+        &[Kind::Pangolin, Kind::Runc],
+        templates,
+    )?;
+    report.heading(format!(
+        "ctr run --rm busybox true through a private containerd, {runs} runs each, alternating, {}",
+        pangolin_host_summary()
+    ));
+    let c = "ctr";
+    let mut medians = vec![];
+    for (kind, samples) in samples {
+        medians.push(report.series(c, kind.label(templates), "ms", samples.ms));
     }
-    ctrd.stop()?;
-    let _ = std::fs::remove_dir_all(&dir);
-    println!();
-    println!(
-        "ctr run --rm busybox true through a private containerd, {runs} runs each, alternating"
-    );
-    stats("pangolin (io.containerd.pangolin.v2)", &mut pg);
-    stats("runc (io.containerd.runc.v2)", &mut rc);
-    println!(
-        "{:<28} {:.1}x",
-        "ratio pangolin/runc",
-        median(&mut pg) / median(&mut rc)
-    );
+    if let [Some(pg), Some(rc)] = medians[..] {
+        report.ratio(c, "pangolin / runc", pg / rc, Some(6.0));
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    fn args(line: &str) -> anyhow::Result<super::Args> {
+        let words: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+        super::parse_args(&words)
+    }
+
+    #[test]
+    fn arguments_name_files_and_sections_and_bad_ones_are_refused_by_name() {
+        let a = args("--runs 3 --json /tmp/b.json --plot /tmp/plots --only nested,nested-ctr")
+            .expect("args");
+        assert_eq!(a.runs, 3);
+        assert_eq!(a.json.as_deref(), Some(std::path::Path::new("/tmp/b.json")));
+        assert_eq!(a.plot.as_deref(), Some(std::path::Path::new("/tmp/plots")));
+        assert_eq!(a.only, ["nested", "nested-ctr"]);
+        assert_eq!(
+            args("").expect("defaults").only.len(),
+            super::SECTIONS.len()
+        );
+        for (bad, says) in [
+            ("--only nested,bogus", "\"bogus\""),
+            ("--runs 0", "at least 1"),
+            ("--json", "--json needs a value"),
+            ("--frobnicate", "--frobnicate"),
+        ] {
+            let err = args(bad).expect_err(bad).to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
     #[test]
     fn busybox_time_output_parses() {
         assert_eq!(
