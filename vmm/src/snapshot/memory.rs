@@ -7,11 +7,15 @@
 
 use std::fs::File;
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use nix::errno::Errno;
 use nix::unistd::{lseek, Whence};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::bitmap::BS;
+use vm_memory::{
+    Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, VolatileSlice,
+};
 
 use super::SnapshotError;
 use crate::memory::{GuestMemoryMmap, MemoryError};
@@ -97,7 +101,6 @@ pub fn restore_memory(
     }
     let mem = crate::memory::create(size_mib)?;
     let mut stats = MemoryStats::default();
-    let mut buf = vec![0u8; chunk_len(CHUNK)];
     for region in mem.iter() {
         let addr = region.start_addr().0;
         let base = stats.total_bytes;
@@ -105,17 +108,17 @@ pub fn restore_memory(
             .checked_add(region.len())
             .ok_or(SnapshotError::Layout(addr))?;
         // Each data extent, by positioned reads (the descriptor's offset is never used: one
-        // open template may serve several restores at once), into guest RAM. The save left
-        // zero pages out, so every extent is worth copying whole.
+        // open template may serve several restores at once), straight into guest RAM, whose
+        // pages are first populated in one call per chunk rather than a fault per page. The
+        // save left zero pages out, so every extent is worth copying whole.
         let mut pos = base;
         while let Some((data, hole)) = next_extent(src, pos, end)? {
             let mut at = data;
             while at < hole {
-                let len = chunk_len(hole - at).min(buf.len());
-                let chunk = &mut buf[..len];
-                src.read_exact_at(chunk, at)
-                    .map_err(SnapshotError::MemoryFile)?;
-                region.write_slice(chunk, MemoryRegionAddress(at - base))?;
+                let len = chunk_len(hole - at);
+                let slice = region.get_slice(MemoryRegionAddress(at - base), len)?;
+                populate(&slice);
+                read_exact_at_into(src, &slice, at).map_err(SnapshotError::MemoryFile)?;
                 at += len as u64;
             }
             stats.data_bytes_written += hole - data;
@@ -154,6 +157,62 @@ fn copy_extents(
             at += len as u64;
         }
         pos = hole;
+    }
+    Ok(())
+}
+
+/// Asks the kernel to allocate and map `slice`'s pages for writing (`MADV_POPULATE_WRITE`,
+/// Linux 5.14): the read that follows then takes no page fault per page. Only a speed-up: where
+/// the kernel refuses, the read faults the pages in as before.
+fn populate(slice: &VolatileSlice<'_, BS<'_, ()>>) {
+    let guard = slice.ptr_guard_mut();
+    // SAFETY: the range is one mapping of guest RAM that `slice` borrows for the call, and
+    // MADV_POPULATE_WRITE only faults its pages in (as a write to them would): it changes no
+    // byte and no mapping.
+    let _ = unsafe {
+        libc::madvise(
+            guard.as_ptr().cast(),
+            slice.len(),
+            libc::MADV_POPULATE_WRITE,
+        )
+    };
+}
+
+/// Fills `slice` from `file` at `offset` by positioned reads straight into the guest memory it
+/// names (no bounce buffer).
+fn read_exact_at_into(
+    file: &File,
+    slice: &VolatileSlice<'_, BS<'_, ()>>,
+    offset: u64,
+) -> std::io::Result<()> {
+    let guard = slice.ptr_guard_mut();
+    let mut done = 0usize;
+    while done < slice.len() {
+        let at = offset
+            .checked_add(done as u64)
+            .and_then(|at| libc::off_t::try_from(at).ok())
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        // SAFETY: `guard` points at `slice.len()` bytes of guest RAM mapped for writing, which
+        // `slice` borrows for the call; the kernel writes at most `slice.len() - done` bytes
+        // from `done` on. No vCPU runs yet: nothing else writes guest RAM meanwhile.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                guard.as_ptr().add(done).cast(),
+                slice.len() - done,
+                at,
+            )
+        };
+        match n {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+            n => done += n.unsigned_abs(),
+        }
     }
     Ok(())
 }
