@@ -10,7 +10,9 @@
 # Patches in patches/ are applied to the extracted source. 0001 adds the boot parameter
 # `int3_selftest=off`: a PVM (shadow-paging) KVM cannot emulate INT3 in guest kernel mode, so
 # the boot-time INT3 self-test would BUG() there. The cmdline workarounds for such hosts are
-# described in README.md of this directory.
+# described in README.md of this directory. 0002 makes a power-off without firmware a reset (how
+# the VMM learns the guest is done). 0003 adds `lapic_timer_khz=N`: a VMM that knows its local
+# APIC timer's frequency (QEMU/TCG) spares the guest the 200 ms calibration against the PIT.
 set -euo pipefail
 
 variant=${1:?usage: build-kernel.sh guest|testhost OUT}

@@ -71,6 +71,20 @@ const CONSOLE_FDSET: u32 = 1;
 /// QEMU's `-sandbox` setting (Kata's choice): QEMU filters its own syscalls.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
+/// QEMU's emulated local APIC timer counts in its virtual clock's nanoseconds: 1 GHz.
+const TCG_APIC_TIMER_KHZ: u32 = 1_000_000;
+
+/// The guest kernel's command line under `accel`. A TCG guest has no TSC-deadline timer, so
+/// Linux would calibrate its APIC timer against the PIT (two 100 ms waits); it is told the
+/// frequency instead (`lapic_timer_khz`, guest kernel patch 0003). Under KVM the timer is
+/// KVM's, with the TSC-deadline mode that needs no calibration.
+fn cmdline(base: &str, accel: Accel) -> String {
+    match accel {
+        Accel::Kvm => base.to_string(),
+        _ => format!("{base} lapic_timer_khz={TCG_APIC_TIMER_KHZ}"),
+    }
+}
+
 /// Command-line arguments for QEMU booting `spec`, reaching the host's files as `files` says.
 pub fn qemu_args(
     spec: &VmSpec,
@@ -140,7 +154,7 @@ pub fn qemu_args(
         "-initrd".into(),
         initramfs,
         "-append".into(),
-        spec.cmdline.clone(),
+        cmdline(&spec.cmdline, accel),
         "-global".into(),
         "virtio-mmio.force-legacy=false".into(),
         "-chardev".into(),
@@ -500,5 +514,16 @@ mod tests {
         };
         assert!(machine(Accel::Tcg).contains(",rtc=on,"));
         assert!(machine(Accel::Kvm).contains(",rtc=off,"));
+    }
+
+    #[test]
+    fn only_a_tcg_guest_is_told_its_apic_timer_frequency() {
+        let append = |accel| {
+            let args = qemu_args(&spec(), accel, Path::new("/s"), HostFiles::Paths);
+            let at = args.iter().position(|a| a == "-append").expect("-append");
+            args[at + 1].clone()
+        };
+        assert_eq!(append(Accel::Tcg), "console=ttyS0 lapic_timer_khz=1000000");
+        assert_eq!(append(Accel::Kvm), "console=ttyS0");
     }
 }

@@ -13,9 +13,7 @@ use std::os::unix::fs::FileExt;
 use nix::errno::Errno;
 use nix::unistd::{lseek, Whence};
 use vm_memory::bitmap::BS;
-use vm_memory::{
-    Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, VolatileSlice,
-};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, VolatileSlice};
 
 use super::SnapshotError;
 use crate::memory::{GuestMemoryMmap, MemoryError};
