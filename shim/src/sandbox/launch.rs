@@ -1,0 +1,209 @@
+//! One launch of a sandbox's VM: the jail identity, the backend, the directory and the parts,
+//! then the boot; a ready sandbox comes out, or everything started is torn down.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pangolin_protocols::agent::GuestDetails;
+use pangolin_runtime_config::{Config, HypervisorKind};
+use pangolin_vmm_config::SnapshotFiles;
+
+use crate::agent::AgentClient;
+use crate::host::HostInfo;
+use crate::host_cgroup::PodCgroup;
+use crate::hypervisor::{self, builtin::Builtin, qemu::Qemu, Hypervisor, HypervisorError};
+use crate::network::PodInterface;
+use crate::template::{StartedFrom, Template};
+
+use super::parts::{workdir_of, LONGEST_SOCKET_NAME, SOCKET_PATH_MAX};
+use super::{BootOptions, BootTimings, Parts, Sandbox, SandboxError};
+
+/// How a sandbox's VM comes up.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Mode<'t> {
+    /// Boots its kernel.
+    Cold,
+    /// Restored from a template.
+    Restore(&'t Template),
+    /// A template: boots, is written to `files` once its agent serves, and ends; with a NIC
+    /// on the tap in `netns` when there is one.
+    Build {
+        /// Where its snapshot goes.
+        files: &'t SnapshotFiles,
+        /// Its private network namespace holding the tap.
+        netns: Option<&'t Path>,
+    },
+}
+
+/// How one launch goes: the mode, when its boot deadline starts, and the pod's interface
+/// (discovered once per pod, before any launch: a failed restore's cold boot reuses it).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Launch<'a> {
+    pub(super) mode: Mode<'a>,
+    pub(super) start: Instant,
+    pub(super) iface: Option<&'a PodInterface>,
+}
+
+/// A booted VM's agent, its first answer, and the boot's milestones.
+pub(super) type Ready = (AgentClient, GuestDetails, BootTimings);
+
+/// Fails on a missing guest kernel or initramfs, naming its config key.
+pub(super) fn check_artifacts(config: &Config) -> Result<(), SandboxError> {
+    for (what, path, key) in [
+        (
+            "guest kernel",
+            &config.hypervisor.kernel,
+            "hypervisor.kernel",
+        ),
+        (
+            "guest initramfs",
+            &config.hypervisor.initramfs,
+            "hypervisor.initramfs",
+        ),
+    ] {
+        if !path.is_file() {
+            return Err(SandboxError::Artifact {
+                what,
+                path: path.clone(),
+                key,
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Sandbox {
+    /// Prepares a sandbox directory and its parts and brings the VM up as `mode` says: the
+    /// ready sandbox, or None for a template build (its parts already torn down).
+    pub(super) async fn launch(
+        id: &str,
+        config: &Config,
+        options: &BootOptions<'_>,
+        kind: HypervisorKind,
+        host: &HostInfo,
+        how: Launch<'_>,
+    ) -> Result<Option<Sandbox>, SandboxError> {
+        let Launch { mode, start, .. } = how;
+        // One identity for the pod's confined host processes (the built-in VMM, or QEMU and
+        // vhost-device-vsock): a per-VM id from the range, or the shared jail uid/gid.
+        let j = &config.jail;
+        let mut jail_id = None;
+        let jail = if j.enabled {
+            let (uid, gid) = if j.per_vm_ids {
+                let dir = config.runtime.state_dir.join(".jail-ids");
+                let held = crate::jail_ids::take(&dir, j.first_per_vm_id, j.per_vm_id_count)?;
+                let id = held.id;
+                jail_id = Some(held);
+                (id, id)
+            } else {
+                (j.uid, j.gid)
+            };
+            Some(hypervisor::jail::JailIds {
+                uid,
+                gid,
+                max_open_files: j.max_open_files,
+            })
+        } else {
+            None
+        };
+        let backend: Box<dyn Hypervisor> = match kind {
+            HypervisorKind::Qemu => Box::new(Qemu {
+                qemu_path: config.hypervisor.qemu_path.clone(),
+                vhost_vsock_path: config.vsock.vhost_device_vsock_path.clone(),
+                accel: hypervisor::qemu_accel(config.hypervisor.accel, host)?,
+                jail,
+            }),
+            HypervisorKind::Builtin => Box::new(Builtin {
+                vmm_path: config.hypervisor.vmm_path.clone(),
+                seccomp: config.hypervisor.seccomp,
+                jail,
+            }),
+            // `resolve` never returns Auto: refuse rather than guess.
+            other => {
+                return Err(HypervisorError::Unsupported {
+                    kind: other,
+                    reason: "no backend of this kind in this build".into(),
+                }
+                .into())
+            }
+        };
+
+        let workdir = workdir_of(&config.runtime.state_dir, id);
+        if workdir.as_os_str().len() + LONGEST_SOCKET_NAME > SOCKET_PATH_MAX {
+            return Err(SandboxError::StateDirTooLong(
+                config.runtime.state_dir.clone(),
+            ));
+        }
+        std::fs::create_dir_all(&config.runtime.state_dir)
+            .map_err(|e| SandboxError::Workdir(config.runtime.state_dir.clone(), e))?;
+        match std::fs::create_dir(&workdir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(SandboxError::Exists(id.into(), workdir));
+            }
+            Err(e) => return Err(SandboxError::Workdir(workdir, e)),
+        }
+        let mut parts = Parts {
+            workdir: workdir.clone(),
+            virtiofsd: None,
+            vm: None,
+            network: None,
+            jail_id,
+            cgroup: None,
+            done: false,
+        };
+        if let Some(path) = options.cgroup {
+            match PodCgroup::new(path) {
+                Ok(c) => parts.cgroup = Some(Arc::new(c)),
+                Err(e) => {
+                    parts.teardown(Duration::ZERO).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        let cancel = options.cancel.clone().unwrap_or_default();
+        let booted = tokio::select! {
+            booted = Self::boot(id, config, options, backend.as_ref(), &mut parts, how) => booted,
+            () = cancel.cancelled() => Err(SandboxError::Cancelled),
+        };
+        match booted {
+            Ok(Some((agent, details, timings))) => {
+                let started_from = match mode {
+                    Mode::Restore(_) => StartedFrom::Template,
+                    Mode::Cold | Mode::Build { .. } => StartedFrom::Boot,
+                };
+                tracing::info!(
+                    sandbox = id,
+                    hypervisor = %kind,
+                    kernel = %details.kernel_release,
+                    started_from = %started_from,
+                    agent_ready_ms = (timings.agent_ready - start).as_millis(),
+                    "sandbox ready"
+                );
+                let ended = parts.ended();
+                Ok(Some(Sandbox {
+                    id: id.into(),
+                    workdir,
+                    hypervisor: kind,
+                    details,
+                    timings,
+                    started_from,
+                    agent,
+                    parts,
+                    ended,
+                }))
+            }
+            Ok(None) => {
+                parts.teardown(Duration::ZERO).await;
+                Ok(None)
+            }
+            Err(err) => {
+                let t = Instant::now();
+                parts.teardown(Duration::ZERO).await;
+                tracing::debug!(sandbox = id, %err, teardown_ms = t.elapsed().as_millis(), "boot failed; torn down");
+                Err(err)
+            }
+        }
+    }
+}

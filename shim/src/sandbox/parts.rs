@@ -1,0 +1,121 @@
+//! What a sandbox has started, torn down in reverse, and where its files live.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::daemon::Daemon;
+use crate::host_cgroup::PodCgroup;
+use crate::hypervisor::Vm;
+
+/// What has been started so far; torn down in reverse.
+pub(super) struct Parts {
+    pub(super) workdir: PathBuf,
+    pub(super) virtiofsd: Option<Daemon>,
+    pub(super) vm: Option<Box<dyn Vm>>,
+    pub(super) network: Option<crate::network::PodNetwork>,
+    /// The VMM's own jail id, freed once the VMM is gone.
+    pub(super) jail_id: Option<crate::jail_ids::JailId>,
+    /// The pod's host cgroup, removed (killing anything left in it) once the rest is down.
+    pub(super) cgroup: Option<Arc<PodCgroup>>,
+    pub(super) done: bool,
+}
+
+impl Parts {
+    /// A watch of the VM's end: the VMM's exit (QEMU's includes its vsock daemon's) or
+    /// virtiofsd's, whichever comes first. Without virtiofsd the guest's root filesystem stops
+    /// answering, so the pod is failed instead of left hanging.
+    pub(super) fn ended(&self) -> crate::daemon::ExitWatch {
+        let mut watches = Vec::new();
+        if let Some(vm) = &self.vm {
+            watches.push(("the VMM", vm.exit_watch()));
+        }
+        if let Some(fsd) = &self.virtiofsd {
+            watches.push(("virtiofsd", fsd.exit_watch()));
+        }
+        crate::daemon::first_exit(watches)
+    }
+
+    pub(super) async fn teardown(&mut self, grace: Duration) {
+        if let Some(mut vm) = self.vm.take() {
+            vm.shutdown(grace).await;
+        }
+        if let Some(net) = self.network.take() {
+            net.detach().await;
+        }
+        if let Some(mut fsd) = self.virtiofsd.take() {
+            fsd.stop(Duration::from_millis(500)).await;
+        }
+        if let Some(cgroup) = self.cgroup.take() {
+            cgroup.remove_off_runtime().await;
+        }
+        remove_workdir(&self.workdir);
+        drop(self.jail_id.take());
+        self.done = true;
+    }
+}
+
+impl Drop for Parts {
+    fn drop(&mut self) {
+        // Daemons are killed by their own Drop (kill-on-drop); the cgroup and the directory
+        // are left.
+        if !self.done {
+            if let Some(cgroup) = self.cgroup.take() {
+                // In place, even on a runtime worker: this is a failed start's cleanup, rare,
+                // and a removal handed elsewhere could be lost with the exiting process.
+                cgroup.remove();
+            }
+            remove_workdir(&self.workdir);
+        }
+    }
+}
+
+/// The longest Unix socket path the kernel accepts (`sun_path` is 108 bytes with the NUL).
+pub(super) const SOCKET_PATH_MAX: usize = 107;
+/// The longest socket name a sandbox creates in its directory (the vsock UDS plus `_<port>`).
+pub(super) const LONGEST_SOCKET_NAME: usize = "/vhost-vsock.sock".len() + "_4294967295".len();
+/// Ids up to this length name their sandbox directory as they are.
+const MAX_DIR_ID: usize = 32;
+
+/// The sandbox directory of `id` under `state_dir`. Long ids (CRI's are 64 hex digits) become a
+/// 15-character prefix plus a 64-bit FNV-1a hash, so socket paths stay under the kernel's limit
+/// and a dead shim's cleanup finds the same directory.
+pub fn workdir_of(state_dir: &Path, id: &str) -> PathBuf {
+    if id.len() <= MAX_DIR_ID {
+        return state_dir.join(id);
+    }
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let prefix: String = id.chars().take(15).collect();
+    state_dir.join(format!("{prefix}-{hash:016x}"))
+}
+
+pub(super) fn remove_workdir(dir: &Path) {
+    if let Err(err) = std::fs::remove_dir_all(dir) {
+        if err.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %dir.display(), %err, "cannot remove sandbox directory");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_ids_get_short_stable_distinct_directories() {
+        let state = Path::new("/run/pangolin");
+        assert_eq!(workdir_of(state, "c1"), state.join("c1"));
+        let a = "750644d8c45717e00f833ca4a2d6c6f2a034ce708627d9a87788c4693697e392";
+        let b = "750644d8c45717e00f833ca4a2d6c6f2a034ce708627d9a87788c4693697e393";
+        let (da, db) = (workdir_of(state, a), workdir_of(state, b));
+        assert_eq!(da, workdir_of(state, a), "stable");
+        assert_ne!(da, db, "distinct");
+        let name = da.file_name().map(|n| n.len()).unwrap_or_default();
+        assert_eq!(name, 15 + 1 + 16);
+        assert!(da
+            .to_string_lossy()
+            .starts_with("/run/pangolin/750644d8c45717e-"));
+    }
+}
