@@ -1,9 +1,9 @@
 //! What a pod brings to the host side: the bundle's OCI config.json as the shim reads it
-//! (`serde_json` into oci-spec's `Spec`), then the shim's own shaping of it: the pod network
-//! namespace (`pod_netns`), the guest's spec (`guest_spec`: host namespaces and hooks dropped, a
-//! cgroup namespace added), the VM size from annotations and resource limits (`vm_config` over
-//! the default configuration), and the bind-mount options of every mount (`is_bind`,
-//! `readonly_of`).
+//! (`shimv2::bundle::parse_spec`: oci-spec's `Spec`, an error naming the field), then the shim's
+//! own shaping of it: the pod network namespace (`pod_netns`), the guest's spec (`guest_spec`:
+//! host namespaces and hooks dropped, a cgroup namespace added), the VM size from annotations and
+//! resource limits (`vm_config` over the default configuration), and the bind-mount options of
+//! every mount (`is_bind`, `readonly_of`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -14,7 +14,8 @@ use pangolin_shim::shimv2::sizing::vm_config;
 use pangolin_shim::shimv2::volumes::{is_bind, readonly_of};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(spec) = serde_json::from_slice::<Spec>(data) else { return };
+    // As the shim reads a bundle: the error names the field.
+    let Ok(spec) = pangolin_shim::shimv2::bundle::parse_spec(data) else { return };
     let _ = pod_netns(&spec);
     if let Some(mounts) = spec.mounts() {
         for m in mounts {

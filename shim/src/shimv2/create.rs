@@ -56,12 +56,8 @@ impl Pod {
         rootfs: &[Mount],
         stdio: &StdioPaths,
     ) -> Result<(), PodError> {
-        let spec = Spec::load(Path::new(bundle).join("config.json"))
-            .map_err(|e| PodError::invalid("bundle config.json", e.to_string()))?;
-        let root = spec.root().as_ref().map_or_else(
-            || Path::new(bundle).join("rootfs"),
-            |r| Path::new(bundle).join(r.path()),
-        );
+        let spec = super::bundle::load_spec(Path::new(bundle))?;
+        let root = super::bundle::root_path(Path::new(bundle), &spec)?;
         // Before anything boots: a pod that asks for them fails at RunPodSandbox.
         refuse_host_namespaces(&spec)?;
         let guest = self.ensure_vm(&spec).await?;

@@ -16,6 +16,7 @@
 //! the guest and the VM get from the bundle.
 
 pub mod bind;
+pub mod bundle;
 mod container;
 mod create;
 mod delete;

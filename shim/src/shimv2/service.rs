@@ -25,7 +25,7 @@ pub struct Service {
 
 /// The pod a task belongs to: its CRI sandbox id, else the task itself.
 pub fn group_id(bundle: &Path, id: &str) -> String {
-    let spec = oci_spec::runtime::Spec::load(bundle.join("config.json")).ok();
+    let spec = super::bundle::load_spec(bundle).ok();
     spec.and_then(|s| {
         s.annotations()
             .as_ref()?
@@ -121,7 +121,7 @@ impl Shim for Service {
 /// dead shim cannot remove it any more. Its helpers died with the shim; whatever is left in it
 /// is killed by the removal.
 fn remove_pod_cgroup(bundle: &std::path::Path) {
-    let Ok(spec) = oci_spec::runtime::Spec::load(bundle.join("config.json")) else {
+    let Ok(spec) = super::bundle::load_spec(bundle) else {
         return;
     };
     let raw = spec
