@@ -247,6 +247,50 @@ fn corrupt_config_names_the_key() {
     env.finish();
 }
 
+/// A state dir that cannot hold a sandbox (full, then read-only: a 64 KiB tmpfs mounted over
+/// it) fails the run before anything starts, naming `runtime.state_dir` and why (a full one
+/// used to fail as "virtiofsd exited before it was ready", its log empty for want of space),
+/// and nothing is made in it.
+#[test]
+fn a_full_or_read_only_state_dir_is_refused_naming_it() {
+    let env = TestEnv::new("statedir");
+    std::fs::create_dir_all(&env.state).expect("mkdir state");
+    let mount = |opts: &str| {
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(&env.state)
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mount -o {opts}");
+    };
+    mount("size=64k");
+    let fill = env.state.join("fill");
+    // Fills it: the write ends with ENOSPC.
+    let _ = std::fs::write(&fill, vec![0u8; 128 << 10]);
+    let full = env.run(&[], &["true"]);
+    let _ = std::fs::remove_file(&fill);
+    mount("remount,ro");
+    let read_only = env.run(&[], &["true"]);
+    let left: Vec<_> = std::fs::read_dir(&env.state)
+        .expect("state dir")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .collect();
+    let _ = std::process::Command::new("umount")
+        .arg(&env.state)
+        .status();
+    for (out, why) in [(&full, "bytes free"), (&read_only, "read-only file system")] {
+        assert_eq!(out.status.code(), Some(125), "stderr: {}", stderr(out));
+        assert!(
+            stderr(out).contains("runtime.state_dir") && stderr(out).contains(why),
+            "names the key and {why}: {}",
+            stderr(out)
+        );
+    }
+    assert!(left.is_empty(), "made in the state dir: {left:?}");
+    env.finish();
+}
+
 #[test]
 fn missing_qemu_is_named_with_its_key() {
     let env = TestEnv::with("noqemu", |c| {

@@ -24,6 +24,9 @@ pub enum SandboxError {
     /// The sandbox's directory could not be prepared.
     #[error("sandbox directory {0}")]
     Workdir(PathBuf, #[source] std::io::Error),
+    /// `runtime.state_dir` cannot hold a sandbox (missing and not creatable, read-only, full).
+    #[error("runtime.state_dir {0}: {1}")]
+    StateDir(PathBuf, String),
     /// Unix socket paths under the sandbox directory would exceed the kernel's limit.
     #[error("runtime.state_dir {0} is too long: sockets under it would exceed {max} bytes", max = SOCKET_PATH_MAX)]
     StateDirTooLong(PathBuf),

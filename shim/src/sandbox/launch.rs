@@ -73,6 +73,32 @@ pub(super) fn check_artifacts(config: &Config) -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// Free space a sandbox needs in `runtime.state_dir` to start: its sockets, the VMM's
+/// configuration, and room for its helpers' logs (a helper that cannot write its log fails
+/// without saying why).
+const MIN_STATE_DIR_FREE: u64 = 1 << 20;
+
+/// Creates `runtime.state_dir` where missing and checks a sandbox can live there: writable,
+/// with [`MIN_STATE_DIR_FREE`] bytes and some inodes free. Nothing of the sandbox exists yet.
+fn prepare_state_dir(dir: &Path) -> Result<(), SandboxError> {
+    let bad = |why: String| SandboxError::StateDir(dir.to_path_buf(), why);
+    std::fs::create_dir_all(dir).map_err(|e| bad(e.to_string()))?;
+    let st = nix::sys::statvfs::statvfs(dir).map_err(|e| bad(e.to_string()))?;
+    if st.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) {
+        return Err(bad("read-only file system".into()));
+    }
+    let free = u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
+    if free < MIN_STATE_DIR_FREE {
+        return Err(bad(format!(
+            "{free} bytes free; a sandbox needs at least {MIN_STATE_DIR_FREE}"
+        )));
+    }
+    if st.files() > 0 && st.files_available() < 64 {
+        return Err(bad(format!("{} inodes free", st.files_available())));
+    }
+    Ok(())
+}
+
 impl Sandbox {
     /// Prepares a sandbox directory and its parts and brings the VM up as `mode` says: the
     /// ready sandbox, or None for a template build (its parts already torn down).
@@ -135,8 +161,7 @@ impl Sandbox {
                 config.runtime.state_dir.clone(),
             ));
         }
-        std::fs::create_dir_all(&config.runtime.state_dir)
-            .map_err(|e| SandboxError::Workdir(config.runtime.state_dir.clone(), e))?;
+        prepare_state_dir(&config.runtime.state_dir)?;
         match std::fs::create_dir(&workdir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {

@@ -67,9 +67,11 @@ impl PodError {
             }
             PodError::Invalid { .. } => Code::INVALID_ARGUMENT,
             PodError::Agent(a) => a.code().unwrap_or(Code::UNAVAILABLE),
-            PodError::Sandbox(SandboxError::Artifact { .. } | SandboxError::StateDirTooLong(_)) => {
-                Code::FAILED_PRECONDITION
-            }
+            PodError::Sandbox(
+                SandboxError::Artifact { .. }
+                | SandboxError::StateDirTooLong(_)
+                | SandboxError::StateDir(..),
+            ) => Code::FAILED_PRECONDITION,
             PodError::Sandbox(SandboxError::Cancelled) => Code::CANCELLED,
             PodError::Sandbox(_) | PodError::Rootfs(_) | PodError::Volume(_) => Code::INTERNAL,
         }
