@@ -87,7 +87,7 @@ fn prepare_state_dir(dir: &Path) -> Result<(), SandboxError> {
     if st.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) {
         return Err(bad("read-only file system".into()));
     }
-    let free = u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
+    let free = st.blocks_available().saturating_mul(st.fragment_size());
     if free < MIN_STATE_DIR_FREE {
         return Err(bad(format!(
             "{free} bytes free; a sandbox needs at least {MIN_STATE_DIR_FREE}"
