@@ -134,8 +134,9 @@ fn builtin_vmm_passes_the_run_and_sandbox_suites_in_the_nested_test_host() {
     eprintln!("builtin suites in the nested test host: {passed:?}");
 }
 
-/// The containerd suites (ctr tasks, CRI pods) with the shim on the built-in VMM, on the test
-/// host's hardware-virtualisation KVM; containerd, runc and the CNI plugins are this machine's.
+/// The containerd suites (ctr tasks, CRI pods, the pod faults, a containerd restart) with the
+/// shim on the built-in VMM, on the test host's hardware-virtualisation KVM; containerd, runc
+/// and the CNI plugins are this machine's.
 #[test]
 fn builtin_vmm_passes_the_containerd_and_cri_suites_in_the_nested_test_host() {
     let passed = builtin_suites_in_test_host(
@@ -143,6 +144,8 @@ fn builtin_vmm_passes_the_containerd_and_cri_suites_in_the_nested_test_host() {
             "containerd_pangolin",
             "containerd_sandboxing",
             "cri_pangolin",
+            "pod_faults",
+            "containerd_restart",
         ],
         "echo \"leftover-vmm=$(pgrep -c pangolin-vmm) leftover-shim=$(pgrep -c containerd-shim)\"",
         "leftover-vmm=0 leftover-shim=0",
