@@ -128,6 +128,60 @@ pub async fn a_containers_output_reaches_its_log_by_stream(c: &mut Case) -> Resu
     Ok(())
 }
 
+/// A container writes 300,000 numbered lines on stdout and 1,000 on stderr as fast as it can:
+/// every line reaches the CRI log whole, in order, on its stream, and the container still
+/// answers an ExecSync afterwards.
+pub async fn a_flood_of_output_reaches_its_log_whole_and_in_order(c: &mut Case) -> Result<()> {
+    const LINES: usize = 300_000;
+    let (pod, pod_config) = c.pod("flood").await?;
+    let log = std::path::Path::new(&pod_config.log_directory).join("flood.log");
+    let script = format!("seq 1 {LINES}; seq 1 1000 >&2; exec sleep 600");
+    let id = c
+        .run(
+            &pod,
+            &pod_config,
+            c.container_config("flood", &["sh", "-c", &script]),
+        )
+        .await?;
+    let deadline = Instant::now() + pangolin_e2e::patience(Duration::from_secs(120));
+    let lines = loop {
+        let lines = pangolin_e2e::cri::parse_log(&log).unwrap_or_default();
+        if lines.iter().filter(|(s, _)| s == "stderr").count() >= 1000 {
+            break lines;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the log holds {} lines after the bound",
+            lines.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for (stream, count) in [("stdout", LINES), ("stderr", 1000)] {
+        let got: Vec<&str> = lines
+            .iter()
+            .filter(|(s, _)| s == stream)
+            .map(|(_, t)| t.as_str())
+            .collect();
+        ensure!(
+            got.len() == count,
+            "{stream}: {} lines, not {count}",
+            got.len()
+        );
+        if let Some((i, line)) = got
+            .iter()
+            .enumerate()
+            .find(|(i, line)| **line != (i + 1).to_string())
+        {
+            bail!("{stream} line {} is {line:?}", i + 1);
+        }
+    }
+    ensure!(
+        c.exec_ok(&id, &["echo", "alive"]).await?.trim() == "alive",
+        "the container answers after the flood"
+    );
+    Ok(())
+}
+
 /// StopContainer with a 1 s grace period: a process that ends on SIGTERM exits 143 at once; one
 /// that ignores it is killed (137) after the grace period.
 pub async fn stop_sends_sigterm_then_sigkill_after_the_grace_period(c: &mut Case) -> Result<()> {

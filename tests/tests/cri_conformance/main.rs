@@ -55,6 +55,7 @@ fn cases() -> Vec<(&'static str, &'static str, Body)> {
         lifecycle::a_containers_exit_code_and_times_are_reported,
         lifecycle::a_containers_output_reaches_its_log_by_stream,
         lifecycle::stop_sends_sigterm_then_sigkill_after_the_grace_period,
+        lifecycle::a_flood_of_output_reaches_its_log_whole_and_in_order,
         security::exec_gets_the_containers_seccomp_filter_capabilities_and_limits,
         security::exec_as_a_user_keeps_the_containers_identity_and_filter,
         security::exec_keeps_no_new_privs,
