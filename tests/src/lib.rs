@@ -38,6 +38,7 @@ pub fn cannot_run(test: &str, reason: &str) -> bool {
     );
 }
 pub mod cri;
+pub mod cri_pods;
 pub mod ctr;
 pub mod shim;
 

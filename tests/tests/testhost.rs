@@ -144,6 +144,7 @@ fn builtin_vmm_passes_the_containerd_and_cri_suites_in_the_nested_test_host() {
             "containerd_pangolin",
             "containerd_sandboxing",
             "cri_pangolin",
+            "cri_templates",
             "pod_faults",
             "containerd_restart",
         ],
