@@ -10,7 +10,7 @@ use libfuzzer_sys::fuzz_target;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use pangolin_runtime_config::Config;
 use pangolin_shim::shimv2::guest_spec::{guest_spec, pod_netns};
-use pangolin_shim::shimv2::sizing::vm_config;
+use pangolin_shim::shimv2::sizing::{vm_config_on, HostSize};
 use pangolin_shim::shimv2::volumes::{is_bind, readonly_of};
 
 fuzz_target!(|data: &[u8]| {
@@ -23,7 +23,12 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let base = Config::default();
-    if let Ok(config) = vm_config(&base, &spec) {
+    // A fixed host: probing this one would read /proc/meminfo for every input.
+    let host = HostSize {
+        cpus: 16,
+        memory_mib: 65_536,
+    };
+    if let Ok(config) = vm_config_on(&base, &spec, host) {
         assert!(config.validate().is_ok(), "vm_config produced an invalid configuration");
     }
     let hostname = spec.hostname().clone();

@@ -8,7 +8,7 @@
 //! absolute one is the caller's explicit choice (`ctr run --rootfs DIR`), as OCI allows.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use oci_spec::runtime::Spec;
 
@@ -70,34 +70,25 @@ pub fn root_path(bundle: &Path, spec: &Spec) -> Result<PathBuf, PodError> {
         return Ok(given);
     }
     let joined = bundle.join(&given);
-    // Where it does not exist yet (containerd mounts the rootfs there), its parent must resolve
-    // inside the bundle and the name itself must not climb.
     let bad = |why: String| PodError::invalid("root.path", why);
-    let (resolved, inside) = match (joined.canonicalize(), bundle.canonicalize()) {
-        (Ok(r), Ok(b)) => {
-            let inside = r.starts_with(&b);
-            (r, inside)
-        }
-        (Err(_), Ok(b)) => {
-            let lexically_inside = given.components().all(|c| {
-                matches!(
-                    c,
-                    std::path::Component::Normal(_) | std::path::Component::CurDir
-                )
-            });
-            (
-                joined.clone(),
-                lexically_inside && joined.starts_with(bundle) && b.is_dir(),
-            )
-        }
-        (_, Err(e)) => return Err(bad(format!("bundle {}: {e}", bundle.display()))),
-    };
-    if !inside {
+    let bundle_real = bundle
+        .canonicalize()
+        .map_err(|e| bad(format!("bundle {}: {e}", bundle.display())))?;
+    // Where it does not exist yet (containerd mounts the rootfs there), its nearest existing
+    // ancestor is resolved and the rest must not climb.
+    let (existing, rest) = joined
+        .ancestors()
+        .find_map(|a| Some((a.canonicalize().ok()?, joined.strip_prefix(a).ok()?)))
+        .ok_or_else(|| bad(format!("{} does not resolve", joined.display())))?;
+    let climbs = rest
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir));
+    if climbs || !existing.starts_with(&bundle_real) {
         return Err(bad(format!(
             "{:?} leads outside the bundle {} (to {})",
             given,
             bundle.display(),
-            resolved.display()
+            existing.join(rest).display()
         )));
     }
     Ok(joined)
@@ -167,7 +158,13 @@ mod tests {
             root_path(&bundle, &spec_with("/srv/rootfs")).expect("abs"),
             Path::new("/srv/rootfs")
         );
-        for escape in ["../outside", "link", "rootfs/../../outside", "../nowhere"] {
+        for escape in [
+            "../outside",
+            "link",
+            "link/later",
+            "rootfs/../../outside",
+            "../nowhere",
+        ] {
             let err = root_path(&bundle, &spec_with(escape))
                 .expect_err(escape)
                 .to_string();

@@ -17,11 +17,12 @@ use crate::{build_host, deps, guest};
 pub use ctr::command as ctr_command;
 use report::{median, Report};
 
+/// The number `key` of a JSON object line (a `pangolin-timings:` line's payload).
 fn field(json: &str, key: &str) -> Option<f64> {
-    let start = json.find(&format!("\"{key}\":"))? + key.len() + 3;
-    let rest = &json[start..];
-    let end = rest.find([',', '}'])?;
-    rest[..end].parse().ok()
+    serde_json::from_str::<serde_json::Value>(json)
+        .ok()?
+        .get(key)?
+        .as_f64()
 }
 
 /// The sections of a run, in the order they run; `--only` picks some.
@@ -186,8 +187,9 @@ fn run_figures(
         }
         let line = stderr
             .lines()
-            .find(|l| l.starts_with("pangolin-timings:"))
-            .context("no timings line")?;
+            .find_map(|l| l.strip_prefix("pangolin-timings:"))
+            .context("no timings line")?
+            .trim();
         wall.push(elapsed);
         boot.push(field(line, "boot_ms").context("boot_ms")?);
         guest.push(field(line, "guest_agent_ready_ms").context("guest_agent_ready_ms")?);
@@ -647,6 +649,14 @@ mod tests {
             let err = args(bad).expect_err(bad).to_string();
             assert!(err.contains(says), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_timings_line_gives_its_numbers() {
+        let line = r#"{"started_from":"template","boot_ms":1065.1,"guest_agent_ready_ms":1747.6}"#;
+        assert_eq!(super::field(line, "boot_ms"), Some(1065.1));
+        assert_eq!(super::field(line, "started_from"), None);
+        assert_eq!(super::field("not json", "boot_ms"), None);
     }
 
     #[test]

@@ -86,15 +86,7 @@ mod tests {
     use super::*;
 
     fn series(name: &str, values: Vec<f64>) -> Series {
-        Series {
-            section: "s".into(),
-            name: name.into(),
-            unit: "ms",
-            median: super::super::report::median(&values),
-            min: values.iter().copied().fold(f64::INFINITY, f64::min),
-            max: values.iter().copied().fold(0.0, f64::max),
-            values,
-        }
+        Series::new("s", name, "ms", values).expect("samples")
     }
 
     #[test]

@@ -20,6 +20,24 @@ pub struct Series {
     pub max: f64,
 }
 
+impl Series {
+    /// `values` of `name` with their median, min and max; None when there are none.
+    pub fn new(section: &str, name: &str, unit: &'static str, values: Vec<f64>) -> Option<Series> {
+        if values.is_empty() {
+            return None;
+        }
+        Some(Series {
+            section: section.into(),
+            name: name.into(),
+            unit,
+            median: median(&values),
+            min: values.iter().copied().fold(f64::INFINITY, f64::min),
+            max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            values,
+        })
+    }
+}
+
 /// A ratio of two medians and the target it is held against.
 #[derive(Debug, Clone, Serialize)]
 pub struct Ratio {
@@ -76,23 +94,13 @@ impl Report {
         unit: &'static str,
         values: Vec<f64>,
     ) -> Option<f64> {
-        if values.is_empty() {
+        let Some(series) = Series::new(section, name, unit, values) else {
             println!("{name:<36} no samples");
             return None;
-        }
-        let median = median(&values);
-        let min = values.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        };
+        let (median, min, max) = (series.median, series.min, series.max);
         println!("{name:<36} median {median:>8.1} {unit:<5} min {min:>8.1} {unit:<5} max {max:>8.1} {unit}");
-        self.series.push(Series {
-            section: section.into(),
-            name: name.into(),
-            unit,
-            values,
-            median,
-            min,
-            max,
-        });
+        self.series.push(series);
         Some(median)
     }
 
