@@ -177,6 +177,8 @@ async fn serve() -> anyhow::Result<()> {
             service,
         ));
     server.start().await.context("start ttrpc server")?;
+    // Before the readiness call: a template is snapshotted with its forwarder listening.
+    crate::forward::serve().context("listen on the port-forward vsock port")?;
     tracing::info!(
         port = AGENT_VSOCK_PORT,
         boottime_ms = ready / 1_000_000,

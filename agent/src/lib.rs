@@ -7,6 +7,7 @@ mod confinement;
 mod container;
 mod entropy;
 pub mod error;
+mod forward;
 pub mod guest;
 pub mod helper;
 pub mod net;

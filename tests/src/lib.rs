@@ -41,6 +41,7 @@ pub mod cri;
 pub mod cri_pods;
 pub mod ctr;
 pub mod shim;
+pub mod streaming;
 
 /// The checkout's root.
 pub fn root() -> PathBuf {

@@ -29,6 +29,8 @@ const APT: &[(&str, &str)] = &[
     // and the CNI plugins CRI pods get their network from (bridge + host-local).
     ("/usr/bin/protoc", "protobuf-compiler"),
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),
+    // The shim's CRI port-forward rule in each pod namespace (and the CNI bridge's masquerade).
+    ("/usr/sbin/iptables", "iptables"),
 ];
 
 /// Cargo-installed daemons, pinned: their command lines are part of our contract.

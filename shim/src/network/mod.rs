@@ -1,6 +1,6 @@
 //! Pod networking on the host (Kata's tc-redirect model). CNI gave the pod a network namespace
 //! holding a veth with the pod's addresses; here that namespace also gets a tap, and tc mirrors
-//! every frame between veth and tap in both directions, with no host bridge or iptables
+//! every frame between veth and tap in both directions, with no host bridge or host iptables
 //! changes:
 //!
 //! ```text
@@ -18,11 +18,15 @@
 //! and the unit tests fake; `interface.rs` decides which link is the pod's and what of it the
 //! guest mirrors.
 //!
+//! CRI port-forward reaches the guest through a listener of the shim's in the namespace and one
+//! nat rule on its loopback (`forward.rs`): the only netfilter change, in the pod's namespace.
+//!
 //! Round trips per pod: discover is 3 netlink dumps (links, addresses, routes), attach is
 //! the tap ioctls plus 6 netlink requests, detach is 2.
 
 use std::path::{Path, PathBuf};
 
+pub mod forward;
 mod interface;
 mod netns;
 pub mod private;
@@ -66,6 +70,14 @@ pub enum NetworkError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// CRI port-forward could not be set up in the namespace (`forward.rs`).
+    #[error("setting up port-forward in network namespace {netns}: {what}")]
+    PortForward {
+        /// The namespace.
+        netns: PathBuf,
+        /// What failed, with the command and its output.
+        what: String,
     },
     /// The worker thread in the namespace stopped without an answer.
     #[error("the worker thread in network namespace {netns} stopped without an answer")]

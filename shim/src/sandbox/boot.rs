@@ -17,6 +17,9 @@ use crate::template::{self};
 use super::launch::{Launch, Mode, Ready};
 use super::{BootOptions, BootTimings, Parts, Sandbox, SandboxError, SHARE_TAG};
 
+/// The VM's hybrid vsock socket in the sandbox directory.
+const VSOCK_UDS: &str = "vm.vsock";
+
 /// The kernel command line for a sandbox: the same for every pod of a configuration (nothing
 /// of the pod is in it, so a template's fits all its clones; the share is named in the first
 /// agent call).
@@ -111,6 +114,9 @@ impl Sandbox {
                         mac: net.iface.mac.clone(),
                     };
                     parts.network = Some(net);
+                    let forward =
+                        crate::network::forward::start(netns, &workdir.join(VSOCK_UDS)).await?;
+                    parts.forward = Some(forward);
                     Some(nic)
                 }
                 None => {
@@ -166,7 +172,7 @@ impl Sandbox {
                 Mode::Restore(t) => t.meta.guest_cid,
                 Mode::Cold | Mode::Build { .. } => config.vsock.guest_cid,
             },
-            vsock_uds: workdir.join("vm.vsock"),
+            vsock_uds: workdir.join(VSOCK_UDS),
             net: nic,
             cgroup: parts.cgroup.clone(),
             snapshot: match mode {

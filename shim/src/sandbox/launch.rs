@@ -174,6 +174,7 @@ impl Sandbox {
             virtiofsd: None,
             vm: None,
             network: None,
+            forward: None,
             jail_id,
             cgroup: None,
             done: false,

@@ -14,6 +14,8 @@ pub(super) struct Parts {
     pub(super) virtiofsd: Option<Daemon>,
     pub(super) vm: Option<Box<dyn Vm>>,
     pub(super) network: Option<crate::network::PodNetwork>,
+    /// CRI port-forward into the VM (a pod with a CNI network only).
+    pub(super) forward: Option<crate::network::forward::PortForward>,
     /// The VMM's own jail id, freed once the VMM is gone.
     pub(super) jail_id: Option<crate::jail_ids::JailId>,
     /// The pod's host cgroup, removed (killing anything left in it) once the rest is down.
@@ -37,6 +39,8 @@ impl Parts {
     }
 
     pub(super) async fn teardown(&mut self, grace: Duration) {
+        // Nothing is forwarded to a VM going down; its socket leaves the pod namespace.
+        drop(self.forward.take());
         if let Some(mut vm) = self.vm.take() {
             vm.shutdown(grace).await;
         }

@@ -16,6 +16,7 @@ mod lifecycle;
 mod mounts;
 mod namespaces;
 mod security;
+mod streaming;
 mod support;
 
 use std::collections::BTreeMap;
@@ -68,6 +69,11 @@ fn cases() -> Vec<(&'static str, &'static str, Body)> {
         namespaces::a_host_ipc_pod_shares_the_hosts_ipc_namespace_or_is_refused,
         mounts::a_host_to_container_volume_sees_host_mounts_made_after_the_start,
         mounts::a_bidirectional_volume_is_mounted_or_refused_saying_why,
+        streaming::exec_streams_stdout_stderr_and_the_exit_code,
+        streaming::exec_with_a_tty_and_stdin_runs_an_interactive_shell,
+        streaming::port_forward_reaches_a_server_on_the_pods_loopback,
+        streaming::port_forward_reaches_a_server_on_every_address,
+        streaming::port_forward_to_a_closed_port_reports_an_error,
     ]
 }
 
