@@ -15,6 +15,8 @@
 mod lifecycle;
 mod mounts;
 mod namespaces;
+mod pods;
+mod runtime;
 mod security;
 mod streaming;
 mod support;
@@ -52,6 +54,12 @@ macro_rules! cases {
 
 fn cases() -> Vec<(&'static str, &'static str, Body)> {
     cases![
+        runtime::version_names_the_runtime_and_the_cri_api,
+        runtime::status_reports_the_runtime_and_its_network_ready,
+        pods::a_pods_status_keeps_its_metadata_labels_annotations_and_ip,
+        pods::list_pod_sandbox_filters_by_id_state_and_labels,
+        pods::a_pods_hostname_and_dns_config_are_what_its_containers_see,
+        pods::stop_and_remove_of_a_pod_are_idempotent,
         lifecycle::a_pod_is_ready_until_it_is_stopped,
         lifecycle::a_containers_exit_code_and_times_are_reported,
         lifecycle::a_containers_output_reaches_its_log_by_stream,

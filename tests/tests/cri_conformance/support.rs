@@ -113,6 +113,11 @@ impl Case {
         Ok(pod)
     }
 
+    /// The case removed `pod` itself: [`Self::finish`] leaves it alone.
+    pub fn forget_pod(&mut self, pod: &str) {
+        self.pods.retain(|p| p != pod);
+    }
+
     /// A pod from [`Self::pod_config`]; its id and configuration.
     pub async fn pod(&mut self, name: &str) -> Result<(String, PodSandboxConfig)> {
         let config = self.pod_config(name);
