@@ -12,6 +12,7 @@
 //! through CRI and the leak checks of [`pangolin_e2e::finish_containerd`] run; a leak fails the
 //! run. Every case also checks that CRI lists none of its pods or containers afterwards.
 
+mod containers;
 mod lifecycle;
 mod mounts;
 mod namespaces;
@@ -60,6 +61,12 @@ fn cases() -> Vec<(&'static str, &'static str, Body)> {
         pods::list_pod_sandbox_filters_by_id_state_and_labels,
         pods::a_pods_hostname_and_dns_config_are_what_its_containers_see,
         pods::stop_and_remove_of_a_pod_are_idempotent,
+        containers::a_containers_status_keeps_what_it_was_created_with_through_its_states,
+        containers::list_containers_filters_by_id_state_pod_and_labels,
+        containers::a_container_is_removed_created_running_or_exited,
+        containers::exec_sync_past_its_timeout_ends_with_an_error,
+        containers::container_stats_report_memory_and_cpu_and_list_by_pod,
+        containers::update_container_resources_changes_the_limit_the_container_sees,
         lifecycle::a_pod_is_ready_until_it_is_stopped,
         lifecycle::a_containers_exit_code_and_times_are_reported,
         lifecycle::a_containers_output_reaches_its_log_by_stream,
