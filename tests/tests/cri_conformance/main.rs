@@ -13,9 +13,11 @@
 //! run. Every case also checks that CRI lists none of its pods or containers afterwards.
 
 mod containers;
+mod context;
 mod lifecycle;
 mod mounts;
 mod namespaces;
+mod networking;
 mod pods;
 mod runtime;
 mod security;
@@ -67,6 +69,11 @@ fn cases() -> Vec<(&'static str, &'static str, Body)> {
         containers::exec_sync_past_its_timeout_ends_with_an_error,
         containers::container_stats_report_memory_and_cpu_and_list_by_pod,
         containers::update_container_resources_changes_the_limit_the_container_sees,
+        context::a_read_only_rootfs_refuses_writes_but_its_tmpfs_takes_them,
+        context::the_kubelets_masked_and_read_only_proc_paths_are_in_effect,
+        context::a_privileged_container_has_every_capability_and_a_writable_proc_sys,
+        networking::a_containers_eth0_has_the_pod_ip,
+        networking::a_server_in_one_pod_answers_a_client_in_another_at_its_pod_ip,
         lifecycle::a_pod_is_ready_until_it_is_stopped,
         lifecycle::a_containers_exit_code_and_times_are_reported,
         lifecycle::a_containers_output_reaches_its_log_by_stream,
