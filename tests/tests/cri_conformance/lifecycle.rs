@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use k8s_cri::v1::{
     ContainerState, ContainerStatus, ContainerStatusRequest, PodSandboxState,
-    PodSandboxStatusRequest, StopContainerRequest, StopPodSandboxRequest,
+    PodSandboxStatusRequest, ReopenContainerLogRequest, StopContainerRequest,
+    StopPodSandboxRequest,
 };
 
 use crate::support::Case;
@@ -228,5 +229,56 @@ pub async fn stop_sends_sigterm_then_sigkill_after_the_grace_period(c: &mut Case
             asked.elapsed()
         );
     }
+    Ok(())
+}
+
+/// ReopenContainerLog: after the log file was moved away (as log rotation does), the
+/// container's later output goes to a fresh file at its log path.
+pub async fn reopen_container_log_starts_a_fresh_file_at_the_log_path(c: &mut Case) -> Result<()> {
+    let (pod, pod_config) = c.pod("reopen").await?;
+    let log = std::path::Path::new(&pod_config.log_directory).join("ticker.log");
+    let script = "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.1; done";
+    let id = c
+        .run(
+            &pod,
+            &pod_config,
+            c.container_config("ticker", &["sh", "-c", script]),
+        )
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) == 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "nothing reached {}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rotated = log.with_extension("log.1");
+    std::fs::rename(&log, &rotated).context("rotating the log")?;
+    c.cri
+        .runtime
+        .reopen_container_log(ReopenContainerLogRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .context("ReopenContainerLog")?;
+    loop {
+        let fresh = pangolin_e2e::cri::parse_log(&log).unwrap_or_default();
+        if fresh
+            .iter()
+            .any(|(s, t)| s == "stdout" && t.starts_with("tick-"))
+        {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no output in the reopened {}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let old = pangolin_e2e::cri::parse_log(&rotated)?;
+    ensure!(!old.is_empty(), "the rotated file lost its lines");
     Ok(())
 }

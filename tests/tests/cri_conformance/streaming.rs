@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use k8s_cri::v1::{ExecRequest, PortForwardRequest};
+use k8s_cri::v1::{AttachRequest, ExecRequest, PortForwardRequest};
 use pangolin_e2e::streaming::{self, Channels, STATUS, STDERR, STDIN, STDOUT};
 
 use crate::support::Case;
@@ -156,5 +156,39 @@ pub async fn exec_with_a_tty_and_stdin_runs_an_interactive_shell(c: &mut Case) -
     ensure!(all.contains("tty=/dev/pts/"), "not on a terminal: {all:?}");
     let status = String::from_utf8_lossy(rest.get(&STATUS).map_or(&[][..], |v| v)).into_owned();
     ensure!(status.contains(r#""message":"5""#), "status {status:?}");
+    Ok(())
+}
+
+/// Attach reaches the stdin and stdout of a running container's init (no terminal): a line
+/// sent is read by the container, its answer comes back.
+pub async fn attach_reaches_the_containers_stdin_and_stdout(c: &mut Case) -> Result<()> {
+    let (pod, pod_config) = c.pod("attach").await?;
+    let script = "while read line; do echo \"got $line\"; done";
+    let mut config = c.container_config("reader", &["sh", "-c", script]);
+    config.stdin = true;
+    let id = c.run(&pod, &pod_config, config).await?;
+    let url = c
+        .cri
+        .runtime
+        .attach(AttachRequest {
+            container_id: id,
+            stdin: true,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        })
+        .await
+        .context("Attach")?
+        .into_inner()
+        .url;
+    let mut session = Channels::open(&url).await?;
+    session.send(STDIN, b"pangolin-attached\n").await?;
+    let seen = session
+        .read_until(STDOUT, "got pangolin-attached", SESSION)
+        .await?;
+    ensure!(
+        seen.lines().any(|l| l == "got pangolin-attached"),
+        "stdout {seen:?}"
+    );
     Ok(())
 }
