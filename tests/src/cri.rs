@@ -189,7 +189,18 @@ impl BridgeNetwork {
     /// Writes the network for a containerd that will live in `containerd_dir`; `tag` (1-255)
     /// makes the bridge name and subnet unique among concurrent tests.
     pub fn create(containerd_dir: &Path, name: &str, tag: u8) -> Result<BridgeNetwork> {
-        Self::write(containerd_dir, name, tag, false)
+        Self::write(containerd_dir, name, tag, false, false)
+    }
+
+    /// As [`BridgeNetwork::create`], with the `portmap` plugin chained after the bridge, so a
+    /// pod's port mappings with a host port are published on the host as the kubelet's
+    /// hostPort is (DNAT from the host's addresses to the pod IP, in the host's nat table).
+    pub fn create_with_port_mappings(
+        containerd_dir: &Path,
+        name: &str,
+        tag: u8,
+    ) -> Result<BridgeNetwork> {
+        Self::write(containerd_dir, name, tag, false, true)
     }
 
     /// As [`BridgeNetwork::create`], dual-stack: host-local gives every pod an address from
@@ -203,10 +214,16 @@ impl BridgeNetwork {
             let knob = format!("/proc/sys/net/ipv6/conf/{scope}/disable_ipv6");
             fs::write(&knob, "0").with_context(|| format!("enabling IPv6: {knob}"))?;
         }
-        Self::write(containerd_dir, name, tag, true)
+        Self::write(containerd_dir, name, tag, true, false)
     }
 
-    fn write(containerd_dir: &Path, name: &str, tag: u8, dual: bool) -> Result<BridgeNetwork> {
+    fn write(
+        containerd_dir: &Path,
+        name: &str,
+        tag: u8,
+        dual: bool,
+        port_mappings: bool,
+    ) -> Result<BridgeNetwork> {
         let bridge = format!("pgn-cri{tag}");
         let subnet = format!("10.231.{tag}.0/24");
         let subnet6 = dual.then(|| format!("fd23:1:{tag:x}::/64"));
@@ -219,10 +236,7 @@ impl BridgeNetwork {
             ranges.push(serde_json::json!([{ "subnet": v6 }]));
             routes.push(serde_json::json!({ "dst": "::/0" }));
         }
-        let conflist = serde_json::json!({
-            "cniVersion": "0.4.0",
-            "name": name,
-            "plugins": [{
+        let mut plugins = vec![serde_json::json!({
                 "type": "bridge",
                 "bridge": bridge,
                 "isGateway": true,
@@ -234,7 +248,17 @@ impl BridgeNetwork {
                     "routes": routes,
                     "dataDir": ipam_dir,
                 },
-            }],
+        })];
+        if port_mappings {
+            plugins.push(serde_json::json!({
+                "type": "portmap",
+                "capabilities": { "portMappings": true },
+            }));
+        }
+        let conflist = serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": name,
+            "plugins": plugins,
         });
         fs::write(
             conf_dir.join("10-pangolin-test.conflist"),

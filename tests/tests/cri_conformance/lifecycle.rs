@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use k8s_cri::v1::{
-    ContainerState, ContainerStatus, ContainerStatusRequest, PodSandboxState,
-    PodSandboxStatusRequest, ReopenContainerLogRequest, StopContainerRequest,
-    StopPodSandboxRequest,
+    ContainerState, ContainerStatus, ContainerStatusRequest, LinuxContainerConfig,
+    LinuxContainerResources, PodSandboxState, PodSandboxStatusRequest, ReopenContainerLogRequest,
+    StopContainerRequest, StopPodSandboxRequest,
 };
 
 use crate::support::Case;
@@ -102,6 +102,30 @@ pub async fn a_containers_exit_code_and_times_are_reported(c: &mut Case) -> Resu
     ensure!(
         status.reason == "Error",
         "reason {:?} (want Error)",
+        status.reason
+    );
+    Ok(())
+}
+
+/// A container that outgrows its memory limit is killed by the OOM killer: it exits 137 with
+/// the reason `OOMKilled` (in the guest's cgroup on pangolin, the host's on runc).
+pub async fn a_container_over_its_memory_limit_is_oom_killed(c: &mut Case) -> Result<()> {
+    let (pod, pod_config) = c.pod("oom").await?;
+    // `tail` of an endless line keeps all of it.
+    let mut config = c.container_config("hungry", &["tail", "/dev/zero"]);
+    config.linux = Some(LinuxContainerConfig {
+        resources: Some(LinuxContainerResources {
+            memory_limit_in_bytes: 32 << 20,
+            ..Default::default()
+        }),
+        ..config.linux.unwrap_or_default()
+    });
+    let id = c.run(&pod, &pod_config, config).await?;
+    let status = exited(c, &id).await?;
+    ensure!(
+        status.exit_code == 137 && status.reason == "OOMKilled",
+        "exit code {} reason {:?} (want 137, OOMKilled)",
+        status.exit_code,
         status.reason
     );
     Ok(())

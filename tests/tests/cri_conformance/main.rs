@@ -63,6 +63,7 @@ fn cases() -> Vec<(&'static str, &'static str, Body)> {
         pods::list_pod_sandbox_filters_by_id_state_and_labels,
         pods::a_pods_hostname_and_dns_config_are_what_its_containers_see,
         pods::stop_and_remove_of_a_pod_are_idempotent,
+        pods::a_host_port_mapping_reaches_the_container_until_the_pod_is_removed,
         containers::a_containers_status_keeps_what_it_was_created_with_through_its_states,
         containers::list_containers_filters_by_id_state_pod_and_labels,
         containers::a_container_is_removed_created_running_or_exited,
@@ -80,11 +81,13 @@ fn cases() -> Vec<(&'static str, &'static str, Body)> {
         lifecycle::stop_sends_sigterm_then_sigkill_after_the_grace_period,
         lifecycle::a_flood_of_output_reaches_its_log_whole_and_in_order,
         lifecycle::reopen_container_log_starts_a_fresh_file_at_the_log_path,
+        lifecycle::a_container_over_its_memory_limit_is_oom_killed,
         security::exec_gets_the_containers_seccomp_filter_capabilities_and_limits,
         security::exec_as_a_user_keeps_the_containers_identity_and_filter,
         security::exec_keeps_no_new_privs,
         security::a_localhost_seccomp_profile_confines_init_and_exec,
         security::an_unconfined_container_and_its_execs_have_no_filter,
+        security::a_container_run_as_a_user_name_gets_the_images_ids_for_it,
         namespaces::containers_of_a_pod_share_its_pid_namespace,
         namespaces::a_container_in_container_pid_mode_has_a_namespace_of_its_own,
         namespaces::containers_of_a_pod_share_its_ipc_namespace_and_its_sysctls,
@@ -94,7 +97,9 @@ fn cases() -> Vec<(&'static str, &'static str, Body)> {
         mounts::a_bidirectional_volume_is_mounted_or_refused_saying_why,
         streaming::exec_streams_stdout_stderr_and_the_exit_code,
         streaming::exec_with_a_tty_and_stdin_runs_an_interactive_shell,
+        streaming::exec_with_stdin_and_no_tty_reads_what_is_sent,
         streaming::attach_reaches_the_containers_stdin_and_stdout,
+        streaming::attach_with_a_tty_reaches_the_containers_shell,
         streaming::port_forward_reaches_a_server_on_the_pods_loopback,
         streaming::port_forward_reaches_a_server_on_every_address,
         streaming::port_forward_to_a_closed_port_reports_an_error,
@@ -112,7 +117,11 @@ fn fixture() -> Result<Arc<Fixture>, String> {
 
 fn make_fixture() -> anyhow::Result<Fixture> {
     let env = TestEnv::new("cri-conformance");
-    let net = BridgeNetwork::create(&env.dir.join("containerd"), "pangolin-conformance", NET_TAG)?;
+    let net = BridgeNetwork::create_with_port_mappings(
+        &env.dir.join("containerd"),
+        "pangolin-conformance",
+        NET_TAG,
+    )?;
     let ctrd = pangolin_containerd(
         &env,
         Options {

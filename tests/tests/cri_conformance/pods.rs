@@ -4,17 +4,28 @@
 
 use std::collections::HashMap;
 
-use anyhow::{ensure, Context, Result};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
 use k8s_cri::v1::{
     DnsConfig, ListPodSandboxRequest, PodSandbox, PodSandboxFilter, PodSandboxState,
-    PodSandboxStateValue, PodSandboxStatus, PodSandboxStatusRequest, RemovePodSandboxRequest,
-    StopPodSandboxRequest,
+    PodSandboxStateValue, PodSandboxStatus, PodSandboxStatusRequest, PortMapping, Protocol,
+    RemovePodSandboxRequest, StopPodSandboxRequest,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::support::{Case, CASE_LABEL};
 
 /// The suite's bridge subnet (main.rs, NET_TAG 40).
 const SUBNET_PREFIX: &str = "10.231.40.";
+
+/// The bridge's own address: a host address, so the host's nat OUTPUT rules of `portmap`
+/// apply to connections the test makes to it.
+const HOST_ADDRESS: &str = "10.231.40.1";
+
+/// Host ports of the port-mapping case start here (plus the case's number).
+const HOST_PORT_BASE: usize = 31400;
 
 async fn status(c: &mut Case, pod: &str) -> Result<PodSandboxStatus> {
     c.cri
@@ -219,5 +230,66 @@ pub async fn stop_and_remove_of_a_pod_are_idempotent(c: &mut Case) -> Result<()>
         .is_empty(),
         "the removed pod is still listed"
     );
+    Ok(())
+}
+
+/// An HTTP GET of `/` at `addr`; the whole answer, or the error.
+async fn http_get(addr: &str) -> Result<String> {
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .context("connect timed out")??;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .context("answer timed out")??;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// A pod's port mapping with a host port publishes the container's port on the host (the
+/// kubelet's hostPort; CNI's portmap plugin): a connection to a host address at the host port
+/// reaches the server in the container, and nothing answers there once the pod is removed.
+pub async fn a_host_port_mapping_reaches_the_container_until_the_pod_is_removed(
+    c: &mut Case,
+) -> Result<()> {
+    let host_port = HOST_PORT_BASE + c.number();
+    let mut config = c.pod_config("hostport");
+    config.port_mappings = vec![PortMapping {
+        protocol: Protocol::Tcp as i32,
+        container_port: 8091,
+        host_port: i32::try_from(host_port)?,
+        host_ip: String::new(),
+    }];
+    let pod = c.run_pod(&config).await?;
+    let script = "mkdir -p /tmp/www && echo via-host-port > /tmp/www/index.html && exec httpd -f -p 8091 -h /tmp/www";
+    c.run(
+        &pod,
+        &config,
+        c.container_config("web", &["sh", "-c", script]),
+    )
+    .await?;
+    let addr = format!("{HOST_ADDRESS}:{host_port}");
+    let mut answered = None;
+    let mut last = String::new();
+    for _ in 0..40 {
+        match http_get(&addr).await {
+            Ok(answer) if answer.contains("via-host-port") => {
+                answered = Some(answer);
+                break;
+            }
+            Ok(answer) => last = format!("answer {answer:?}"),
+            Err(e) => last = format!("{e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if answered.is_none() {
+        bail!("{addr} never reached the container: {last}");
+    }
+    stop(c, &pod).await?;
+    remove(c, &pod).await?;
+    c.forget_pod(&pod);
+    if let Ok(answer) = http_get(&addr).await {
+        bail!("{addr} still answers after the pod was removed: {answer:?}");
+    }
     Ok(())
 }

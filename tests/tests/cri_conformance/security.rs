@@ -233,3 +233,24 @@ pub async fn an_unconfined_container_and_its_execs_have_no_filter(c: &mut Case) 
     ensure!(conf.exec_value("Seccomp")? == "0", "{:?}", conf.exec);
     Ok(())
 }
+
+/// A container run as a user name takes the uid and primary gid the image's `/etc/passwd`
+/// gives it (containerd resolves the name; busybox's `nobody` is 65534:65534), and so does a
+/// process exec'd into it.
+pub async fn a_container_run_as_a_user_name_gets_the_images_ids_for_it(c: &mut Case) -> Result<()> {
+    let (pod, pod_config) = c.pod("username").await?;
+    let mut config = sleeper(c, "named", profile(ProfileType::RuntimeDefault, ""));
+    security(&mut config).run_as_username = "nobody".into();
+    let id = c.run(&pod, &pod_config, config).await?;
+    let init = c.exec_ok(&id, &["cat", "/proc/1/status"]).await?;
+    let exec = c.exec_ok(&id, &["cat", "/proc/self/status"]).await?;
+    for (who, status) in [("init", &init), ("exec", &exec)] {
+        let ids = status_fields(status, &["Uid", "Gid"]);
+        ensure!(
+            ids.iter()
+                .all(|l| l.split_whitespace().skip(1).all(|n| n == "65534")),
+            "{who} does not run as nobody: {ids:?}"
+        );
+    }
+    Ok(())
+}

@@ -159,6 +159,60 @@ pub async fn exec_with_a_tty_and_stdin_runs_an_interactive_shell(c: &mut Case) -
     Ok(())
 }
 
+/// Exec with stdin but no terminal: the lines sent reach the process's stdin, its stdout and
+/// stderr come back apart, and its exit code ends the session.
+pub async fn exec_with_stdin_and_no_tty_reads_what_is_sent(c: &mut Case) -> Result<()> {
+    let id = sleeper(c, "exec-stdin").await?;
+    let script = "read a; read b; echo \"$b $a\"; echo done >&2; exit 4";
+    let url = exec_url(c, &id, &["sh", "-c", script], false, true).await?;
+    let mut session = Channels::open(&url).await?;
+    session.send(STDIN, b"first\nsecond\n").await?;
+    let out = session.collect(SESSION).await?;
+    let text = |ch: u8| String::from_utf8_lossy(out.get(&ch).map_or(&[][..], |v| v)).into_owned();
+    ensure!(
+        text(STDOUT) == "second first\n",
+        "stdout {:?}",
+        text(STDOUT)
+    );
+    ensure!(text(STDERR) == "done\n", "stderr {:?}", text(STDERR));
+    let status = text(STATUS);
+    ensure!(status.contains(r#""message":"4""#), "status {status:?}");
+    Ok(())
+}
+
+/// Attach to a container whose init runs on a terminal (tty and stdin in its config): what is
+/// typed reaches its shell, the answer comes back on the terminal.
+pub async fn attach_with_a_tty_reaches_the_containers_shell(c: &mut Case) -> Result<()> {
+    let (pod, pod_config) = c.pod("attach-tty").await?;
+    let mut config = c.container_config("shell", &["sh"]);
+    config.stdin = true;
+    config.tty = true;
+    let id = c.run(&pod, &pod_config, config).await?;
+    let url = c
+        .cri
+        .runtime
+        .attach(AttachRequest {
+            container_id: id,
+            stdin: true,
+            tty: true,
+            stdout: true,
+            stderr: false,
+        })
+        .await
+        .context("Attach")?
+        .into_inner()
+        .url;
+    let mut session = Channels::open(&url).await?;
+    session
+        .send(STDIN, b"echo pgn-$((6*7)) tty=$(tty)\n")
+        .await?;
+    // The answer, not the terminal's echo of the line typed.
+    session
+        .read_until(STDOUT, "pgn-42 tty=/dev/pts/", SESSION)
+        .await?;
+    Ok(())
+}
+
 /// Attach reaches the stdin and stdout of a running container's init (no terminal): a line
 /// sent is read by the container, its answer comes back.
 pub async fn attach_reaches_the_containers_stdin_and_stdout(c: &mut Case) -> Result<()> {

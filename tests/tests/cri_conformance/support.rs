@@ -88,6 +88,11 @@ impl Case {
         })
     }
 
+    /// The case's number, unique in the run (for names and ports of its own).
+    pub fn number(&self) -> usize {
+        self.number
+    }
+
     fn labels(&self) -> HashMap<String, String> {
         HashMap::from([(CASE_LABEL.to_string(), self.number.to_string())])
     }
