@@ -244,6 +244,15 @@ impl PrivateContainerd {
         run_ctr(self.ctr(args))
     }
 
+    /// [`Self::ctr_output`] in another containerd namespace.
+    pub fn ctr_in_output<I, S>(&self, namespace: &str, args: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        run_ctr(self.ctr_in(namespace, args))
+    }
+
     /// Builds an OCI image layout tarball of `rootfs` (one uncompressed layer, `Cmd ["sh"]`)
     /// named `name` and imports it (`ctr image import`, unpacked for the default snapshotter).
     pub fn import_busybox(&self, rootfs: &Path, name: &str) -> Result<()> {

@@ -31,6 +31,9 @@ const APT: &[(&str, &str)] = &[
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),
     // The shim's CRI port-forward rule in each pod namespace (and the CNI bridge's masquerade).
     ("/usr/sbin/iptables", "iptables"),
+    // The CRI conformance suite's private registry (image pulls by tag and digest); never
+    // started as a service.
+    ("/usr/bin/docker-registry", "docker-registry"),
 ];
 
 /// Cargo-installed daemons, pinned: their command lines are part of our contract.

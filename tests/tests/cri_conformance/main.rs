@@ -14,6 +14,7 @@
 
 mod containers;
 mod context;
+mod images;
 mod lifecycle;
 mod mounts;
 mod namespaces;
@@ -73,6 +74,9 @@ fn cases() -> Vec<(&'static str, &'static str, Body)> {
         context::a_read_only_rootfs_refuses_writes_but_its_tmpfs_takes_them,
         context::the_kubelets_masked_and_read_only_proc_paths_are_in_effect,
         context::a_privileged_container_has_every_capability_and_a_writable_proc_sys,
+        images::an_image_pulled_by_tag_and_by_digest_runs_and_is_removed_by_every_name,
+        images::a_pull_of_an_image_the_registry_lacks_fails_naming_it,
+        images::image_fs_info_reports_the_image_filesystem_and_its_use,
         networking::a_containers_eth0_has_the_pod_ip,
         networking::a_server_in_one_pod_answers_a_client_in_another_at_its_pod_ip,
         lifecycle::a_pod_is_ready_until_it_is_stopped,
@@ -137,6 +141,7 @@ fn make_fixture() -> anyhow::Result<Fixture> {
         net,
         ctrd,
         cases_dir,
+        registry: OnceLock::new(),
     })
 }
 
@@ -158,7 +163,7 @@ fn run_case(group: &'static str, handler: Handler, body: Body) -> Result<(), Fai
     let fixture = fixture()?;
     let t = Instant::now();
     let result = runtime().block_on(async {
-        let mut case = Case::new(&fixture, handler).await?;
+        let mut case = Case::new(Arc::clone(&fixture), handler).await?;
         let outcome = tokio::time::timeout(CASE_TIMEOUT, body(&mut case)).await;
         let finished = case.finish().await;
         match outcome {
@@ -188,7 +193,15 @@ fn teardown() -> Result<(), String> {
     };
     let fixture = Arc::try_unwrap(fixture).map_err(|_| "fixture still in use".to_string())?;
     let left = runtime().block_on(cri::remove_all_pods(&fixture.ctrd.socket));
-    let Fixture { env, net, ctrd, .. } = fixture;
+    let Fixture {
+        env,
+        net,
+        ctrd,
+        registry,
+        ..
+    } = fixture;
+    // The registry goes first: nothing of the suite's may outlive the leak checks.
+    drop(registry);
     let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         finish_containerd(ctrd, env);
     }));

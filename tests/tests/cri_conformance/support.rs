@@ -6,6 +6,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
 use k8s_cri::v1::{
@@ -16,6 +17,7 @@ use k8s_cri::v1::{
 };
 use pangolin_e2e::containerd::{PrivateContainerd, PANGOLIN_HANDLER};
 use pangolin_e2e::cri::{self, BridgeNetwork, Cri};
+use pangolin_e2e::registry::Registry;
 use pangolin_e2e::TestEnv;
 
 /// The runtime handler a case runs on.
@@ -50,6 +52,20 @@ pub struct Fixture {
     pub ctrd: PrivateContainerd,
     /// Where cases put their files (profiles, volumes, logs).
     pub cases_dir: PathBuf,
+    /// The registry the image cases pull from, started by the first of them.
+    pub registry: OnceLock<Result<Registry, String>>,
+}
+
+impl Fixture {
+    /// The suite's registry, started on first use.
+    pub fn registry(&self) -> Result<&Registry> {
+        self.registry
+            .get_or_init(|| {
+                Registry::start(&self.cases_dir.join("registry")).map_err(|e| format!("{e:#}"))
+            })
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("the suite's registry: {e}"))
+    }
 }
 
 /// Label every pod and container of a case carries, with the case's number as value.
@@ -69,13 +85,15 @@ pub struct Case {
     pub handler: Handler,
     /// A directory of its own.
     pub dir: PathBuf,
+    /// The suite's containerd, network and registry.
+    pub fixture: Arc<Fixture>,
     number: usize,
     pods: Vec<String>,
 }
 
 impl Case {
     /// A fresh case on `handler`.
-    pub async fn new(fixture: &Fixture, handler: Handler) -> Result<Case> {
+    pub async fn new(fixture: Arc<Fixture>, handler: Handler) -> Result<Case> {
         let number = CASES.fetch_add(1, Ordering::Relaxed);
         let dir = fixture.cases_dir.join(format!("case{number}"));
         std::fs::create_dir_all(&dir)?;
@@ -83,6 +101,7 @@ impl Case {
             cri: Cri::connect(&fixture.ctrd.socket).await?,
             handler,
             dir,
+            fixture,
             number,
             pods: Vec::new(),
         })
