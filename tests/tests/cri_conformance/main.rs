@@ -97,6 +97,7 @@ fn cases() -> Vec<(&'static str, &'static str, Body)> {
         namespaces::containers_of_a_pod_share_its_ipc_namespace_and_its_sysctls,
         namespaces::a_host_pid_pod_shares_the_hosts_pid_namespace_or_is_refused,
         namespaces::a_host_ipc_pod_shares_the_hosts_ipc_namespace_or_is_refused,
+        mounts::volumes_share_files_with_the_host_and_a_read_only_one_refuses_writes,
         mounts::a_host_to_container_volume_sees_host_mounts_made_after_the_start,
         mounts::a_bidirectional_volume_is_mounted_or_refused_saying_why,
         streaming::exec_streams_stdout_stderr_and_the_exit_code,

@@ -1,4 +1,5 @@
-//! Volumes and mount propagation. HostToContainer (`rslave`): a mount the host makes below the
+//! Volumes and mount propagation. Directory and file volumes share files with the host both
+//! ways, read-only ones refuse writes. HostToContainer (`rslave`): a mount the host makes below the
 //! volume's source after the container started shows up in the container, on runc and through
 //! Pangolin's virtio-fs share alike. Bidirectional (`rshared`): runc propagates the container's
 //! mounts back to the host; nothing mounted in a microVM can reach the host through virtio-fs,
@@ -113,5 +114,72 @@ pub async fn a_bidirectional_volume_is_mounted_or_refused_saying_why(c: &mut Cas
             );
         }
     }
+    Ok(())
+}
+
+/// Volumes share files with the host both ways: a directory volume shows the host's file and
+/// the host sees what the container writes; a read-only volume refuses writes (and the host's
+/// directory stays as it was); a file volume shows the host file's content.
+pub async fn volumes_share_files_with_the_host_and_a_read_only_one_refuses_writes(
+    c: &mut Case,
+) -> Result<()> {
+    let rw = c.dir.join("vol-rw");
+    let ro = c.dir.join("vol-ro");
+    for dir in [&rw, &ro] {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("host.txt"), "from-host\n")?;
+    }
+    let file = c.dir.join("note.txt");
+    std::fs::write(&file, "a-file-volume\n")?;
+    let (pod, pod_config) = c.pod("volumes").await?;
+    let mut config = c.container_config("volumes", &["sleep", "3600"]);
+    config.mounts = vec![
+        Mount {
+            container_path: "/rw".into(),
+            host_path: path(&rw)?.into(),
+            ..Default::default()
+        },
+        Mount {
+            container_path: "/ro".into(),
+            host_path: path(&ro)?.into(),
+            readonly: true,
+            ..Default::default()
+        },
+        Mount {
+            container_path: "/etc/pangolin-note".into(),
+            host_path: path(&file)?.into(),
+            readonly: true,
+            ..Default::default()
+        },
+    ];
+    let id = c.run(&pod, &pod_config, config).await?;
+    let seen = c
+        .exec_ok(
+            &id,
+            &["cat", "/rw/host.txt", "/ro/host.txt", "/etc/pangolin-note"],
+        )
+        .await?;
+    ensure!(
+        seen == "from-host\nfrom-host\na-file-volume\n",
+        "container read {seen:?}"
+    );
+    c.exec_ok(&id, &["sh", "-c", "echo from-container > /rw/written.txt"])
+        .await?;
+    let written = std::fs::read_to_string(rw.join("written.txt")).unwrap_or_default();
+    ensure!(
+        written == "from-container\n",
+        "host read {written:?} from the container's write"
+    );
+    let refused = c
+        .exec(&id, &["sh", "-c", "echo no > /ro/written.txt"])
+        .await?;
+    ensure!(
+        refused.code != 0 && refused.stderr.contains("Read-only file system"),
+        "write to the read-only volume: {refused:?}"
+    );
+    ensure!(
+        !ro.join("written.txt").exists(),
+        "the read-only volume's host directory was written"
+    );
     Ok(())
 }
