@@ -79,6 +79,7 @@ fn cases() -> Vec<(&'static str, &'static str, Body)> {
         images::image_fs_info_reports_the_image_filesystem_and_its_use,
         networking::a_containers_eth0_has_the_pod_ip,
         networking::a_server_in_one_pod_answers_a_client_in_another_at_its_pod_ip,
+        networking::a_container_granted_net_admin_makes_a_bridge_and_veths_in_its_pod,
         lifecycle::a_pod_is_ready_until_it_is_stopped,
         lifecycle::a_containers_exit_code_and_times_are_reported,
         lifecycle::a_containers_output_reaches_its_log_by_stream,
