@@ -290,8 +290,18 @@ pub fn prepare_spec(spec: &mut Spec, id: &str, rootfs: &Path) -> Result<PathBuf,
             process.set_no_new_privileges(None);
         }
     }
-    // Hooks would run host-chosen binaries as the guest's root outside the container.
-    spec.set_hooks(None);
+    // Every hook but startContainer would run a binary as the guest's root outside the
+    // container (the host runs those itself); startContainer runs inside the container, under
+    // its confinement, from its filesystem.
+    let start_container = spec
+        .hooks()
+        .as_ref()
+        .and_then(|h| h.start_container().clone());
+    spec.set_hooks(start_container.map(|start| {
+        let mut hooks = oci_spec::runtime::Hooks::default();
+        hooks.set_start_container(Some(start));
+        hooks
+    }));
     Ok(cgroups_path)
 }
 
@@ -380,13 +390,20 @@ mod tests {
     }
 
     #[test]
-    fn prepare_spec_keeps_an_absolute_cgroup_path_and_drops_hooks() {
+    fn prepare_spec_keeps_an_absolute_cgroup_path_and_only_start_container_hooks() {
         let mut s = spec(
             r#"{"ociVersion":"1.0.2","linux":{"cgroupsPath":"/k8s/pod1/c2"},
-                "hooks":{"prestart":[{"path":"/bin/evil"}]}}"#,
+                "hooks":{"prestart":[{"path":"/bin/evil"}],"createRuntime":[{"path":"/bin/evil"}],
+                         "createContainer":[{"path":"/bin/evil"}],"poststart":[{"path":"/bin/evil"}],
+                         "poststop":[{"path":"/bin/evil"}],"startContainer":[{"path":"/bin/in"}]}}"#,
         );
         let cg = prepare_spec(&mut s, "c2", Path::new("/r")).expect("prepare");
         assert_eq!(cg, PathBuf::from("/k8s/pod1/c2"));
-        assert!(s.hooks().is_none());
+        let hooks = s.hooks().as_ref().expect("startContainer kept");
+        let json = serde_json::to_value(hooks).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({"startContainer": [{"path": "/bin/in"}]})
+        );
     }
 }

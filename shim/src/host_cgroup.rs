@@ -25,6 +25,18 @@ pub enum CgroupError {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// Something else's processes run in the cgroup already: the pod's teardown kills
+    /// whatever is in its cgroup, so it must be the pod's alone.
+    #[error(
+        "linux.cgroupsPath {path}: the cgroup already holds processes {pids:?} of something \
+         else; a pod needs a cgroup of its own"
+    )]
+    InUse {
+        /// The cgroup.
+        path: PathBuf,
+        /// Some of the processes in it.
+        pids: Vec<i32>,
+    },
     /// The host's cgroup setup could not be read.
     #[error("pod cgroup {path}: {message}")]
     Host {
@@ -118,6 +130,28 @@ impl PodCgroup {
         Ok(Self {
             path: path.to_path_buf(),
             manager,
+        })
+    }
+
+    /// Fails when processes already run in the cgroup (or below it): another pod's or
+    /// container's, which this pod's teardown would kill. A cgroup that does not exist yet,
+    /// or cannot be read, holds none.
+    ///
+    /// # Errors
+    /// [`CgroupError::InUse`] with some of their pids.
+    pub fn refuse_if_in_use(&self) -> Result<(), CgroupError> {
+        let mut pids: Vec<i32> = self
+            .manager
+            .get_all_pids()
+            .map(|p| p.into_iter().map(Pid::as_raw).collect())
+            .unwrap_or_default();
+        if pids.is_empty() {
+            return Ok(());
+        }
+        pids.truncate(8);
+        Err(CgroupError::InUse {
+            path: self.path.clone(),
+            pids,
         })
     }
 
@@ -232,5 +266,30 @@ mod tests {
             let e = pod_cgroup_path(Some(bad)).expect_err(bad).to_string();
             assert!(e.starts_with("linux.cgroupsPath"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_cgroup_that_holds_another_process_is_refused_and_a_fresh_one_is_not() {
+        let path = PathBuf::from(format!("/pangolin-unit-inuse-{}", std::process::id()));
+        let first = PodCgroup::new(&path).expect("cgroup");
+        first
+            .refuse_if_in_use()
+            .expect("a cgroup that does not exist holds nothing");
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        first.add("sleeper", sleeper.id()).expect("add");
+        let second = PodCgroup::new(&path).expect("cgroup");
+        let err = second.refuse_if_in_use().expect_err("in use");
+        let pid = i32::try_from(sleeper.id()).expect("pid");
+        assert!(
+            matches!(&err, CgroupError::InUse { pids, .. } if pids.contains(&pid)),
+            "{err}"
+        );
+        assert!(err.to_string().starts_with("linux.cgroupsPath"), "{err}");
+        first.remove();
+        let _ = sleeper.wait();
+        second.refuse_if_in_use().expect("removed: empty again");
     }
 }

@@ -311,6 +311,63 @@ fn a_pods_host_processes_run_in_its_cgroup_which_goes_with_the_pod() {
     finish_containerd(ctrd, env);
 }
 
+/// A pod's teardown kills whatever is left in its cgroup, so a second pod asking for a cgroup
+/// that already holds the first one's processes is refused, naming the field, and the first
+/// pod runs on (before, the second pod's end killed the first one's virtiofsd: two
+/// `ctr run --config` specs from `ctr oci spec` share `/<namespace>`).
+#[test]
+fn a_pod_is_refused_a_cgroup_that_holds_another_pods_processes() {
+    let env = TestEnv::new("ctr-cgroup-shared");
+    let ctrd = containerd(&env);
+    let cgroup = format!("/pangolin-test/shared-{}", std::process::id());
+    let first = ctr(
+        &ctrd,
+        &pangolin_run(
+            &["-d", "--cgroup", &cgroup],
+            "cgshared1",
+            &["sleep", "3600"],
+        ),
+    );
+    assert!(first.status.success(), "{}", stderr(&first));
+    let second = ctr(
+        &ctrd,
+        &pangolin_run(&["--rm", "--cgroup", &cgroup], "cgshared2", &["true"]),
+    );
+    assert!(
+        !second.status.success(),
+        "the second pod ran in the first one's cgroup"
+    );
+    let err = stderr(&second);
+    assert!(
+        err.contains("linux.cgroupsPath") && err.contains("already holds processes"),
+        "{err}"
+    );
+    let _ = ctr(&ctrd, &["container", "delete", "cgshared2"]);
+    let alive = ctr(
+        &ctrd,
+        &["task", "exec", "--exec-id", "probe", "cgshared1", "true"],
+    );
+    assert!(
+        alive.status.success(),
+        "the first pod did not survive: {}",
+        stderr(&alive)
+    );
+    let _ = ctr(&ctrd, &["task", "kill", "-s", "SIGKILL", "cgshared1"]);
+    let deadline = Instant::now() + patience(Duration::from_secs(60));
+    while !ctr(&ctrd, &["task", "delete", "cgshared1"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "task delete");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(ctr(&ctrd, &["container", "delete", "cgshared1"])
+        .status
+        .success());
+    assert_cgroup_gone(&cgroup);
+    finish_containerd(ctrd, env);
+}
+
 /// The cgroup `path` exists in no cgroup hierarchy of this host (v1 controllers or v2).
 fn assert_cgroup_gone(path: &str) {
     let left = cgroup_dirs(path);

@@ -180,8 +180,14 @@ impl Sandbox {
             done: false,
         };
         if let Some(path) = options.cgroup {
-            match PodCgroup::new(path) {
-                Ok(c) => parts.cgroup = Some(Arc::new(c)),
+            match PodCgroup::new(path).and_then(|c| c.refuse_if_in_use().map(|()| c)) {
+                Ok(c) => {
+                    if let Err(e) = super::parts::mark_cgroup(&workdir, path) {
+                        parts.teardown(Duration::ZERO).await;
+                        return Err(SandboxError::Workdir(workdir, e));
+                    }
+                    parts.cgroup = Some(Arc::new(c));
+                }
                 Err(e) => {
                     parts.teardown(Duration::ZERO).await;
                     return Err(e.into());

@@ -31,8 +31,8 @@ use crate::template::{self, StartedFrom};
 pub use boot::kernel_cmdline;
 pub use error::SandboxError;
 use launch::{check_artifacts, Launch, Mode};
-pub use parts::workdir_of;
 use parts::Parts;
+pub use parts::{owned_cgroup, workdir_of};
 
 /// virtio-fs tag of the sandbox share.
 pub const SHARE_TAG: &str = "pangolin";

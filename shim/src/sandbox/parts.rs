@@ -81,6 +81,28 @@ pub(super) const LONGEST_SOCKET_NAME: usize = "/vhost-vsock.sock".len() + "_4294
 /// Ids up to this length name their sandbox directory as they are.
 const MAX_DIR_ID: usize = 32;
 
+/// The file in the sandbox directory that names the pod cgroup the sandbox made its own (and
+/// its teardown kills and removes): a dead shim's cleanup removes that cgroup and no other, so
+/// a pod refused a cgroup in use never removes the one it was refused.
+const CGROUP_MARK: &str = "cgroup";
+
+/// Records in `workdir` that the sandbox owns cgroup `path`.
+pub(super) fn mark_cgroup(workdir: &Path, path: &Path) -> std::io::Result<()> {
+    std::fs::write(
+        workdir.join(CGROUP_MARK),
+        path.as_os_str().as_encoded_bytes(),
+    )
+}
+
+/// The pod cgroup the sandbox in `workdir` owned, if it owned one.
+pub fn owned_cgroup(workdir: &Path) -> Option<PathBuf> {
+    let raw = std::fs::read(workdir.join(CGROUP_MARK)).ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    crate::host_cgroup::pod_cgroup_path(Some(&text))
+        .ok()
+        .flatten()
+}
+
 /// The sandbox directory of `id` under `state_dir`. Long ids (CRI's are 64 hex digits) become a
 /// 15-character prefix plus a 64-bit FNV-1a hash, so socket paths stay under the kernel's limit
 /// and a dead shim's cleanup finds the same directory.

@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::hooks::HostHooks;
 use super::process::{Kind, Process};
 use super::PodError;
 
@@ -16,6 +17,8 @@ pub struct Container {
     pub bundle: String,
     /// The init process.
     pub init: Process,
+    /// Its OCI hooks that run on the host (poststart, poststop; the create-time ones ran).
+    pub hooks: HostHooks,
     execs: HashMap<String, Process>,
 }
 
@@ -25,8 +28,15 @@ impl Container {
         Container {
             bundle: bundle.to_string(),
             init,
+            hooks: HostHooks::default(),
             execs: HashMap::new(),
         }
+    }
+
+    /// The same container with its host `hooks`.
+    pub fn with_hooks(mut self, hooks: HostHooks) -> Container {
+        self.hooks = hooks;
+        self
     }
 
     /// The init (empty `exec_id`) or an exec.

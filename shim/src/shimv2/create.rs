@@ -11,6 +11,7 @@ use super::container::Container;
 use super::events::Event;
 use super::guest::Guest;
 use super::guest_spec::{guest_spec, pod_netns, refuse_host_namespaces};
+use super::hooks::{HostHooks, Subject};
 use super::io::StdioPaths;
 use super::pod::Pod;
 use super::process::{Kind, Process};
@@ -30,14 +31,15 @@ impl Pod {
     ) -> Result<(), PodError> {
         self.containers().reserve(id)?;
         match self.create_reserved(id, bundle, rootfs, &stdio).await {
-            Ok(()) => {
+            Ok(hooks) => {
                 let mut io = TaskIO::new();
                 io.stdin.clone_from(&stdio.stdin);
                 io.stdout.clone_from(&stdio.stdout);
                 io.stderr.clone_from(&stdio.stderr);
                 io.terminal = stdio.terminal;
                 let mut cs = self.containers();
-                cs.insert(id, Container::new(bundle, Process::new(Kind::Init, stdio)));
+                let init = Process::new(Kind::Init, stdio);
+                cs.insert(id, Container::new(bundle, init).with_hooks(hooks));
                 self.events
                     .send(Event::create(id, bundle, rootfs.to_vec(), io));
                 Ok(())
@@ -55,19 +57,33 @@ impl Pod {
         bundle: &str,
         rootfs: &[Mount],
         stdio: &StdioPaths,
-    ) -> Result<(), PodError> {
+    ) -> Result<HostHooks, PodError> {
         let spec = super::bundle::load_spec(Path::new(bundle))?;
         let root = super::bundle::root_path(Path::new(bundle), &spec)?;
         // Before anything boots: a pod that asks for them fails at RunPodSandbox.
         refuse_host_namespaces(&spec)?;
+        let hooks = HostHooks::from_spec(&spec)?;
         let guest = self.ensure_vm(&spec).await?;
-        let result = self
+        let mut result = self
             .prepare_in_guest(guest.as_ref(), id, spec, &root, rootfs, stdio)
             .await;
+        if result.is_ok() {
+            let subject = Subject {
+                id,
+                bundle,
+                pid: self.vm.host_pid(),
+            };
+            if let Err(e) = hooks.run_create(subject).await {
+                if let Err(removing) = guest.remove_container(id).await {
+                    tracing::warn!(error = %removing, container = id, "removing the container after its hook failed");
+                }
+                result = Err(e.into());
+            }
+        }
         if result.is_err() {
             self.mounts.unmount_container(id);
         }
-        result
+        result.map(|()| hooks)
     }
 
     async fn prepare_in_guest(

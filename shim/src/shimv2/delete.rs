@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use super::events::Event;
+use super::hooks::{Phase, Subject};
 use super::pod::Pod;
 use super::process::Exit;
 use super::PodError;
@@ -47,6 +48,15 @@ impl Pod {
         if id == self.id {
             self.stop_vm().await;
         }
+        let subject = Subject {
+            id,
+            bundle: &container.bundle,
+            pid: 0,
+        };
+        container
+            .hooks
+            .run_all_logging(Phase::Poststop, subject)
+            .await;
         Ok((pid, exit))
     }
 

@@ -46,6 +46,9 @@ pub enum PodError {
     /// A host bind mount could not be shared with the guest.
     #[error(transparent)]
     Volume(#[from] super::volumes::VolumeError),
+    /// An OCI hook is malformed, could not run or failed.
+    #[error(transparent)]
+    Hook(#[from] super::hooks::HookError),
 }
 
 impl PodError {
@@ -65,7 +68,10 @@ impl PodError {
             PodError::State(_) | PodError::Stopped | PodError::VmGone(_) => {
                 Code::FAILED_PRECONDITION
             }
-            PodError::Invalid { .. } => Code::INVALID_ARGUMENT,
+            PodError::Invalid { .. } | PodError::Hook(super::hooks::HookError::Invalid { .. }) => {
+                Code::INVALID_ARGUMENT
+            }
+            PodError::Hook(_) => Code::FAILED_PRECONDITION,
             PodError::Agent(a) => a.code().unwrap_or(Code::UNAVAILABLE),
             PodError::Sandbox(
                 SandboxError::Artifact { .. }

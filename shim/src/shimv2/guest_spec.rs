@@ -1,10 +1,10 @@
-//! What the guest sees of a container's bundle spec: host-only objects (hooks, namespace
+//! What the guest sees of a container's bundle spec: host-only objects (host hooks, namespace
 //! paths, the network namespace) removed, a cgroup namespace and the pod hostname added; and
 //! which network namespace a pod's VM serves.
 
 use std::path::PathBuf;
 
-use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Spec};
+use oci_spec::runtime::{Hooks, LinuxNamespace, LinuxNamespaceType, Spec};
 
 use super::PodError;
 
@@ -54,8 +54,17 @@ pub fn refuse_host_namespaces(spec: &Spec) -> Result<(), PodError> {
     Ok(())
 }
 
-/// The bundle's spec as the guest should see it: host namespace paths and hooks dropped (they
-/// name host objects), no network namespace (containers share the guest's, where the agent
+/// The spec's `startContainer` hooks alone, if it has any.
+fn only_start_container(spec: &Spec) -> Option<Hooks> {
+    let start = spec.hooks().as_ref()?.start_container().clone()?;
+    let mut hooks = Hooks::default();
+    hooks.set_start_container(Some(start));
+    Some(hooks)
+}
+
+/// The bundle's spec as the guest should see it: host namespace paths dropped and of the hooks
+/// only `startContainer` kept (the others run on the host, [`super::hooks`]; `startContainer`
+/// runs in the container, its path is the container's), no network namespace (containers share the guest's, where the agent
 /// configured the pod's interface), a private cgroup namespace (the guest is cgroup v2, where containerd and
 /// Docker give each container its own, so `/sys/fs/cgroup` shows the container's limits). Bind
 /// mounts must already point into the share ([`super::volumes::share`]).
@@ -71,7 +80,7 @@ pub fn guest_spec(
     pod_hostname: Option<&str>,
     pod_inits: &[u32],
 ) -> Result<String, PodError> {
-    spec.set_hooks(None);
+    spec.set_hooks(only_start_container(&spec));
     let joins_pod_uts =
         namespace(&spec, LinuxNamespaceType::Uts).is_some_and(|ns| ns.path().is_some());
     if joins_pod_uts && spec.hostname().is_none() {
@@ -206,10 +215,12 @@ mod tests {
     }
 
     #[test]
-    fn guest_spec_drops_host_namespaces_and_hooks_and_adds_a_cgroup_namespace() {
+    fn guest_spec_drops_host_namespaces_and_host_hooks_and_adds_a_cgroup_namespace() {
         let spec: Spec = serde_json::from_str(
             r#"{"ociVersion":"1.0.2",
-                "hooks":{"createRuntime":[{"path":"/usr/bin/true"}]},
+                "hooks":{"createRuntime":[{"path":"/usr/bin/true"}],
+                         "startContainer":[{"path":"/bin/in-container"}],
+                         "poststop":[{"path":"/usr/bin/true"}]},
                 "mounts":[{"destination":"/proc","type":"proc","source":"proc"},
                           {"destination":"/etc/hosts","type":"bind","source":"/var/lib/x/hosts","options":["rbind","ro"]}],
                 "linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1"},
@@ -219,9 +230,10 @@ mod tests {
         let out: serde_json::Value =
             serde_json::from_str(&guest_spec(spec, Some("pod1"), &[]).expect("guest spec"))
                 .expect("json");
-        assert!(
-            out.get("hooks").is_none_or(serde_json::Value::is_null),
-            "{out}"
+        assert_eq!(
+            out["hooks"],
+            serde_json::json!({"startContainer": [{"path": "/bin/in-container"}]}),
+            "only startContainer runs in the guest"
         );
         let mounts = out["mounts"].as_array().expect("mounts");
         assert_eq!(mounts.len(), 2, "mounts kept: {mounts:?}");

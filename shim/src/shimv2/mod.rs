@@ -26,6 +26,7 @@ pub mod events;
 mod fakes;
 pub mod guest;
 pub mod guest_spec;
+pub mod hooks;
 pub mod io;
 mod kill;
 pub mod metrics;

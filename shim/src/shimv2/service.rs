@@ -88,11 +88,12 @@ impl Shim for Service {
             super::rootfs::unmount_container(&shared, &self.id);
             if group == self.id {
                 super::rootfs::remove_shared(&shared);
-                let _ = std::fs::remove_dir_all(crate::sandbox::workdir_of(
-                    &loaded.config.runtime.state_dir,
-                    &group,
-                ));
-                remove_pod_cgroup(&cwd);
+                let workdir = crate::sandbox::workdir_of(&loaded.config.runtime.state_dir, &group);
+                let cgroup = crate::sandbox::owned_cgroup(&workdir);
+                let _ = std::fs::remove_dir_all(&workdir);
+                if let Some(path) = cgroup {
+                    remove_pod_cgroup(&path);
+                }
             }
         }
         let mut resp = DeleteResponse::new();
@@ -117,24 +118,12 @@ impl Shim for Service {
     }
 }
 
-/// The pod's host cgroup, named by the first task's (this bundle's) `linux.cgroupsPath`: the
-/// dead shim cannot remove it any more. Its helpers died with the shim; whatever is left in it
-/// is killed by the removal.
-fn remove_pod_cgroup(bundle: &std::path::Path) {
-    let Ok(spec) = super::bundle::load_spec(bundle) else {
-        return;
-    };
-    let raw = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.cgroups_path().as_ref())
-        .and_then(|p| p.to_str().map(str::to_string));
-    match crate::host_cgroup::pod_cgroup_path(raw.as_deref()) {
-        Ok(Some(path)) => match crate::host_cgroup::PodCgroup::new(&path) {
-            Ok(cgroup) => cgroup.remove(),
-            Err(e) => tracing::warn!(error = %e, "the dead shim's pod cgroup"),
-        },
-        Ok(None) => {}
+/// The pod's host cgroup, the one its sandbox recorded as its own (a pod refused a cgroup in
+/// use recorded none): the dead shim cannot remove it any more. Its helpers died with the
+/// shim; whatever is left in it is killed by the removal.
+fn remove_pod_cgroup(path: &std::path::Path) {
+    match crate::host_cgroup::PodCgroup::new(path) {
+        Ok(cgroup) => cgroup.remove(),
         Err(e) => tracing::warn!(error = %e, "the dead shim's pod cgroup"),
     }
 }

@@ -12,10 +12,14 @@ use tokio::task::JoinHandle;
 
 use super::events::Event;
 use super::guest::Guest;
+use super::hooks::{Phase, Subject};
 use super::io;
 use super::pod::Pod;
 use super::process::{Exit, Kind};
 use super::PodError;
+
+/// What a failed poststart hook's container gets.
+const SIGKILL: u32 = 9;
 
 impl Pod {
     /// Starts the init process (empty `exec_id`) or an exec; returns its guest pid.
@@ -58,9 +62,37 @@ impl Pod {
             self.events.send(Event::started(id, exec_id, pid));
         }
         let pod = Arc::clone(self);
-        let (id, exec_id) = (id.to_string(), exec_id.to_string());
-        tokio::spawn(async move { pod.await_exit(guest, &id, &exec_id, pumps.outputs).await });
+        let waiter = (id.to_string(), exec_id.to_string(), Arc::clone(&guest));
+        tokio::spawn(async move {
+            let (id, exec_id, guest) = waiter;
+            pod.await_exit(guest, &id, &exec_id, pumps.outputs).await;
+        });
+        if exec_id.is_empty() {
+            self.run_poststart(guest.as_ref(), id).await?;
+        }
         Ok(pid)
+    }
+
+    /// The container's poststart hooks; when one fails the process is killed and the start
+    /// fails (as runc does).
+    async fn run_poststart(&self, guest: &dyn Guest, id: &str) -> Result<(), PodError> {
+        let (hooks, bundle) = {
+            let cs = self.containers();
+            let c = cs.get(id)?;
+            (c.hooks.clone(), c.bundle.clone())
+        };
+        let subject = Subject {
+            id,
+            bundle: &bundle,
+            pid: self.vm.host_pid(),
+        };
+        if let Err(e) = hooks.run(Phase::Poststart, subject).await {
+            if let Err(killing) = guest.signal(id, "", SIGKILL, true).await {
+                tracing::warn!(error = %killing, container = id, "killing the container after its poststart hook failed");
+            }
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     /// Waits for the process's exit and its drained output, then records the exit.

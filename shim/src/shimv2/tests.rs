@@ -526,3 +526,110 @@ async fn a_create_whose_request_is_dropped_still_completes() {
     assert!(matches!(h.create(POD).await, Err(PodError::Exists(_))));
     assert_eq!(h.launcher.boots.load(Ordering::Relaxed), 1);
 }
+
+/// Rewrites the harness's config.json with `hooks` (shell scripts, keyed by phase).
+fn with_hooks(h: &Harness, hooks: &[(&str, String)]) {
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(h.bundle.join("config.json")).expect("config.json"))
+            .expect("json");
+    for (phase, script) in hooks {
+        spec["hooks"][*phase] =
+            serde_json::json!([{ "path": "/bin/sh", "args": ["sh", "-c", script] }]);
+    }
+    std::fs::write(h.bundle.join("config.json"), spec.to_string()).expect("config.json");
+}
+
+#[tokio::test]
+async fn host_hooks_run_at_create_start_and_delete_in_order() {
+    let h = harness(BootMode::Immediate);
+    let log = h.bundle.join("hooks.log");
+    let append = |what: &str| format!("echo {what} >> {}", log.display());
+    with_hooks(
+        &h,
+        &[
+            ("prestart", append("prestart")),
+            ("createRuntime", append("createRuntime")),
+            ("createContainer", append("createContainer")),
+            ("poststart", append("poststart")),
+            ("poststop", append("poststop")),
+        ],
+    );
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    h.create(POD).await.expect("create");
+    assert_eq!(read(), "prestart\ncreateRuntime\ncreateContainer\n");
+    h.pod.start(POD, "").await.expect("start");
+    assert!(
+        read().ends_with("createContainer\npoststart\n"),
+        "{}",
+        read()
+    );
+    h.guest().exit(POD, "", 0);
+    h.pod.wait(POD, "").await.expect("wait");
+    h.pod.delete(POD, "").await.expect("delete");
+    assert!(read().ends_with("poststart\npoststop\n"), "{}", read());
+}
+
+#[tokio::test]
+async fn a_failed_create_hook_fails_the_create_and_undoes_it() {
+    let h = harness(BootMode::Immediate);
+    with_hooks(&h, &[("createRuntime", "echo denied >&2; exit 1".into())]);
+    let err = h.create(POD).await.expect_err("the hook fails the create");
+    assert!(matches!(err, PodError::Hook(_)), "{err}");
+    assert!(
+        err.chain().contains("hooks.createRuntime[0]"),
+        "{}",
+        err.chain()
+    );
+    assert!(err.chain().contains("denied"), "{}", err.chain());
+    assert_eq!(
+        h.guest().count("remove"),
+        1,
+        "the guest's container is removed"
+    );
+    assert_eq!(h.mounts.count("unmount"), 1, "its rootfs is unmounted");
+    assert!(matches!(h.pod.view(POD, ""), Err(PodError::NotFound(_))));
+}
+
+#[tokio::test]
+async fn a_failed_poststart_hook_kills_the_container_and_fails_the_start() {
+    let h = harness(BootMode::Immediate);
+    with_hooks(&h, &[("poststart", "exit 2".into())]);
+    h.create(POD).await.expect("create");
+    let err = h
+        .pod
+        .start(POD, "")
+        .await
+        .expect_err("the hook fails the start");
+    assert!(
+        err.chain().contains("hooks.poststart[0]"),
+        "{}",
+        err.chain()
+    );
+    let exit = h.pod.wait(POD, "").await.expect("wait");
+    assert_eq!(exit.status, 137, "killed");
+}
+
+#[tokio::test]
+async fn a_malformed_hook_is_refused_before_anything_boots() {
+    let h = harness(BootMode::Immediate);
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(h.bundle.join("config.json")).expect("config.json"))
+            .expect("json");
+    spec["hooks"]["poststop"] = serde_json::json!([{ "path": "relative/hook" }]);
+    std::fs::write(h.bundle.join("config.json"), spec.to_string()).expect("config.json");
+    let err = h.create(POD).await.expect_err("refused");
+    assert_eq!(
+        err.code(),
+        containerd_shim::protos::ttrpc::Code::INVALID_ARGUMENT
+    );
+    assert!(
+        err.chain().contains("hooks.poststop[0].path"),
+        "{}",
+        err.chain()
+    );
+    assert_eq!(
+        h.launcher.boots.load(Ordering::Relaxed),
+        0,
+        "nothing booted"
+    );
+}

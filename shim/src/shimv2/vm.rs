@@ -55,6 +55,10 @@ pub trait PodVm: Send + Sync + 'static {
     fn exit_watch(&self) -> watch::Receiver<Option<ExitStatus>>;
     /// Stops the guest and the VMM and removes what the VM made.
     async fn shutdown(self: Box<Self>);
+    /// The host pid of the VM's process (the VMM, in the pod's network namespace), if known.
+    fn host_pid(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// Boots pod VMs.
@@ -88,6 +92,10 @@ impl PodVm for SandboxVm {
 
     async fn shutdown(self: Box<Self>) {
         self.sandbox.shutdown().await;
+    }
+
+    fn host_pid(&self) -> Option<u32> {
+        self.sandbox.vmm_pid()
     }
 }
 
@@ -212,6 +220,14 @@ impl VmSlot {
             VmState::Absent | VmState::Booting { .. } => {
                 Err(PodError::State("the pod's VM is not running"))
             }
+        }
+    }
+
+    /// The host pid of the running VM's process; 0 when no VM runs.
+    pub fn host_pid(&self) -> u32 {
+        match &*self.inner.lock() {
+            VmState::Running(vm) => vm.host_pid().unwrap_or(0),
+            _ => 0,
         }
     }
 
