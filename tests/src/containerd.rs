@@ -72,6 +72,8 @@ pub struct Options {
     pub extra_config: String,
     /// Extra environment for containerd (and so for the shims it starts), e.g. PANGOLIN_CONFIG.
     pub env: Vec<(String, String)>,
+    /// Leave the `pangolin` CRI handler out (an installer adds it).
+    pub without_pangolin_handler: bool,
 }
 
 /// A running private containerd; stopped (and its files removed) on drop or [`Self::stop`].
@@ -478,12 +480,18 @@ pub fn config_toml(dir: &Path, options: &Options) -> String {
 
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
   SystemdCgroup = false
-
+"#
+    );
+    if !options.without_pangolin_handler {
+        let _ = write!(
+            toml,
+            r#"
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{PANGOLIN_HANDLER}]
   runtime_type = "{PANGOLIN_RUNTIME}"
   pod_annotations = ["io.pangolin.*"]
 "#
-    );
+        );
+    }
     toml.push_str(&options.extra_config);
     toml
 }

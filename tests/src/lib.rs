@@ -40,6 +40,7 @@ pub fn cannot_run(test: &str, reason: &str) -> bool {
 pub mod cri;
 pub mod cri_pods;
 pub mod ctr;
+pub mod deploy_image;
 pub mod registry;
 pub mod shim;
 pub mod streaming;

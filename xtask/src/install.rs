@@ -131,3 +131,67 @@ fn write(to: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
     fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
     fs::rename(&tmp, to).with_context(|| format!("installing {}", to.display()))
 }
+
+const DEPLOY_IMAGE_USAGE: &str = "usage: cargo xtask deploy-image [--out FILE] [--debug]
+  --out FILE  where the OCI archive goes (default: target/pangolin-deploy.oci.tar)
+  --debug     pack the debug build (default: release)";
+
+/// `cargo xtask deploy-image`: the installer's OCI image (`deploy/kubernetes/`), as an OCI
+/// archive for `ctr -n k8s.io images import` on each node or a push to the cluster's registry.
+pub fn deploy_image(args: &[String]) -> anyhow::Result<()> {
+    let mut out = guest::root().join("target/pangolin-deploy.oci.tar");
+    let mut release = true;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--out" => out = it.next().context(DEPLOY_IMAGE_USAGE)?.into(),
+            "--debug" => release = false,
+            other => bail!("unknown argument {other:?}\n{DEPLOY_IMAGE_USAGE}"),
+        }
+    }
+    crate::deps::ensure()?;
+    guest::build()?;
+    println!(
+        "building the host binaries ({})",
+        if release { "release" } else { "debug" }
+    );
+    let pangolin = crate::build_host(release)?;
+    let target = pangolin.parent().context("target dir")?.to_path_buf();
+    let sources = crate::deploy_image::Sources {
+        guest: guest::root().join("target/guest"),
+        config: guest::root().join("runtime-config/configuration.toml"),
+        virtiofsd: crate::deps::find_program("virtiofsd").context("virtiofsd not found")?,
+        vhost_device_vsock: crate::deps::find_program("vhost-device-vsock")
+            .context("vhost-device-vsock not found")?,
+        target: target.clone(),
+    };
+    let work = target.join("deploy-image");
+    let payload = work.join("payload");
+    let _ = fs::remove_dir_all(&work);
+    crate::deploy_image::stage_payload(&sources, &payload)?;
+    let kubectl = Path::new("/usr/bin/kubectl");
+    if !kubectl.exists() {
+        println!(
+            "no /usr/bin/kubectl here (Debian package kubernetes-client): the image cannot \
+             label nodes; run the DaemonSet without --label-node and label them yourself"
+        );
+    }
+    crate::deploy_image::build(
+        &payload,
+        &target.join("pangolin-deploy"),
+        kubectl.exists().then_some(kubectl),
+        &work.join("rootfs"),
+        &out,
+    )?;
+    let _ = fs::remove_dir_all(&work);
+    let size = fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "wrote {} ({} MiB), image {}\n  on each node: ctr -n k8s.io images import {}\n  then: \
+         kubectl apply -f deploy/kubernetes/",
+        out.display(),
+        size >> 20,
+        crate::deploy_image::IMAGE,
+        out.display()
+    );
+    Ok(())
+}

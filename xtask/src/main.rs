@@ -1,5 +1,5 @@
-//! `cargo xtask <command>`: guest | test | fuzz | demo | bench | install | ctr | testhost. See
-//! README.md.
+//! `cargo xtask <command>`: guest | test | fuzz | demo | bench | install | deploy-image | ctr |
+//! testhost. See README.md.
 
 mod bench;
 /// The e2e tests' private containerd, shared as source (xtask does not depend on the e2e crate).
@@ -7,6 +7,9 @@ mod bench;
 #[allow(dead_code)]
 mod containerd;
 mod cpio;
+/// The installer's OCI image, shared as source with the deploy e2e test.
+#[path = "../../tests/src/deploy_image.rs"]
+mod deploy_image;
 mod deps;
 mod fuzz;
 mod guest;
@@ -18,7 +21,8 @@ use std::process::{Command, ExitCode};
 
 use anyhow::Context;
 
-const USAGE: &str = "usage: cargo xtask <guest|test|fuzz|demo|bench|install|ctr|testhost> [args]
+const USAGE: &str =
+    "usage: cargo xtask <guest|test|fuzz|demo|bench|install|deploy-image|ctr|testhost> [args]
   guest   build target/guest/{vmlinux,initramfs.cpio.gz}, the test host's kernel and initramfs,
           and target/rootfs/busybox
   test    install what is missing, build the guest, run every test (real VMs), then every fuzz
@@ -34,6 +38,9 @@ const USAGE: &str = "usage: cargo xtask <guest|test|fuzz|demo|bench|install|ctr|
           nested-ctr, parallel
   install [--destdir DIR] [--debug]
           install the shim, CLI, VMM, guest kernel/initramfs and /etc/pangolin/configuration.toml
+  deploy-image [--out FILE] [--debug]
+          the installer's OCI image (pangolin-deploy and its payload) as an OCI archive, for
+          deploy/kubernetes/ (no registry needed: import it on each node)
   ctr ARGS...
           build the host binaries, start a private containerd (containerd-shim-pangolin-v2 from
           target/debug on its PATH), import busybox as pangolin.local/busybox:latest, run
@@ -254,6 +261,7 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz::command(&args[1..]),
         Some("demo") => demo(),
         Some("install") => install::install(&args[1..]),
+        Some("deploy-image") => install::deploy_image(&args[1..]),
         Some("bench") => bench::bench(&args[1..]),
         // Run by `bench` inside the nested test host; not in USAGE.
         Some("bench-ctr") => bench::ctr_command(&args[1..]),
