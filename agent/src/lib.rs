@@ -4,6 +4,7 @@
 mod cgroup;
 mod clock;
 mod confinement;
+mod console;
 mod container;
 mod entropy;
 pub mod error;

@@ -76,6 +76,14 @@ impl AgentService for Service {
         }
         // After the reseed (the share's virtiofsd is this pod's, never the template's).
         self.share.mount(&req.share_tag).map_err(AgentError::from)?;
+        if !req.debug_console_shell.is_empty() {
+            crate::console::enable(&req.debug_console_shell, self.sandbox.reaper.clone()).map_err(
+                |e| {
+                    tracing::error!(%e, "cannot start the debug console");
+                    AgentError::Io("start the debug console", e)
+                },
+            )?;
+        }
         Ok(crate::guest::details(self.ready_boottime_ns))
     }
 

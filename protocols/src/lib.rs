@@ -21,6 +21,10 @@ pub const AGENT_READY_PORT: u32 = 1025;
 /// the TCP connection's bytes both ways until either side closes.
 pub const AGENT_FORWARD_PORT: u32 = 1026;
 
+/// vsock port of the agent's debug console (`pangolin console`), listening only when the
+/// host asked for it (`debug_console_shell` in GetGuestDetails). Its frames: [`console`].
+pub const AGENT_CONSOLE_PORT: u32 = 1027;
+
 /// The forwarder's answer: connected, the bytes that follow are the connection's.
 pub const FORWARD_CONNECTED: u8 = 0;
 
@@ -69,6 +73,8 @@ pub const GUEST_SHARED_DIR: &str = "/run/pangolin/shared";
 
 /// Kernel command line key setting the agent's log level.
 pub const LOG_PARAM: &str = "pangolin.log";
+
+pub mod console;
 
 /// Protobuf messages of the agent API.
 #[allow(missing_docs, warnings, clippy::all, clippy::pedantic)]

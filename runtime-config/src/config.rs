@@ -145,6 +145,29 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// VM templates: pods restored from a snapshot instead of booted.
     pub template: TemplateConfig,
+    /// What the guest agent offers beyond running containers.
+    pub agent: AgentConfig,
+}
+
+/// The guest agent's optional services.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// `pangolin console`: a shell in the pod's VM outside every container. Off by default:
+    /// whoever can reach the state directory then gets root in every pod's guest.
+    pub debug_console: bool,
+    /// The static busybox the console runs (the guest has no shell of its own): copied into
+    /// the pod's share at boot when the console is on. An absolute path.
+    pub debug_console_shell: PathBuf,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            debug_console: false,
+            debug_console_shell: PathBuf::from("/bin/busybox"),
+        }
+    }
 }
 
 /// Settings for booting the pod's microVM, grouped because every backend needs them.

@@ -52,6 +52,7 @@ impl Config {
         in_range("vsock.agent_port", v.agent_port, 1..=u32::MAX - 1)?;
 
         absolute("runtime.state_dir", &self.runtime.state_dir)?;
+        absolute("agent.debug_console_shell", &self.agent.debug_console_shell)?;
         if !self.template.dir.as_os_str().is_empty() {
             absolute("template.dir", &self.template.dir)?;
         }

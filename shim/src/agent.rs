@@ -136,8 +136,13 @@ impl AgentClient {
 
     /// Guest facts (and the guest clock set from ours, its CRNG reseeded with our entropy:
     /// a VM restored from a template must not go on with the template's); fails on another API
-    /// version. `share_tag` names the virtio-fs share the agent mounts first, if the VM has one.
-    pub async fn guest_details(&self, share_tag: Option<&str>) -> Result<GuestDetails, AgentError> {
+    /// version. `share_tag` names the virtio-fs share the agent mounts first, if the VM has one;
+    /// `console_shell`, the guest path of the debug console's busybox when it is on.
+    pub async fn guest_details(
+        &self,
+        share_tag: Option<&str>,
+        console_shell: Option<&str>,
+    ) -> Result<GuestDetails, AgentError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -146,6 +151,7 @@ impl AgentClient {
             host_time_unix_ns: now,
             entropy: host_entropy().map_err(AgentError::Entropy)?,
             share_tag: share_tag.unwrap_or_default().into(),
+            debug_console_shell: console_shell.unwrap_or_default().into(),
             ..Default::default()
         };
         let d = call!(self, get_guest_details, "GetGuestDetails", req, Some(QUICK))?;

@@ -413,3 +413,50 @@ pub fn host_has_hardware_kvm() -> bool {
         && (Path::new("/sys/module/kvm_amd").exists()
             || Path::new("/sys/module/kvm_intel").exists())
 }
+
+/// Runs `cmd` with a new pseudo-terminal (`rows` x `cols`) as stdin, stdout and stderr, as a
+/// user's shell would, with `input` typed ahead; returns what it wrote (without carriage
+/// returns) and its exit code.
+pub fn run_in_pty(
+    mut cmd: std::process::Command,
+    rows: u16,
+    cols: u16,
+    input: &[u8],
+) -> (String, Option<i32>) {
+    use std::io::{Read, Write};
+    let size = nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&size), None).expect("openpty");
+    let fd = |f: &std::os::fd::OwnedFd| Stdio::from(f.try_clone().expect("dup pty"));
+    cmd.stdin(fd(&pty.slave))
+        .stdout(fd(&pty.slave))
+        .stderr(fd(&pty.slave));
+    let mut child = cmd.spawn().expect("spawn in pty");
+    drop(cmd);
+    drop(pty.slave);
+    let mut typing = std::fs::File::from(pty.master.try_clone().expect("dup pty master"));
+    typing.write_all(input).expect("type into the pty");
+    let reader = std::thread::spawn(move || {
+        let mut master = std::fs::File::from(pty.master);
+        let mut out = Vec::new();
+        // EIO once the last slave descriptor closes: the command and its children are gone.
+        let _ = master.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).replace('\r', "")
+    });
+    let deadline = Instant::now() + patience(Duration::from_secs(180));
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("command in pty did not finish within 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (reader.join().expect("pty reader"), status.code())
+}

@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use pangolin_e2e::ctr::{containerd, ctr, pangolin_run};
-use pangolin_e2e::{finish_containerd, patience, stderr, stdout, TestEnv};
+use pangolin_e2e::{finish_containerd, patience, run_in_pty, stderr, stdout, TestEnv};
 
 /// Runs `cmd` with `input` on its stdin (then closed); returns its output.
 fn with_input(mut cmd: std::process::Command, input: &[u8]) -> std::process::Output {
@@ -285,45 +285,6 @@ fn annotations_and_limits_shape_the_vm_and_bad_ones_are_named() {
     finish_containerd(ctrd, env);
 }
 
-/// Runs `cmd` with a new pseudo-terminal (`rows` x `cols`) as stdin, stdout and stderr, as a
-/// user's shell would; returns what it wrote and its exit code.
-fn run_in_pty(mut cmd: std::process::Command, rows: u16, cols: u16) -> (String, Option<i32>) {
-    use std::io::Read;
-    let size = nix::pty::Winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    let pty = nix::pty::openpty(Some(&size), None).expect("openpty");
-    let fd = |f: &std::os::fd::OwnedFd| Stdio::from(f.try_clone().expect("dup pty"));
-    cmd.stdin(fd(&pty.slave))
-        .stdout(fd(&pty.slave))
-        .stderr(fd(&pty.slave));
-    let mut child = cmd.spawn().expect("spawn in pty");
-    drop(cmd);
-    drop(pty.slave);
-    let reader = std::thread::spawn(move || {
-        let mut master = std::fs::File::from(pty.master);
-        let mut out = Vec::new();
-        // EIO once the last slave descriptor closes: the command and its children are gone.
-        let _ = master.read_to_end(&mut out);
-        String::from_utf8_lossy(&out).replace('\r', "")
-    });
-    let deadline = Instant::now() + patience(Duration::from_secs(180));
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("command in pty did not finish within 180 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    (reader.join().expect("pty reader"), status.code())
-}
-
 /// CRI's ids are 64 hex characters; a terminal exec with such a container id and exec id gets
 /// its pty (the guest's console socket path is bounded, not built from the ids).
 #[test]
@@ -348,6 +309,7 @@ fn tty_exec_with_64_character_ids_gets_a_terminal() {
         ]),
         24,
         80,
+        b"",
     );
     assert!(text.contains("/dev/pts/"), "no terminal: {text:?}");
     assert!(text.contains("stdin-is-a-tty"), "{text:?}");
@@ -393,6 +355,7 @@ fn ctr_run_tty_and_an_oom_kill_reports_the_oom_event() {
         )),
         30,
         100,
+        b"",
     );
     assert!(text.contains("/dev/pts/"), "no terminal: {text:?}");
     assert!(

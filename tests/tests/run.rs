@@ -421,3 +421,30 @@ fn builtin_backend_times_out_cleanly_where_the_guest_cannot_boot() {
     assert!(stderr(&out).contains("did not answer"), "{}", stderr(&out));
     env.finish();
 }
+
+/// SIGTERM while the VM boots cancels the boot and the run ends with nothing left (before, the
+/// signal's default action killed `pangolin run` and its sandbox directory stayed).
+#[test]
+fn sigterm_during_the_boot_ends_the_run_and_leaves_nothing() {
+    let env = TestEnv::new("sigterm-boot");
+    let mut child = env
+        .pangolin()
+        .arg("run")
+        .arg("--rootfs")
+        .arg(pangolin_e2e::busybox())
+        .args(["--", "sleep", "600"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // The boot takes several hundred milliseconds here: the signal lands in it.
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill");
+    let status = pangolin_e2e::wait_for_end(&mut child, std::time::Duration::from_secs(60));
+    assert_ne!(status.code(), Some(0), "the run went on: {status:?}");
+    env.finish();
+}

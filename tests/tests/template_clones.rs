@@ -96,7 +96,10 @@ fn details(uds: &Path, limit: Duration) -> pangolin_protocols::agent::GuestDetai
         let agent = AgentClient::connect(uds, AGENT_VSOCK_PORT, Instant::now() + limit, || Ok(()))
             .await
             .expect("agent answers");
-        agent.guest_details(None).await.expect("GetGuestDetails")
+        agent
+            .guest_details(None, None)
+            .await
+            .expect("GetGuestDetails")
     })
 }
 

@@ -18,7 +18,7 @@ use super::launch::{Launch, Mode, Ready};
 use super::{BootOptions, BootTimings, Parts, Sandbox, SandboxError, SHARE_TAG};
 
 /// The VM's hybrid vsock socket in the sandbox directory.
-const VSOCK_UDS: &str = "vm.vsock";
+pub(crate) const VSOCK_UDS: &str = "vm.vsock";
 
 /// The kernel command line for a sandbox: the same for every pod of a configuration (nothing
 /// of the pod is in it, so a template's fits all its clones; the share is named in the first
@@ -244,7 +244,26 @@ impl Sandbox {
             other => other,
         })?;
         let agent_ready = Instant::now();
-        let details = agent.guest_details(share_tag.as_deref()).await?;
+        // The debug console's shell: the guest has none, the share carries it.
+        let console = match (config.agent.debug_console, options.share) {
+            (true, Some(share)) => Some(
+                super::info::install_console_shell(&config.agent.debug_console_shell, share)
+                    .map_err(|e| {
+                        SandboxError::Workdir(config.agent.debug_console_shell.clone(), e)
+                    })?,
+            ),
+            (true, None) => {
+                tracing::warn!(
+                    sandbox = id,
+                    "no share: the debug console cannot be offered"
+                );
+                None
+            }
+            (false, _) => None,
+        };
+        let details = agent
+            .guest_details(share_tag.as_deref(), console.as_deref())
+            .await?;
         if let Some(net) = &parts.network {
             // A clone's NIC still has the template's MAC: the agent gives it the pod's.
             let guest_mac = matches!(mode, Mode::Restore(_)).then_some(template::TEMPLATE_MAC);

@@ -213,6 +213,22 @@ impl Sandbox {
                     agent_ready_ms = (timings.agent_ready - start).as_millis(),
                     "sandbox ready"
                 );
+                let info = super::info::SandboxInfo {
+                    id: id.into(),
+                    hypervisor: kind.to_string(),
+                    vcpus: config.hypervisor.vcpus,
+                    memory_mib: config.hypervisor.memory_mib,
+                    ready_unix_ms: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                        .unwrap_or(0),
+                    started_from: started_from.to_string(),
+                    vmm_pid: parts.vm.as_ref().and_then(|vm| vm.pid()),
+                    debug_console: config.agent.debug_console && options.share.is_some(),
+                };
+                if let Err(e) = super::info::write_info(&workdir, &info) {
+                    tracing::warn!(sandbox = id, error = %e, "cannot write the sandbox's facts");
+                }
                 let ended = parts.ended();
                 Ok(Some(Sandbox {
                     id: id.into(),

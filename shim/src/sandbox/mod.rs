@@ -12,6 +12,7 @@
 
 mod boot;
 mod error;
+pub mod info;
 mod launch;
 mod parts;
 mod template_build;

@@ -162,6 +162,13 @@ impl Containers {
             .collect()
     }
 
+    /// The ids of the containers, sorted.
+    pub fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.ready.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
     /// Every container: (id, container).
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (&str, &mut Container)> {
         self.ready.iter_mut().map(|(k, v)| (k.as_str(), v))

@@ -42,6 +42,8 @@ impl Pod {
                 cs.insert(id, Container::new(bundle, init).with_hooks(hooks));
                 self.events
                     .send(Event::create(id, bundle, rootfs.to_vec(), io));
+                drop(cs);
+                self.record_facts();
                 Ok(())
             }
             Err(e) => {
@@ -128,6 +130,7 @@ impl Pod {
             .map_err(|e| PodError::invalid("linux.cgroupsPath", e.to_string()))?;
             spec.hostname()
                 .clone_into(&mut self.hostname.lock().unwrap_or_else(|p| p.into_inner()));
+            *self.cri_pod.lock().unwrap_or_else(|p| p.into_inner()) = cri_pod_name(spec);
             tracing::info!(
                 vcpus = config.hypervisor.vcpus,
                 memory_mib = config.hypervisor.memory_mib,
@@ -167,4 +170,14 @@ impl Pod {
         self.events.send(Event::exec_added(id, exec_id));
         Ok(())
     }
+}
+
+/// `namespace/name` of the CRI pod `spec` belongs to (containerd's CRI annotations), if any.
+fn cri_pod_name(spec: &Spec) -> Option<String> {
+    let a = spec.annotations().as_ref()?;
+    let name = a.get("io.kubernetes.cri.sandbox-name")?;
+    let namespace = a
+        .get("io.kubernetes.cri.sandbox-namespace")
+        .map_or("", String::as_str);
+    Some(format!("{namespace}/{name}"))
 }

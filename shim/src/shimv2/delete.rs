@@ -47,6 +47,8 @@ impl Pod {
         self.events.send(Event::deleted(id, pid, exit));
         if id == self.id {
             self.stop_vm().await;
+        } else {
+            self.record_facts();
         }
         let subject = Subject {
             id,

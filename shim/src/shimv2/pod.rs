@@ -67,6 +67,8 @@ pub struct Pod {
     /// The pod's hostname (the first task's, i.e. the CRI sandbox's), for containers that join
     /// its UTS namespace.
     pub(super) hostname: Mutex<Option<String>>,
+    /// The CRI pod (`namespace/name`), from the first task's annotations, for `pangolin list`.
+    pub(super) cri_pod: Mutex<Option<String>>,
     pub(super) drain_bound: Duration,
 }
 
@@ -96,8 +98,32 @@ impl Pod {
             mounts: deps.mounts,
             containers: Mutex::new(Containers::default()),
             hostname: Mutex::new(None),
+            cri_pod: Mutex::new(None),
             drain_bound: deps.output_drain_bound,
         })
+    }
+
+    /// Writes the pod's facts (its CRI name, its containers) into its sandbox directory, for
+    /// `pangolin list`; nothing when no VM runs.
+    pub(super) fn record_facts(&self) {
+        let Ok(config) = &self.config else {
+            return;
+        };
+        if self.vm.host_pid() == 0 {
+            return;
+        }
+        let workdir = crate::sandbox::workdir_of(&config.runtime.state_dir, &self.id);
+        let facts = crate::sandbox::info::PodInfo {
+            pod: self
+                .cri_pod
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            containers: self.containers().ids(),
+        };
+        if let Err(e) = crate::sandbox::info::write_pod(&workdir, &facts) {
+            tracing::debug!(error = %e, "cannot write the pod's facts");
+        }
     }
 
     /// The container map, locked.

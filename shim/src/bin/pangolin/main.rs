@@ -1,6 +1,7 @@
 //! `pangolin`: run a command as a container in a fresh microVM, or check what this host offers.
 
 mod check;
+mod console;
 mod run;
 mod template;
 mod term;
@@ -32,6 +33,10 @@ enum Command {
     /// Manage the VM templates pods are restored from (built-in VMM).
     #[command(subcommand)]
     Template(template::TemplateCommand),
+    /// A shell (or CMD) in a pod's VM outside every container ([agent] debug_console).
+    Console(console::ConsoleArgs),
+    /// The sandboxes on this node: id, pod, backend, vCPUs, memory, uptime, containers.
+    List,
 }
 
 fn main() -> ExitCode {
@@ -57,7 +62,15 @@ fn main() -> ExitCode {
         Command::Check => runtime.block_on(check::check(cli.config.as_deref())),
         Command::Run(args) => runtime.block_on(run::run(cli.config.as_deref(), args)),
         Command::Template(cmd) => runtime.block_on(template::template(cli.config.as_deref(), cmd)),
+        Command::Console(args) => runtime
+            .block_on(console::console(cli.config.as_deref(), args))
+            // The process's status, as a shell reports it (128 + signal for a signal).
+            .map(|status| u8::try_from(status).unwrap_or(u8::MAX)),
+        Command::List => console::list(cli.config.as_deref()).map(|()| 0),
     };
+    // A read of stdin may still be blocked in the runtime's blocking pool (the console's
+    // input): it is not waited for.
+    runtime.shutdown_background();
     match result {
         Ok(code) => ExitCode::from(code),
         Err(err) => {

@@ -119,6 +119,9 @@ pub async fn run(config_file: Option<&Path>, args: RunArgs) -> anyhow::Result<u8
         std::process::id(),
         total.elapsed().subsec_nanos()
     );
+    // From here a termination signal must not kill us before the teardown: during the boot it
+    // cancels it, before the container runs it is kept and delivered once the container starts.
+    let early = EarlySignals::watch()?;
     let mut sandbox = Sandbox::start_with(
         &id,
         &config,
@@ -127,10 +130,14 @@ pub async fn run(config_file: Option<&Path>, args: RunArgs) -> anyhow::Result<u8
             console_log: args.console_log.as_deref(),
             netns: None,
             cgroup: None,
-            cancel: None,
+            cancel: Some(early.cancel.clone()),
         },
     )
     .await?;
+    if let Some(sig) = early.pending() {
+        sandbox.shutdown().await;
+        return Ok(u8::try_from(128 + sig).unwrap_or(u8::MAX));
+    }
     let booted = Instant::now();
     let agent = sandbox.agent().clone();
     // Guest clock: kernel start to the agent serving.
@@ -138,7 +145,7 @@ pub async fn run(config_file: Option<&Path>, args: RunArgs) -> anyhow::Result<u8
     let guest_ready_ms = sandbox.details.agent_ready_boottime_ns as f64 / 1e6;
     let started_from = sandbox.started_from;
     let result = tokio::select! {
-        r = run_in(agent, &args, spec_json) => r,
+        r = run_in(agent, &args, spec_json, early) => r,
         err = sandbox.vmm_exited() => Err(anyhow::Error::new(err).context("the microVM died")),
     };
     let teardown = Instant::now();
@@ -181,6 +188,7 @@ async fn run_in(
     agent: AgentClient,
     args: &RunArgs,
     spec_json: String,
+    early: EarlySignals,
 ) -> anyhow::Result<(i32, Instant)> {
     agent
         .create_container(CONTAINER_ID, spec_json, GUEST_SHARED_DIR, args.interactive)
@@ -207,6 +215,12 @@ async fn run_in(
     let oom = Arc::new(AtomicBool::new(false));
     let oom_task = tokio::spawn(watch_oom(agent.clone(), oom.clone()));
     let signals = tokio::spawn(forward_signals(agent.clone(), args.tty));
+    // A signal that came before the start is the container's now.
+    if let Some(sig) = early.stop() {
+        let _ = agent
+            .signal(CONTAINER_ID, "", sig.unsigned_abs(), false)
+            .await;
+    }
 
     let status = agent
         .wait(CONTAINER_ID, "")
@@ -285,6 +299,49 @@ async fn watch_oom(agent: AgentClient, flag: Arc<AtomicBool>) {
         if id == CONTAINER_ID {
             flag.store(true, Ordering::SeqCst);
         }
+    }
+}
+
+/// SIGINT/SIGTERM/SIGHUP before the container runs: the first cancels the boot and is kept.
+struct EarlySignals {
+    cancel: tokio_util::sync::CancellationToken,
+    pending: Arc<std::sync::atomic::AtomicI32>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EarlySignals {
+    fn watch() -> anyhow::Result<EarlySignals> {
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let pending = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let (c, p) = (cancel.clone(), pending.clone());
+        let task = tokio::spawn(async move {
+            let sig = tokio::select! {
+                _ = int.recv() => libc::SIGINT,
+                _ = term.recv() => libc::SIGTERM,
+                _ = hup.recv() => libc::SIGHUP,
+            };
+            p.store(sig, Ordering::SeqCst);
+            c.cancel();
+        });
+        Ok(EarlySignals {
+            cancel,
+            pending,
+            task,
+        })
+    }
+
+    /// The signal that came, if one did.
+    fn pending(&self) -> Option<i32> {
+        Some(self.pending.load(Ordering::SeqCst)).filter(|&s| s != 0)
+    }
+
+    /// Stops watching (the container's forwarder has taken over); the signal that came.
+    fn stop(self) -> Option<i32> {
+        self.task.abort();
+        self.pending()
     }
 }
 
