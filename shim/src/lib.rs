@@ -10,6 +10,7 @@ pub mod host;
 pub mod host_cgroup;
 pub mod hypervisor;
 pub mod jail_ids;
+pub mod monitor;
 pub mod network;
 pub mod sandbox;
 pub mod shimv2;

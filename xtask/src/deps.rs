@@ -34,6 +34,8 @@ const APT: &[(&str, &str)] = &[
     // The CRI conformance suite's private registry (image pulls by tag and digest); never
     // started as a service.
     ("/usr/bin/docker-registry", "docker-registry"),
+    // The metrics test scrapes `pangolin monitor` with a real Prometheus (never a service).
+    ("/usr/bin/prometheus", "prometheus"),
 ];
 
 /// Cargo-installed daemons, pinned: their command lines are part of our contract.

@@ -38,6 +38,15 @@ pub struct SandboxInfo {
     pub started_from: String,
     /// The VMM's host pid.
     pub vmm_pid: Option<u32>,
+    /// virtiofsd's host pid.
+    #[serde(default)]
+    pub virtiofsd_pid: Option<u32>,
+    /// The host process that owns the sandbox (the containerd shim, or `pangolin run`).
+    #[serde(default)]
+    pub owner_pid: u32,
+    /// Sandbox start to agent ready, in milliseconds.
+    #[serde(default)]
+    pub boot_ms: u64,
     /// Whether the agent serves the debug console.
     pub debug_console: bool,
 }
@@ -150,6 +159,9 @@ mod tests {
                 ready_unix_ms: 1,
                 started_from: "boot".into(),
                 vmm_pid: Some(7),
+                virtiofsd_pid: Some(9),
+                owner_pid: 8,
+                boot_ms: 500,
                 debug_console: false,
             };
             write_info(&w, &info).expect("info");

@@ -10,6 +10,7 @@ use pangolin_runtime_config::{Config, HypervisorKind};
 use pangolin_vmm_config::SnapshotFiles;
 
 use crate::agent::AgentClient;
+use crate::daemon::Daemon;
 use crate::host::HostInfo;
 use crate::host_cgroup::PodCgroup;
 use crate::hypervisor::{self, builtin::Builtin, qemu::Qemu, Hypervisor, HypervisorError};
@@ -224,6 +225,10 @@ impl Sandbox {
                         .unwrap_or(0),
                     started_from: started_from.to_string(),
                     vmm_pid: parts.vm.as_ref().and_then(|vm| vm.pid()),
+                    virtiofsd_pid: parts.virtiofsd.as_ref().and_then(Daemon::pid),
+                    owner_pid: std::process::id(),
+                    boot_ms: u64::try_from((timings.agent_ready - start).as_millis())
+                        .unwrap_or(u64::MAX),
                     debug_console: config.agent.debug_console && options.share.is_some(),
                 };
                 if let Err(e) = super::info::write_info(&workdir, &info) {

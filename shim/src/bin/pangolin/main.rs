@@ -2,6 +2,7 @@
 
 mod check;
 mod console;
+mod monitor;
 mod run;
 mod template;
 mod term;
@@ -37,6 +38,8 @@ enum Command {
     Console(console::ConsoleArgs),
     /// The sandboxes on this node: id, pod, backend, vCPUs, memory, uptime, containers.
     List,
+    /// Serve Prometheus metrics of this node's sandboxes on /metrics.
+    Monitor(monitor::MonitorArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
             // The process's status, as a shell reports it (128 + signal for a signal).
             .map(|status| u8::try_from(status).unwrap_or(u8::MAX)),
         Command::List => console::list(cli.config.as_deref()).map(|()| 0),
+        Command::Monitor(args) => runtime.block_on(monitor::monitor(cli.config.as_deref(), args)),
     };
     // A read of stdin may still be blocked in the runtime's blocking pool (the console's
     // input): it is not waited for.

@@ -1,0 +1,133 @@
+//! What one scrape measures: the sandboxes under the state directory and their host processes.
+
+use std::path::Path;
+
+use crate::sandbox::info::{self, PodInfo, SandboxInfo};
+
+/// One host process of a sandbox, measured.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProcessFigures {
+    /// `vmm`, `virtiofsd` or `owner`.
+    pub role: &'static str,
+    /// User plus system CPU time.
+    pub cpu_seconds: f64,
+    /// Resident set size.
+    pub rss_bytes: u64,
+    /// Proportional set size (shared pages divided among their users).
+    pub pss_bytes: u64,
+    /// Open file descriptors.
+    pub fds: u64,
+    /// Threads.
+    pub threads: u64,
+}
+
+/// One sandbox, measured.
+#[derive(Debug, Clone)]
+pub struct SandboxFigures {
+    /// What it says about itself.
+    pub info: SandboxInfo,
+    /// The containerd shim's view.
+    pub pod: PodInfo,
+    /// Its processes that are alive now.
+    pub processes: Vec<ProcessFigures>,
+}
+
+/// Every ready sandbox under `state_dir` with its processes' figures.
+pub fn scrape(state_dir: &Path) -> Vec<SandboxFigures> {
+    info::list(state_dir)
+        .into_iter()
+        .filter_map(|(_, info, pod)| {
+            // A directory left by a sandbox whose owner is gone is not a sandbox any more.
+            if info.owner_pid != 0 && !Path::new(&format!("/proc/{}", info.owner_pid)).exists() {
+                return None;
+            }
+            let roles = [
+                ("vmm", info.vmm_pid),
+                ("virtiofsd", info.virtiofsd_pid),
+                ("owner", Some(info.owner_pid).filter(|&p| p != 0)),
+            ];
+            let processes = roles
+                .into_iter()
+                .filter_map(|(role, pid)| measure(role, pid?))
+                .collect();
+            Some(SandboxFigures {
+                info,
+                pod,
+                processes,
+            })
+        })
+        .collect()
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), what `/proc/<pid>/stat` counts CPU in.
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf reads a constant of the running system and touches no memory of ours.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// Figures of process `pid`; None when it is gone.
+pub fn measure(role: &'static str, pid: u32) -> Option<ProcessFigures> {
+    let proc_dir = format!("/proc/{pid}");
+    let stat = std::fs::read_to_string(format!("{proc_dir}/stat")).ok()?;
+    let (cpu_ticks, threads) = parse_stat(&stat)?;
+    let status = std::fs::read_to_string(format!("{proc_dir}/status")).unwrap_or_default();
+    let rollup = std::fs::read_to_string(format!("{proc_dir}/smaps_rollup")).unwrap_or_default();
+    let fds = std::fs::read_dir(format!("{proc_dir}/fd"))
+        .map(|d| d.count() as u64)
+        .unwrap_or(0);
+    Some(ProcessFigures {
+        role,
+        cpu_seconds: cpu_ticks as f64 / ticks_per_second(),
+        rss_bytes: kib_field(&status, "VmRSS:") * 1024,
+        pss_bytes: kib_field(&rollup, "Pss:") * 1024,
+        fds,
+        threads,
+    })
+}
+
+/// utime + stime (fields 14 and 15) and num_threads (field 20) of a `/proc/<pid>/stat` line;
+/// the command name (field 2) may hold spaces and parentheses, so fields count from its last `)`.
+pub fn parse_stat(stat: &str) -> Option<(u64, u64)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state).
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+    Some((field(14)? + field(15)?, field(20)?))
+}
+
+/// A `Key:   N kB` line's N (0 when absent).
+pub fn kib_field(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_count_from_the_last_parenthesis() {
+        let stat =
+            "4242 (we ird) (name) S 1 4242 4242 0 -1 4194560 100 0 0 0 37 5 0 0 20 0 9 0 123 0 0";
+        assert_eq!(parse_stat(stat), Some((42, 9)));
+        assert_eq!(parse_stat("garbage"), None);
+        assert_eq!(parse_stat("1 (x) S 1"), None);
+    }
+
+    #[test]
+    fn kib_fields_and_this_process_are_measured() {
+        assert_eq!(kib_field("Name:\tx\nVmRSS:\t  1234 kB\n", "VmRSS:"), 1234);
+        assert_eq!(kib_field("", "Pss:"), 0);
+        let me = measure("owner", std::process::id()).expect("this process");
+        assert!(me.rss_bytes > 0 && me.threads >= 1 && me.fds >= 3, "{me:?}");
+        assert!(measure("vmm", u32::MAX).is_none());
+    }
+}

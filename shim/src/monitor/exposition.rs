@@ -1,0 +1,219 @@
+//! The Prometheus text exposition format (version 0.0.4) of a scrape.
+
+use std::fmt::Write as _;
+
+use super::collect::SandboxFigures;
+
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// A label value, escaped as the format requires (backslash, double quote, newline).
+pub fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One metric family: its help, type and samples (`labels` without braces, value).
+struct Family<'a> {
+    name: &'a str,
+    help: &'a str,
+    kind: &'a str,
+    samples: Vec<(String, f64)>,
+}
+
+fn write_family(out: &mut String, f: &Family<'_>) {
+    let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
+    let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind);
+    for (labels, value) in &f.samples {
+        let _ = writeln!(out, "{}{{{labels}}} {value}", f.name);
+    }
+}
+
+/// The text of one scrape; `now_ms` is the wall clock (for uptimes).
+pub fn render(sandboxes: &[SandboxFigures], now_ms: u64) -> String {
+    let base = |s: &SandboxFigures| {
+        let mut l = format!("sandbox=\"{}\"", escape(&s.info.id));
+        if let Some(pod) = &s.pod.pod {
+            let (namespace, name) = pod.split_once('/').unwrap_or(("", pod));
+            let _ = write!(
+                l,
+                ",namespace=\"{}\",pod=\"{}\"",
+                escape(namespace),
+                escape(name)
+            );
+        }
+        l
+    };
+    let per_sandbox = |f: &dyn Fn(&SandboxFigures) -> f64| -> Vec<(String, f64)> {
+        sandboxes.iter().map(|s| (base(s), f(s))).collect()
+    };
+    let per_process = |f: &dyn Fn(&super::collect::ProcessFigures) -> f64| -> Vec<(String, f64)> {
+        sandboxes
+            .iter()
+            .flat_map(|s| {
+                s.processes
+                    .iter()
+                    .map(move |p| (format!("{},process=\"{}\"", base(s), p.role), f(p)))
+            })
+            .collect()
+    };
+    let families = [
+        Family {
+            name: "pangolin_sandbox_info",
+            help: "A sandbox on this node (always 1), with its backend and how it started.",
+            kind: "gauge",
+            samples: sandboxes
+                .iter()
+                .map(|s| {
+                    (
+                        format!(
+                            "{},hypervisor=\"{}\",started_from=\"{}\"",
+                            base(s),
+                            escape(&s.info.hypervisor),
+                            escape(&s.info.started_from)
+                        ),
+                        1.0,
+                    )
+                })
+                .collect(),
+        },
+        Family {
+            name: "pangolin_sandbox_vcpus",
+            help: "The sandbox VM's vCPUs.",
+            kind: "gauge",
+            samples: per_sandbox(&|s| f64::from(s.info.vcpus)),
+        },
+        Family {
+            name: "pangolin_sandbox_memory_bytes",
+            help: "The sandbox VM's guest memory.",
+            kind: "gauge",
+            samples: per_sandbox(&|s| f64::from(s.info.memory_mib) * 1_048_576.0),
+        },
+        Family {
+            name: "pangolin_sandbox_boot_seconds",
+            help: "Sandbox start to guest agent ready.",
+            kind: "gauge",
+            samples: per_sandbox(&|s| s.info.boot_ms as f64 / 1000.0),
+        },
+        Family {
+            name: "pangolin_sandbox_uptime_seconds",
+            help: "Time since the sandbox became ready.",
+            kind: "gauge",
+            samples: per_sandbox(&|s| now_ms.saturating_sub(s.info.ready_unix_ms) as f64 / 1000.0),
+        },
+        Family {
+            name: "pangolin_sandbox_containers",
+            help: "Containers in the sandbox (as its containerd shim last recorded them).",
+            kind: "gauge",
+            samples: per_sandbox(&|s| s.pod.containers.len() as f64),
+        },
+        Family {
+            name: "pangolin_process_cpu_seconds_total",
+            help: "User and system CPU time of a sandbox's host process.",
+            kind: "counter",
+            samples: per_process(&|p| p.cpu_seconds),
+        },
+        Family {
+            name: "pangolin_process_resident_memory_bytes",
+            help: "Resident set size of a sandbox's host process (guest RAM it touched included, for the VMM).",
+            kind: "gauge",
+            samples: per_process(&|p| p.rss_bytes as f64),
+        },
+        Family {
+            name: "pangolin_process_proportional_memory_bytes",
+            help: "Proportional set size of a sandbox's host process.",
+            kind: "gauge",
+            samples: per_process(&|p| p.pss_bytes as f64),
+        },
+        Family {
+            name: "pangolin_process_open_fds",
+            help: "Open file descriptors of a sandbox's host process.",
+            kind: "gauge",
+            samples: per_process(&|p| p.fds as f64),
+        },
+        Family {
+            name: "pangolin_process_threads",
+            help: "Threads of a sandbox's host process.",
+            kind: "gauge",
+            samples: per_process(&|p| p.threads as f64),
+        },
+    ];
+    let mut out = String::new();
+    for family in &families {
+        write_family(&mut out, family);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::monitor::collect::ProcessFigures;
+    use crate::sandbox::info::{PodInfo, SandboxInfo};
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape("x\ny"), "x\\ny");
+    }
+
+    #[test]
+    fn a_sandbox_renders_its_families_with_its_pod_labels() {
+        let s = SandboxFigures {
+            info: SandboxInfo {
+                id: "abc".into(),
+                hypervisor: "qemu".into(),
+                vcpus: 2,
+                memory_mib: 256,
+                ready_unix_ms: 1_000,
+                started_from: "boot".into(),
+                vmm_pid: Some(1),
+                virtiofsd_pid: None,
+                owner_pid: 2,
+                boot_ms: 750,
+                debug_console: false,
+            },
+            pod: PodInfo {
+                pod: Some("team-a/web\"1".into()),
+                containers: vec!["abc".into(), "c2".into()],
+            },
+            processes: vec![ProcessFigures {
+                role: "vmm",
+                cpu_seconds: 1.5,
+                rss_bytes: 4096,
+                pss_bytes: 2048,
+                fds: 12,
+                threads: 3,
+            }],
+        };
+        let text = render(&[s], 11_000);
+        let labels = r#"sandbox="abc",namespace="team-a",pod="web\"1""#;
+        for line in [
+            format!(r#"pangolin_sandbox_info{{{labels},hypervisor="qemu",started_from="boot"}} 1"#),
+            format!("pangolin_sandbox_memory_bytes{{{labels}}} 268435456"),
+            format!("pangolin_sandbox_boot_seconds{{{labels}}} 0.75"),
+            format!("pangolin_sandbox_uptime_seconds{{{labels}}} 10"),
+            format!("pangolin_sandbox_containers{{{labels}}} 2"),
+            format!(r#"pangolin_process_cpu_seconds_total{{{labels},process="vmm"}} 1.5"#),
+            format!(r#"pangolin_process_threads{{{labels},process="vmm"}} 3"#),
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        assert!(text.contains("# TYPE pangolin_process_cpu_seconds_total counter"));
+        assert_eq!(
+            render(&[], 0)
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .count(),
+            0
+        );
+    }
+}
