@@ -282,3 +282,53 @@ mod tests {
         assert_eq!(cmdline_param(c, "pangolin.port"), None);
     }
 }
+
+/// The guest's memory and load from `/proc/meminfo` and `/proc/loadavg` texts.
+pub fn stats(meminfo: &str, loadavg: &str) -> pangolin_protocols::agent::GuestStatsResponse {
+    let kib = |key: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            .saturating_mul(1024)
+    };
+    let fields: Vec<&str> = loadavg.split_whitespace().collect();
+    let load = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let tasks = fields
+        .get(3)
+        .and_then(|v| v.split_once('/'))
+        .and_then(|(_, total)| total.parse().ok())
+        .unwrap_or(0);
+    pangolin_protocols::agent::GuestStatsResponse {
+        mem_total_bytes: kib("MemTotal:"),
+        mem_available_bytes: kib("MemAvailable:"),
+        load1: load(0),
+        load5: load(1),
+        load15: load(2),
+        tasks,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod stats_tests {
+    #[test]
+    fn memory_and_load_come_from_proc() {
+        let s = super::stats(
+            "MemTotal:        245000 kB\nMemFree: 1 kB\nMemAvailable:    200000 kB\n",
+            "0.50 0.25 0.10 2/87 123\n",
+        );
+        assert_eq!(s.mem_total_bytes, 245_000 * 1024);
+        assert_eq!(s.mem_available_bytes, 200_000 * 1024);
+        assert!((s.load1 - 0.5).abs() < 1e-9 && (s.load15 - 0.1).abs() < 1e-9);
+        assert_eq!(s.tasks, 87);
+        assert_eq!(super::stats("", "").mem_total_bytes, 0);
+    }
+}

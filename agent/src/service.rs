@@ -244,6 +244,16 @@ impl AgentService for Service {
         Ok(crate::cgroup::stats(&container.cgroup_dir)?)
     }
 
+    async fn guest_stats(
+        &self,
+        _: &Ctx,
+        _: GuestStatsRequest,
+    ) -> ttrpc::Result<GuestStatsResponse> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        Ok(crate::guest::stats(&meminfo, &loadavg))
+    }
+
     async fn list_processes(
         &self,
         _: &Ctx,

@@ -349,6 +349,17 @@ impl AgentClient {
         call!(self, stats_container, "StatsContainer", req, Some(QUICK))
     }
 
+    /// The guest's memory and load.
+    pub async fn guest_stats(&self) -> Result<GuestStatsResponse, AgentError> {
+        call!(
+            self,
+            guest_stats,
+            "GuestStats",
+            GuestStatsRequest::new(),
+            Some(QUICK)
+        )
+    }
+
     /// Guest pids of the container's processes.
     pub async fn pids(&self, id: &str) -> Result<Vec<u32>, AgentError> {
         let req = ContainerRequest {

@@ -1,6 +1,7 @@
 //! `pangolin monitor` scraped by a real Prometheus (Debian's, started by the test with its own
 //! configuration and storage): while two pods run through a private containerd, Prometheus's
-//! HTTP API returns the series of both (the sandbox, and its VMM's and shim's processes); once
+//! HTTP API returns the series of both (the sandbox, its VMM's and shim's processes, its guest's
+//! memory from the agent, its container's cgroup in the guest); once
 //! one pod is removed, the next scrapes have only the other.
 
 #![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
@@ -131,6 +132,16 @@ fn prometheus_scrapes_both_pods_and_forgets_a_removed_one() {
         r#"pangolin_process_resident_memory_bytes{process="vmm"}"#,
         &["mon1", "mon2"],
     );
+    let guests = wait_for(
+        prometheus_port,
+        "pangolin_guest_memory_total_bytes",
+        &["mon1", "mon2"],
+    );
+    let containers = wait_for(
+        prometheus_port,
+        r#"pangolin_container_memory_usage_bytes{container="mon2"}"#,
+        &["mon2"],
+    );
     let shims = wait_for(
         prometheus_port,
         r#"pangolin_process_cpu_seconds_total{process="owner"}"#,
@@ -156,6 +167,8 @@ fn prometheus_scrapes_both_pods_and_forgets_a_removed_one() {
     both.unwrap_or_else(|got| panic!("both pods' series: got {got:?}; prometheus log:\n{tail}"));
     vmms.unwrap_or_else(|got| panic!("VMM memory series: got {got:?}"));
     shims.unwrap_or_else(|got| panic!("shim CPU series: got {got:?}"));
+    guests.unwrap_or_else(|got| panic!("guest memory series (from the agents): got {got:?}"));
+    containers.unwrap_or_else(|got| panic!("container cgroup series: got {got:?}"));
     one.unwrap_or_else(|got| panic!("after removing mon1: got {got:?}"));
     let _ = std::fs::remove_dir_all(&prom_dir);
     finish_containerd(ctrd, env);

@@ -1,8 +1,46 @@
 //! What one scrape measures: the sandboxes under the state directory and their host processes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
+use pangolin_protocols::AGENT_VSOCK_PORT;
+
+use crate::agent::AgentClient;
 use crate::sandbox::info::{self, PodInfo, SandboxInfo};
+
+/// How long the guest's figures may take per sandbox (a stuck guest costs a scrape this much).
+const GUEST_PATIENCE: Duration = Duration::from_secs(2);
+
+/// The guest's own figures, from its agent.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GuestFigures {
+    /// MemTotal.
+    pub mem_total_bytes: u64,
+    /// MemAvailable.
+    pub mem_available_bytes: u64,
+    /// Load averages over 1, 5 and 15 minutes.
+    pub load: [f64; 3],
+    /// Tasks in the guest.
+    pub tasks: u64,
+    /// Each container's cgroup figures: id, CPU seconds, memory usage, memory limit (0:
+    /// none), pids.
+    pub containers: Vec<ContainerFigures>,
+}
+
+/// One container's cgroup figures in the guest.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContainerFigures {
+    /// Its id.
+    pub id: String,
+    /// CPU time.
+    pub cpu_seconds: f64,
+    /// memory.current.
+    pub memory_bytes: u64,
+    /// memory.max (0: unlimited).
+    pub memory_limit_bytes: u64,
+    /// pids.current.
+    pub pids: u64,
+}
 
 /// One host process of a sandbox, measured.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -30,13 +68,75 @@ pub struct SandboxFigures {
     pub pod: PodInfo,
     /// Its processes that are alive now.
     pub processes: Vec<ProcessFigures>,
+    /// The guest's figures, when its agent answered in time.
+    pub guest: Option<GuestFigures>,
 }
 
-/// Every ready sandbox under `state_dir` with its processes' figures.
-pub fn scrape(state_dir: &Path) -> Vec<SandboxFigures> {
+/// Every ready sandbox under `state_dir` with its processes' and its guest's figures.
+pub async fn scrape(state_dir: &Path) -> Vec<SandboxFigures> {
+    let dir = state_dir.to_path_buf();
+    let host = tokio::task::spawn_blocking(move || scrape_host(&dir))
+        .await
+        .unwrap_or_default();
+    let mut asks = tokio::task::JoinSet::new();
+    for (i, (workdir, s)) in host.iter().enumerate() {
+        let (workdir, containers) = (workdir.clone(), s.pod.containers.clone());
+        asks.spawn(async move {
+            let guest = tokio::time::timeout(GUEST_PATIENCE, guest(&workdir, &containers))
+                .await
+                .ok()
+                .flatten();
+            (i, guest)
+        });
+    }
+    let mut out: Vec<SandboxFigures> = host.into_iter().map(|(_, s)| s).collect();
+    while let Some(Ok((i, guest))) = asks.join_next().await {
+        if let Some(s) = out.get_mut(i) {
+            s.guest = guest;
+        }
+    }
+    out
+}
+
+/// The guest's figures through its agent (a connection of the monitor's own).
+async fn guest(workdir: &Path, containers: &[String]) -> Option<GuestFigures> {
+    let agent = AgentClient::connect(
+        &info::vsock_socket(workdir),
+        AGENT_VSOCK_PORT,
+        Instant::now() + GUEST_PATIENCE,
+        || Ok(()),
+    )
+    .await
+    .ok()?;
+    let g = agent.guest_stats().await.ok()?;
+    let mut figures = GuestFigures {
+        mem_total_bytes: g.mem_total_bytes,
+        mem_available_bytes: g.mem_available_bytes,
+        load: [g.load1, g.load5, g.load15],
+        tasks: g.tasks,
+        containers: Vec::new(),
+    };
+    for id in containers {
+        // A container of the pod file that the guest does not know (yet, or any more).
+        let Ok(c) = agent.stats(id).await else {
+            continue;
+        };
+        figures.containers.push(ContainerFigures {
+            id: id.clone(),
+            cpu_seconds: c.cpu.usage_usec as f64 / 1e6,
+            memory_bytes: c.memory.usage_bytes,
+            memory_limit_bytes: c.memory.limit_bytes,
+            pids: c.pids.current,
+        });
+    }
+    Some(figures)
+}
+
+/// The host side of a scrape: each ready sandbox's directory and figures.
+fn scrape_host(state_dir: &Path) -> Vec<(PathBuf, SandboxFigures)> {
     info::list(state_dir)
         .into_iter()
-        .filter_map(|(_, info, pod)| {
+        .filter_map(|(workdir, info, pod)| {
             // A directory left by a sandbox whose owner is gone is not a sandbox any more.
             if info.owner_pid != 0 && !Path::new(&format!("/proc/{}", info.owner_pid)).exists() {
                 return None;
@@ -50,11 +150,15 @@ pub fn scrape(state_dir: &Path) -> Vec<SandboxFigures> {
                 .into_iter()
                 .filter_map(|(role, pid)| measure(role, pid?))
                 .collect();
-            Some(SandboxFigures {
-                info,
-                pod,
-                processes,
-            })
+            Some((
+                workdir,
+                SandboxFigures {
+                    info,
+                    pod,
+                    processes,
+                    guest: None,
+                },
+            ))
         })
         .collect()
 }

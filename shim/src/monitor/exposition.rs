@@ -65,6 +65,25 @@ pub fn render(sandboxes: &[SandboxFigures], now_ms: u64) -> String {
             })
             .collect()
     };
+    let per_guest = |f: &dyn Fn(&super::collect::GuestFigures) -> f64| -> Vec<(String, f64)> {
+        sandboxes
+            .iter()
+            .filter_map(|s| s.guest.as_ref().map(|g| (base(s), f(g))))
+            .collect()
+    };
+    let per_container =
+        |f: &dyn Fn(&super::collect::ContainerFigures) -> f64| -> Vec<(String, f64)> {
+            sandboxes
+                .iter()
+                .flat_map(|s| {
+                    s.guest.iter().flat_map(move |g| {
+                        g.containers.iter().map(move |c| {
+                            (format!("{},container=\"{}\"", base(s), escape(&c.id)), f(c))
+                        })
+                    })
+                })
+                .collect()
+        };
     let families = [
         Family {
             name: "pangolin_sandbox_info",
@@ -145,6 +164,66 @@ pub fn render(sandboxes: &[SandboxFigures], now_ms: u64) -> String {
             kind: "gauge",
             samples: per_process(&|p| p.threads as f64),
         },
+        Family {
+            name: "pangolin_guest_memory_total_bytes",
+            help: "The guest's MemTotal.",
+            kind: "gauge",
+            samples: per_guest(&|g| g.mem_total_bytes as f64),
+        },
+        Family {
+            name: "pangolin_guest_memory_available_bytes",
+            help: "The guest's MemAvailable.",
+            kind: "gauge",
+            samples: per_guest(&|g| g.mem_available_bytes as f64),
+        },
+        Family {
+            name: "pangolin_guest_load1",
+            help: "The guest's load average over a minute.",
+            kind: "gauge",
+            samples: per_guest(&|g| g.load[0]),
+        },
+        Family {
+            name: "pangolin_guest_load5",
+            help: "The guest's load average over five minutes.",
+            kind: "gauge",
+            samples: per_guest(&|g| g.load[1]),
+        },
+        Family {
+            name: "pangolin_guest_load15",
+            help: "The guest's load average over fifteen minutes.",
+            kind: "gauge",
+            samples: per_guest(&|g| g.load[2]),
+        },
+        Family {
+            name: "pangolin_guest_tasks",
+            help: "Tasks in the guest.",
+            kind: "gauge",
+            samples: per_guest(&|g| g.tasks as f64),
+        },
+        Family {
+            name: "pangolin_container_cpu_seconds_total",
+            help: "CPU time of a container's cgroup in the guest.",
+            kind: "counter",
+            samples: per_container(&|c| c.cpu_seconds),
+        },
+        Family {
+            name: "pangolin_container_memory_usage_bytes",
+            help: "Memory of a container's cgroup in the guest.",
+            kind: "gauge",
+            samples: per_container(&|c| c.memory_bytes as f64),
+        },
+        Family {
+            name: "pangolin_container_memory_limit_bytes",
+            help: "Memory limit of a container's cgroup in the guest (0: none).",
+            kind: "gauge",
+            samples: per_container(&|c| c.memory_limit_bytes as f64),
+        },
+        Family {
+            name: "pangolin_container_pids",
+            help: "Processes in a container's cgroup in the guest.",
+            kind: "gauge",
+            samples: per_container(&|c| c.pids as f64),
+        },
     ];
     let mut out = String::new();
     for family in &families {
@@ -156,7 +235,7 @@ pub fn render(sandboxes: &[SandboxFigures], now_ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::monitor::collect::ProcessFigures;
+    use crate::monitor::collect::{ContainerFigures, GuestFigures, ProcessFigures};
     use crate::sandbox::info::{PodInfo, SandboxInfo};
 
     #[test]
@@ -193,6 +272,19 @@ mod tests {
                 fds: 12,
                 threads: 3,
             }],
+            guest: Some(GuestFigures {
+                mem_total_bytes: 100,
+                mem_available_bytes: 50,
+                load: [0.5, 0.25, 0.0],
+                tasks: 40,
+                containers: vec![ContainerFigures {
+                    id: "c2".into(),
+                    cpu_seconds: 0.25,
+                    memory_bytes: 4096,
+                    memory_limit_bytes: 0,
+                    pids: 2,
+                }],
+            }),
         };
         let text = render(&[s], 11_000);
         let labels = r#"sandbox="abc",namespace="team-a",pod="web\"1""#;
@@ -204,6 +296,10 @@ mod tests {
             format!("pangolin_sandbox_containers{{{labels}}} 2"),
             format!(r#"pangolin_process_cpu_seconds_total{{{labels},process="vmm"}} 1.5"#),
             format!(r#"pangolin_process_threads{{{labels},process="vmm"}} 3"#),
+            format!("pangolin_guest_memory_available_bytes{{{labels}}} 50"),
+            format!("pangolin_guest_load1{{{labels}}} 0.5"),
+            format!(r#"pangolin_container_memory_usage_bytes{{{labels},container="c2"}} 4096"#),
+            format!(r#"pangolin_container_pids{{{labels},container="c2"}} 2"#),
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }

@@ -26,15 +26,12 @@ async fn answer(
         *not_found.status_mut() = StatusCode::NOT_FOUND;
         return Ok(not_found);
     }
-    let text = tokio::task::spawn_blocking(move || {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
-        exposition::render(&collect::scrape(&state_dir), now)
-    })
-    .await
-    .unwrap_or_default();
+    let sandboxes = collect::scrape(&state_dir).await;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    let text = exposition::render(&sandboxes, now);
     let mut ok = Response::new(Full::new(Bytes::from(text)));
     if let Ok(v) = hyper::header::HeaderValue::from_str(exposition::CONTENT_TYPE) {
         ok.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
