@@ -152,6 +152,14 @@ fn install_adds_a_handler_containerd_runs_pods_on_and_uninstall_puts_the_node_ba
     let (said, _, code) = rt.block_on(exec(&mut cri, &id, &["uname", "-r"]));
     assert_eq!(code, 0);
     assert!(said.contains("pangolin"), "not in a Pangolin VM: {said}");
+    // `pangolin list` knows the CRI pod and its two containers (the sandbox's and this one).
+    let listed = stdout(&env.pangolin().arg("list").output().expect("pangolin list"));
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains("/deployed") && l.split_whitespace().nth(6) == Some("2")),
+        "pangolin list: {listed}"
+    );
     let shims = pangolin_e2e::processes_mentioning(&bin.join("containerd-shim-pangolin-v2"));
     assert!(!shims.is_empty(), "the pod's shim is not the installed one");
     rt.block_on(cri.remove_pod(&pod)).expect("remove pod");
