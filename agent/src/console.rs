@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use pangolin_protocols::console::{read_frame, write_frame, Kind, Request};
 use pangolin_protocols::AGENT_CONSOLE_PORT;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
 
 use crate::reaper::Reaper;
@@ -53,29 +53,10 @@ pub fn enable(busybox: &str, reaper: Reaper) -> std::io::Result<()> {
     let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, AGENT_CONSOLE_PORT))?;
     let _ = LISTENING.set(());
     tracing::warn!(port = AGENT_CONSOLE_PORT, "debug console enabled");
-    let slots = Arc::new(Semaphore::new(MAX_SESSIONS));
     let busybox = Arc::new(busybox);
-    tokio::spawn(async move {
-        loop {
-            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-                return;
-            };
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    let (busybox, reaper) = (Arc::clone(&busybox), reaper.clone());
-                    tokio::spawn(async move {
-                        if let Err(err) = session(stream, &busybox, &reaper).await {
-                            tracing::info!(%err, "debug console session ended");
-                        }
-                        drop(slot);
-                    });
-                }
-                Err(err) => {
-                    tracing::warn!(%err, "debug console accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
+    crate::vsock_server::spawn(listener, MAX_SESSIONS, "debug console", move |stream| {
+        let (busybox, reaper) = (Arc::clone(&busybox), reaper.clone());
+        async move { session(stream, &busybox, &reaper).await }
     });
     Ok(())
 }

@@ -7,13 +7,11 @@
 //! `pangolin_protocols` ([`AGENT_FORWARD_PORT`]).
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use pangolin_protocols::{AGENT_FORWARD_PORT, FORWARD_CONNECTED, FORWARD_REFUSED};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
 
 /// Forwarded connections open at once; more wait for one to end (the host bounds its own).
@@ -28,28 +26,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The listener could not be bound.
 pub fn serve() -> std::io::Result<()> {
     let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, AGENT_FORWARD_PORT))?;
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    tokio::spawn(async move {
-        loop {
-            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-                return;
-            };
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(async move {
-                        if let Err(err) = forward(stream).await {
-                            tracing::debug!(%err, "port-forward connection ended");
-                        }
-                        drop(slot);
-                    });
-                }
-                Err(err) => {
-                    tracing::warn!(%err, "port-forward accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    });
+    crate::vsock_server::spawn(listener, MAX_CONNECTIONS, "port-forward", forward);
     Ok(())
 }
 

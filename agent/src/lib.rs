@@ -19,3 +19,4 @@ pub mod sandbox;
 pub mod service;
 mod share;
 mod stdio;
+mod vsock_server;

@@ -167,12 +167,15 @@ fn add_handler(o: &Options) -> Result<ContainerdChange, DeployError> {
     let config = &o.containerd_config;
     let shown = config.display().to_string();
     let text = read_optional(config)?;
-    let version = match &o.containerd_version {
-        Some(v) => Some(v.clone()),
-        None if text.as_deref().is_some_and(has_version) => None,
-        None => node::containerd_version(&o.root).ok(),
+    let given = o.containerd_version.as_deref();
+    let format = match containerd::detect(&shown, text.as_deref(), given) {
+        // The file does not say: the node's containerd does.
+        Err(ConfigError::Undetected(_)) if given.is_none() => {
+            let version = node::containerd_version(&o.root).ok();
+            containerd::detect(&shown, text.as_deref(), version.as_deref())?
+        }
+        other => other?,
     };
-    let format = containerd::detect(&shown, text.as_deref(), version.as_deref())?;
     let mut change = ContainerdChange {
         config: config.clone(),
         format,
@@ -205,11 +208,6 @@ fn add_handler(o: &Options) -> Result<ContainerdChange, DeployError> {
         }
     }
     Ok(change)
-}
-
-fn has_version(text: &str) -> bool {
-    text.parse::<toml_edit::DocumentMut>()
-        .is_ok_and(|d| d.contains_key("version"))
 }
 
 /// Undoes what the recorded install did; None when nothing was installed under the root.

@@ -22,6 +22,19 @@ pub fn pangolin_run<'a>(opts: &[&'a str], id: &'a str, cmd: &[&'a str]) -> Vec<&
     args
 }
 
+/// Kills task `id` (SIGKILL), deletes it once it has exited (within a minute) and deletes its
+/// container.
+pub fn remove_task(ctrd: &PrivateContainerd, id: &str) {
+    let _ = ctr(ctrd, &["task", "kill", "-s", "SIGKILL", id]);
+    let deadline = std::time::Instant::now() + crate::patience(Duration::from_secs(60));
+    while !ctr(ctrd, &["task", "delete", id]).status.success()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = ctr(ctrd, &["container", "delete", id]);
+}
+
 /// Runs `ctr ARGS` against `ctrd`, bounded to 180 s.
 pub fn ctr(ctrd: &PrivateContainerd, args: &[&str]) -> std::process::Output {
     run_bounded(ctrd.ctr(args), Duration::from_secs(180))

@@ -54,6 +54,38 @@ pub struct Sources {
     pub vhost_device_vsock: PathBuf,
 }
 
+/// A program on PATH or in ~/.cargo/bin (where `cargo xtask` installs the cargo-built
+/// daemons).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(Path::new(&home).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+impl Sources {
+    /// The sources of a build in `target` (`<checkout>/target/<profile>`): the checkout's guest
+    /// and configuration, the daemons found by [`find_program`].
+    pub fn of_build(target: &Path) -> Result<Sources> {
+        let target_root = target.parent().context("target/<profile> has no parent")?;
+        let checkout = target_root.parent().context("target has no parent")?;
+        let daemon = |name: &str| {
+            find_program(name)
+                .with_context(|| format!("{name} not found on PATH or in ~/.cargo/bin"))
+        };
+        Ok(Sources {
+            target: target.to_path_buf(),
+            guest: target_root.join("guest"),
+            config: checkout.join("runtime-config/configuration.toml"),
+            virtiofsd: daemon("virtiofsd")?,
+            vhost_device_vsock: daemon("vhost-device-vsock")?,
+        })
+    }
+}
+
 /// Lays out the payload `pangolin-deploy --from` reads in `dir`.
 pub fn stage_payload(s: &Sources, dir: &Path) -> Result<()> {
     let files = [

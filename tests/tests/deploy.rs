@@ -20,41 +20,27 @@ use pangolin_e2e::{busybox, finish_containerd, stderr, stdout, target_dir, TestE
 /// The bridge network's tag (subnet 10.231.43.0/24).
 const NET_TAG: u8 = 43;
 
-/// A program on PATH or in ~/.cargo/bin (where `cargo xtask` installs virtiofsd and
-/// vhost-device-vsock).
-fn find_program(name: &str) -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(Path::new(&home).join(".cargo/bin"));
-    }
-    dirs.into_iter()
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{name} not found (cargo xtask test installs it)"))
-}
-
 /// The installer's payload, staged from this build: what `cargo xtask deploy-image` packs.
 fn stage_payload(dir: &Path) -> PathBuf {
-    let target = target_dir();
-    let checkout = target.parent().and_then(Path::parent).expect("checkout");
-    let sources = Sources {
-        guest: target.parent().expect("target").join("guest"),
-        config: checkout.join("runtime-config/configuration.toml"),
-        virtiofsd: find_program("virtiofsd"),
-        vhost_device_vsock: find_program("vhost-device-vsock"),
-        target,
-    };
+    let sources = Sources::of_build(&target_dir()).expect("the build's sources");
     deploy_image::stage_payload(&sources, dir).expect("payload");
     dir.to_path_buf()
 }
 
-fn deploy(args: &[&str]) -> std::process::Output {
-    Command::new(target_dir().join("pangolin-deploy"))
+/// `pangolin-deploy VERB ARGS...`, which must succeed; its stdout.
+fn deploy(verb: &str, args: &[&str]) -> String {
+    let out = Command::new(target_dir().join("pangolin-deploy"))
+        .arg(verb)
         .args(args)
         .output()
-        .expect("run pangolin-deploy (build the workspace)")
+        .expect("run pangolin-deploy (build the workspace)");
+    assert!(
+        out.status.success(),
+        "{verb}: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    stdout(&out)
 }
 
 /// RunPodSandbox on the `pangolin` handler; the pod, or CRI's error.
@@ -114,13 +100,7 @@ fn install_adds_a_handler_containerd_runs_pods_on_and_uninstall_puts_the_node_ba
         "--restart",
         "none",
     ];
-    let out = deploy(&[&["install"][..], &common].concat());
-    assert!(
-        out.status.success(),
-        "install: {}{}",
-        stdout(&out),
-        stderr(&out)
-    );
+    deploy("install", &common);
     let installed = std::fs::read_to_string(&ctrd.config_file).expect("config");
     assert!(
         installed.starts_with(original.trim_end())
@@ -167,13 +147,7 @@ fn install_adds_a_handler_containerd_runs_pods_on_and_uninstall_puts_the_node_ba
     // The operator edits the configuration after the install: the uninstall keeps that.
     let edited = format!("{installed}\n# added by the operator after the install\n");
     std::fs::write(&ctrd.config_file, &edited).expect("edit");
-    let out = deploy(&[&["uninstall"][..], &common].concat());
-    assert!(
-        out.status.success(),
-        "uninstall: {}{}",
-        stdout(&out),
-        stderr(&out)
-    );
+    deploy("uninstall", &common);
     let after = std::fs::read_to_string(&ctrd.config_file).expect("config");
     assert!(
         !after.contains("runtimes.pangolin"),
@@ -233,13 +207,7 @@ fn a_containerd_2_node_gets_a_drop_in_and_its_import_and_loses_both() {
     std::fs::write(&main, original).expect("config");
     let (r, p) = (root.display().to_string(), payload.display().to_string());
     let common = ["--root", &r, "--from", &p, "--restart", "none"];
-    let out = deploy(&[&["install"][..], &common].concat());
-    assert!(
-        out.status.success(),
-        "install: {}{}",
-        stdout(&out),
-        stderr(&out)
-    );
+    deploy("install", &common);
     let drop_in = std::fs::read_to_string(etc.join("conf.d/pangolin.toml")).expect("drop-in");
     assert!(
         drop_in.contains("version = 3")
@@ -253,13 +221,7 @@ fn a_containerd_2_node_gets_a_drop_in_and_its_import_and_loses_both() {
         with.contains("imports = [\"/etc/containerd/conf.d/pangolin.toml\"]"),
         "the import names the drop-in as the node sees it:\n{with}"
     );
-    let out = deploy(&[&["uninstall"][..], &common].concat());
-    assert!(
-        out.status.success(),
-        "uninstall: {}{}",
-        stdout(&out),
-        stderr(&out)
-    );
+    deploy("uninstall", &common);
     assert_eq!(std::fs::read_to_string(&main).expect("config"), original);
     assert!(!etc.join("conf.d/pangolin.toml").exists(), "drop-in left");
     let _ = std::fs::remove_dir_all(&root);

@@ -11,7 +11,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pangolin_e2e::ctr::{containerd, ctr, pangolin_run};
+use pangolin_e2e::ctr::{containerd, ctr, pangolin_run, remove_task};
 use pangolin_e2e::{finish_containerd, patience, stderr, TestEnv};
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
@@ -147,22 +147,12 @@ fn prometheus_scrapes_both_pods_and_forgets_a_removed_one() {
         r#"pangolin_process_cpu_seconds_total{process="owner"}"#,
         &["mon1", "mon2"],
     );
-    let _ = ctr(&ctrd, &["task", "kill", "-s", "SIGKILL", "mon1"]);
-    let deadline = Instant::now() + patience(Duration::from_secs(60));
-    while !ctr(&ctrd, &["task", "delete", "mon1"]).status.success() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let _ = ctr(&ctrd, &["container", "delete", "mon1"]);
+    remove_task(&ctrd, "mon1");
     let one = wait_for(prometheus_port, "pangolin_sandbox_info", &["mon2"]);
     let log = std::fs::read_to_string(prom_dir.join("log")).unwrap_or_default();
     stop(prometheus);
     stop(monitor);
-    let _ = ctr(&ctrd, &["task", "kill", "-s", "SIGKILL", "mon2"]);
-    let deadline = Instant::now() + patience(Duration::from_secs(60));
-    while !ctr(&ctrd, &["task", "delete", "mon2"]).status.success() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let _ = ctr(&ctrd, &["container", "delete", "mon2"]);
+    remove_task(&ctrd, "mon2");
     let tail: String = log.lines().rev().take(10).collect::<Vec<_>>().join("\n");
     both.unwrap_or_else(|got| panic!("both pods' series: got {got:?}; prometheus log:\n{tail}"));
     vmms.unwrap_or_else(|got| panic!("VMM memory series: got {got:?}"));

@@ -1,7 +1,7 @@
 //! Installs what a fresh machine lacks (Debian packages, cargo tools), so that `cargo xtask demo`
 //! and `cargo xtask test` work on a new machine. Needs root for apt-get.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context};
@@ -48,16 +48,9 @@ const CARGO_TOOLS: &[(&str, &str, &str)] = &[
     ("virtiofsd", "1.14.0", "about two minutes"),
 ];
 
-/// A program on PATH or in ~/.cargo/bin (where [`ensure`] installs cargo tools).
-pub fn find_program(name: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(Path::new(&home).join(".cargo/bin"));
-    }
-    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
-}
+/// A program on PATH or in ~/.cargo/bin (where [`ensure`] installs cargo tools); shared with
+/// the e2e tests through `deploy_image.rs`.
+pub use crate::deploy_image::find_program;
 
 /// Installs the missing Debian packages and cargo tools.
 pub fn ensure() -> anyhow::Result<()> {

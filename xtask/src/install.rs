@@ -157,14 +157,7 @@ pub fn deploy_image(args: &[String]) -> anyhow::Result<()> {
     );
     let pangolin = crate::build_host(release)?;
     let target = pangolin.parent().context("target dir")?.to_path_buf();
-    let sources = crate::deploy_image::Sources {
-        guest: guest::root().join("target/guest"),
-        config: guest::root().join("runtime-config/configuration.toml"),
-        virtiofsd: crate::deps::find_program("virtiofsd").context("virtiofsd not found")?,
-        vhost_device_vsock: crate::deps::find_program("vhost-device-vsock")
-            .context("vhost-device-vsock not found")?,
-        target: target.clone(),
-    };
+    let sources = crate::deploy_image::Sources::of_build(&target)?;
     let work = target.join("deploy-image");
     let payload = work.join("payload");
     let _ = fs::remove_dir_all(&work);

@@ -209,6 +209,20 @@ impl HostHooks {
 
     /// Runs the hooks of `phase` in order; the first failure ends the run.
     pub async fn run(&self, phase: Phase, subject: Subject<'_>) -> Result<(), HookError> {
+        self.run_phase(phase, subject, false).await
+    }
+
+    /// Runs every hook of `phase`, logging each failure (`poststop`: the rest go on).
+    pub async fn run_all_logging(&self, phase: Phase, subject: Subject<'_>) {
+        let _ = self.run_phase(phase, subject, true).await;
+    }
+
+    async fn run_phase(
+        &self,
+        phase: Phase,
+        subject: Subject<'_>,
+        go_on: bool,
+    ) -> Result<(), HookError> {
         let hooks = self.of(phase);
         if hooks.is_empty() {
             return Ok(());
@@ -216,24 +230,14 @@ impl HostHooks {
         let state = self.state(phase, subject);
         for (index, hook) in hooks.iter().enumerate() {
             tracing::info!(hook = phase.name(), index, path = %hook.path, container = subject.id, "running an OCI hook");
-            run_one(phase, index, hook, &state).await?;
-        }
-        Ok(())
-    }
-
-    /// Runs every hook of `phase`, logging each failure (`poststop`: the rest go on).
-    pub async fn run_all_logging(&self, phase: Phase, subject: Subject<'_>) {
-        let hooks = self.of(phase);
-        if hooks.is_empty() {
-            return;
-        }
-        let state = self.state(phase, subject);
-        for (index, hook) in hooks.iter().enumerate() {
-            tracing::info!(hook = phase.name(), index, path = %hook.path, container = subject.id, "running an OCI hook");
-            if let Err(e) = run_one(phase, index, hook, &state).await {
-                tracing::warn!(error = %e, container = subject.id, "an OCI hook failed");
+            match run_one(phase, index, hook, &state).await {
+                Err(e) if go_on => {
+                    tracing::warn!(error = %e, container = subject.id, "an OCI hook failed");
+                }
+                other => other?,
             }
         }
+        Ok(())
     }
 
     /// The state JSON a hook of `phase` reads on stdin.

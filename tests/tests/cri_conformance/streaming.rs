@@ -112,6 +112,23 @@ async fn exec_url(c: &mut Case, id: &str, cmd: &[&str], tty: bool, stdin: bool) 
         .url)
 }
 
+/// The Attach URL for container `id`'s stdin and output (one stream with a terminal).
+async fn attach_url(c: &mut Case, id: String, tty: bool) -> Result<String> {
+    Ok(c.cri
+        .runtime
+        .attach(AttachRequest {
+            container_id: id,
+            stdin: true,
+            tty,
+            stdout: true,
+            stderr: !tty,
+        })
+        .await
+        .context("Attach")?
+        .into_inner()
+        .url)
+}
+
 /// A pod with one `sleep` container; the container's id.
 async fn sleeper(c: &mut Case, name: &str) -> Result<String> {
     let (pod, pod_config) = c.pod(name).await?;
@@ -188,20 +205,7 @@ pub async fn attach_with_a_tty_reaches_the_containers_shell(c: &mut Case) -> Res
     config.stdin = true;
     config.tty = true;
     let id = c.run(&pod, &pod_config, config).await?;
-    let url = c
-        .cri
-        .runtime
-        .attach(AttachRequest {
-            container_id: id,
-            stdin: true,
-            tty: true,
-            stdout: true,
-            stderr: false,
-        })
-        .await
-        .context("Attach")?
-        .into_inner()
-        .url;
+    let url = attach_url(c, id, true).await?;
     let mut session = Channels::open(&url).await?;
     session
         .send(STDIN, b"echo pgn-$((6*7)) tty=$(tty)\n")
@@ -221,20 +225,7 @@ pub async fn attach_reaches_the_containers_stdin_and_stdout(c: &mut Case) -> Res
     let mut config = c.container_config("reader", &["sh", "-c", script]);
     config.stdin = true;
     let id = c.run(&pod, &pod_config, config).await?;
-    let url = c
-        .cri
-        .runtime
-        .attach(AttachRequest {
-            container_id: id,
-            stdin: true,
-            tty: false,
-            stdout: true,
-            stderr: true,
-        })
-        .await
-        .context("Attach")?
-        .into_inner()
-        .url;
+    let url = attach_url(c, id, false).await?;
     let mut session = Channels::open(&url).await?;
     session.send(STDIN, b"pangolin-attached\n").await?;
     let seen = session
