@@ -178,3 +178,146 @@ fn a_failing_create_runtime_hook_fails_the_run_naming_it_and_leaves_nothing() {
     let _ = ctrd.ctr_output(["containers", "rm", "hooksfail1"]);
     finish_containerd(ctrd, env);
 }
+
+/// Docker's networking on a runtime: the spec asks for a fresh network namespace, and an OCI
+/// `prestart` hook (Docker's `libnetwork-setkey`) finds it by the state's pid and moves a veth
+/// into it, with an address and a default route; the container then has that network. Here the
+/// hook does it with `ip`, as libnetwork does with netlink. On pangolin the VM booted before the
+/// hook ran: the interface is wired to its NIC at the start.
+fn a_prestart_hook_that_adds_a_veth_gives_the_container_its_network(
+    runtime: &str,
+    name: &str,
+    subnet: u8,
+) {
+    let env = TestEnv::new(name);
+    let ctrd = containerd(&env);
+    let (host_if, peer) = (format!("pgnhk{subnet}h"), format!("pgnhk{subnet}c"));
+    let (host_ip, guest_ip) = (format!("10.250.{subnet}.1"), format!("10.250.{subnet}.2"));
+    let script = format!(
+        "set -e; state=$(cat); \
+         pid=$(printf '%s' \"$state\" | sed -n 's/.*\"pid\":\\([0-9]*\\).*/\\1/p'); \
+         ip link add {host_if} type veth peer name {peer}; \
+         ip link set {peer} netns $pid; \
+         ip addr add {host_ip}/24 dev {host_if}; ip link set {host_if} up; \
+         nsenter --net=/proc/$pid/ns/net sh -c \
+           'ip addr add {guest_ip}/24 dev {peer} && ip link set {peer} up && ip route add default via {host_ip}'"
+    );
+    let hooks = serde_json::json!({
+        "prestart": [{ "path": "/bin/sh", "args": ["sh", "-c", script], "timeout": 30 }],
+    });
+    let id = format!("hooksnet{subnet}");
+    let check = format!("ip -o -4 addr show; ping -c 1 -W 20 {host_ip} >/dev/null && echo reached");
+    let spec = spec(&ctrd, &id, &["sh", "-c", &check], hooks);
+    let out = run_with_spec(&ctrd, &env, runtime, &id, &spec);
+    let text = stdout(&out);
+    assert!(
+        out.status.success()
+            && text.contains(&format!("{guest_ip}/24"))
+            && text.contains("reached"),
+        "the container did not get the hook's network: {text}\n{}\nlog:\n{}",
+        stderr(&out),
+        ctrd.log_tail(30)
+    );
+    // The veth goes with the pod's namespace.
+    let gone = (0..100).any(|_| {
+        let shown = std::process::Command::new("ip")
+            .args(["link", "show", &host_if])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if shown {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        !shown
+    });
+    assert!(
+        gone,
+        "{host_if} is still on the host after the container was removed"
+    );
+    finish_containerd(ctrd, env);
+}
+
+#[test]
+fn runc_gives_a_container_the_network_its_prestart_hook_added() {
+    a_prestart_hook_that_adds_a_veth_gives_the_container_its_network(
+        RUNC_RUNTIME,
+        "hooks-net-runc",
+        7,
+    );
+}
+
+#[test]
+fn pangolin_gives_a_container_the_network_its_prestart_hook_added() {
+    a_prestart_hook_that_adds_a_veth_gives_the_container_its_network(
+        PANGOLIN_RUNTIME,
+        "hooks-net-pangolin",
+        8,
+    );
+}
+
+/// kill -9 of the shim of a container whose VM has a network namespace of the sandbox's own
+/// (its prestart hook added the veth): the VM, the namespace's holder and the namespace's mount
+/// go, and the shim's `delete` leaves nothing (the leak checks of `finish_containerd`).
+#[test]
+fn killing_the_shim_of_a_pod_with_its_own_namespace_leaves_nothing() {
+    let env = TestEnv::new("hooks-net-shimkill");
+    let ctrd = containerd(&env);
+    let hooks = serde_json::json!({
+        "prestart": [{ "path": "/bin/sh", "args": ["sh", "-c", "cat >/dev/null"], "timeout": 30 }],
+    });
+    let id = "hooksnetkill";
+    let spec = spec(&ctrd, id, &["sleep", "3600"], hooks);
+    let file = env.dir.join(format!("{id}.json"));
+    std::fs::write(&file, spec.to_string()).expect("spec file");
+    let file = file.display().to_string();
+    let out = ctr(
+        &ctrd,
+        &[
+            "run",
+            "-d",
+            "--config",
+            &file,
+            "--runtime",
+            PANGOLIN_RUNTIME,
+            id,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let holders = |cmd: &str| cmd.contains("--pangolin-hold-netns");
+    let running = pangolin_e2e::processes_mentioning(&env.dir);
+    assert!(
+        running.iter().any(|(_, cmd)| holders(cmd)),
+        "no holder of the pod's namespace: {running:?}"
+    );
+    let shim = running
+        .iter()
+        .find(|(_, cmd)| cmd.contains("containerd-shim-pangolin-v2"))
+        .map(|(pid, _)| *pid)
+        .expect("the shim");
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &shim.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success(), "kill -9 of the shim");
+    let deadline =
+        std::time::Instant::now() + pangolin_e2e::patience(std::time::Duration::from_secs(30));
+    while stdout(&ctr(&ctrd, &["task", "ls"])).contains("RUNNING") {
+        assert!(std::time::Instant::now() < deadline, "the task still runs");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _ = ctr(&ctrd, &["task", "delete", id]);
+    let out = ctr(&ctrd, &["container", "delete", id]);
+    assert!(out.status.success(), "container delete: {}", stderr(&out));
+    let deadline =
+        std::time::Instant::now() + pangolin_e2e::patience(std::time::Duration::from_secs(10));
+    while pangolin_e2e::processes_mentioning(&env.dir)
+        .iter()
+        .any(|(_, cmd)| holders(cmd))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the holder outlived its shim"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    finish_containerd(ctrd, env);
+}

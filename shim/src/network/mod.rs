@@ -27,6 +27,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod forward;
+pub mod holder;
 mod interface;
 mod netns;
 pub mod private;
@@ -163,6 +164,8 @@ impl std::fmt::Display for Table {
 pub enum Op {
     /// TUNSETIFF + TUNSETPERSIST, then its index.
     CreateTap,
+    /// Looking the existing tap up among the links.
+    FindTap,
     /// `RTM_SETLINK`: the veth's MTU, up.
     SetUp,
     /// `RTM_NEWQDISC` ingress.
@@ -179,6 +182,7 @@ impl std::fmt::Display for Op {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Op::CreateTap => "creating the tap",
+            Op::FindTap => "finding the tap",
             Op::SetUp => "setting the MTU and bringing up",
             Op::AddIngress => "adding the ingress qdisc to",
             Op::AddRedirect => "adding the mirred redirect filter to",
@@ -250,6 +254,37 @@ pub async fn attach(netns: &Path, iface: PodInterface) -> Result<PodNetwork, Net
         addresses = ?net.iface.addresses,
         elapsed_us = started.elapsed().as_micros(),
         "pod network attached"
+    );
+    Ok(net)
+}
+
+/// Mirrors `iface` both ways with the tap [`TAP_NAME`] already in `netns` (made with the
+/// namespace by [`private::create`], served by a VM since its boot): a pod whose interface was
+/// added after its VM booted. On failure the qdiscs made are removed again.
+pub async fn attach_existing(
+    netns: &Path,
+    iface: PodInterface,
+) -> Result<PodNetwork, NetworkError> {
+    let path = netns.to_path_buf();
+    let veth = iface.clone();
+    let tap_index = netns::run(netns, move || {
+        rtnl::session(&path, async |ns| {
+            wiring::attach_existing(ns, &path, &veth).await
+        })
+    })
+    .await?;
+    let net = PodNetwork {
+        netns: netns.to_path_buf(),
+        tap: TAP_NAME.to_string(),
+        iface,
+        tap_index,
+    };
+    tracing::info!(
+        netns = %netns.display(),
+        veth = %net.iface.name,
+        mac = %net.iface.mac,
+        addresses = ?net.iface.addresses,
+        "pod network attached to the running VM's tap"
     );
     Ok(net)
 }

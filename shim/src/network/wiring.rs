@@ -75,31 +75,9 @@ pub(crate) async fn attach(
         .create_tap(TAP_NAME)
         .await
         .map_err(change(Op::CreateTap, TAP_NAME, netns))?;
-    let mut veth_qdisc = false;
-    let wired = async {
-        ns.set_up(tap, veth.mtu)
-            .await
-            .map_err(change(Op::SetUp, TAP_NAME, netns))?;
-        ns.add_ingress(veth.index)
-            .await
-            .map_err(change(Op::AddIngress, &veth.name, netns))?;
-        veth_qdisc = true;
-        ns.add_redirect(veth.index, tap).await.map_err(change(
-            Op::AddRedirect,
-            &veth.name,
-            netns,
-        ))?;
-        ns.add_ingress(tap)
-            .await
-            .map_err(change(Op::AddIngress, TAP_NAME, netns))?;
-        ns.add_redirect(tap, veth.index)
-            .await
-            .map_err(change(Op::AddRedirect, TAP_NAME, netns))
-    }
-    .await;
-    match wired {
+    match wire(ns, netns, veth, tap).await {
         Ok(()) => Ok(tap),
-        Err(e) => {
+        Err((e, veth_qdisc)) => {
             let veth_part = veth_qdisc.then_some((veth.index, veth.name.as_str()));
             for undone in remove(ns, netns, veth_part, (tap, TAP_NAME)).await {
                 tracing::warn!(error = %undone, "undoing a failed pod network attach");
@@ -107,6 +85,75 @@ pub(crate) async fn attach(
             Err(e)
         }
     }
+}
+
+/// Wires the tap [`TAP_NAME`] that is already in the namespace (a VM's NIC serves it since its
+/// boot) to `veth` both ways; the tap's index. On failure the qdiscs made are removed again;
+/// the tap stays (its VM holds it).
+pub(crate) async fn attach_existing(
+    ns: &mut impl Netns,
+    netns: &Path,
+    veth: &PodInterface,
+) -> Result<u32, NetworkError> {
+    let links = ns.links().await.map_err(|source| NetworkError::Read {
+        table: Table::Links,
+        netns: netns.to_path_buf(),
+        source,
+    })?;
+    let tap = links
+        .iter()
+        .find(|l| l.name == TAP_NAME)
+        .map(|l| l.index)
+        .ok_or_else(|| {
+            change(Op::FindTap, TAP_NAME, netns)(Cause::Os(std::io::Error::from_raw_os_error(
+                libc::ENODEV,
+            )))
+        })?;
+    match wire(ns, netns, veth, tap).await {
+        Ok(()) => Ok(tap),
+        Err((e, veth_qdisc)) => {
+            let undo = [
+                veth_qdisc.then_some((veth.index, veth.name.as_str())),
+                Some((tap, TAP_NAME)),
+            ];
+            for (index, name) in undo.into_iter().flatten() {
+                // The tap's qdisc may not exist yet: its deletion failing is expected then.
+                if let Err(undone) = ns.delete_ingress(index).await {
+                    tracing::debug!(iface = name, error = %undone, "undoing a failed late attach");
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Brings `tap` up with the veth's MTU and adds the redirects both ways; on failure the error
+/// and whether the veth's qdisc was made.
+async fn wire(
+    ns: &mut impl Netns,
+    netns: &Path,
+    veth: &PodInterface,
+    tap: u32,
+) -> Result<(), (NetworkError, bool)> {
+    ns.set_up(tap, veth.mtu)
+        .await
+        .map_err(|e| (change(Op::SetUp, TAP_NAME, netns)(e), false))?;
+    ns.add_ingress(veth.index)
+        .await
+        .map_err(|e| (change(Op::AddIngress, &veth.name, netns)(e), false))?;
+    let made = |op, name: &str| {
+        let name = name.to_string();
+        move |e| (change(op, &name, netns)(e), true)
+    };
+    ns.add_redirect(veth.index, tap)
+        .await
+        .map_err(made(Op::AddRedirect, &veth.name))?;
+    ns.add_ingress(tap)
+        .await
+        .map_err(made(Op::AddIngress, TAP_NAME))?;
+    ns.add_redirect(tap, veth.index)
+        .await
+        .map_err(made(Op::AddRedirect, TAP_NAME))
 }
 
 /// Undoes [`attach`]: the veth's qdisc, then the tap. The failures, for the log.
@@ -371,6 +418,71 @@ mod tests {
         assert_eq!(ns.calls, ["delete_ingress 2", "delete_link 3"]);
         assert!(ns.untouched());
         assert_eq!(ns.links.len(), 2, "the veth stays (CNI removes it)");
+    }
+
+    /// CNI's namespace with the tap a VM has served since its boot (index 3, no address).
+    fn with_tap() -> FakeNetns {
+        let mut ns = FakeNetns::cni();
+        ns.links.push(Link {
+            index: 3,
+            name: TAP_NAME.into(),
+            ether: true,
+            mac: vec![0x02, 0, 0, 0, 0, 0x01],
+            mtu: 1500,
+        });
+        ns
+    }
+
+    #[test]
+    fn a_late_interface_is_wired_to_the_existing_tap_and_a_failure_keeps_the_tap() {
+        let mut ns = with_tap();
+        let veth = pod_iface(&mut ns);
+        assert_eq!(
+            veth.name, "eth0",
+            "the unaddressed tap is not the pod's interface"
+        );
+        ns.calls.clear();
+        let tap = block_on(attach_existing(&mut ns, Path::new(NETNS), &veth)).expect("attach");
+        assert_eq!(tap, 3);
+        assert_eq!(
+            ns.calls,
+            [
+                "links",
+                "set_up 3 mtu 1500",
+                "add_ingress 2",
+                "add_redirect 2 -> 3",
+                "add_ingress 3",
+                "add_redirect 3 -> 2",
+            ]
+        );
+        assert_eq!(ns.filters, BTreeSet::from([(2, 3), (3, 2)]));
+
+        let mut ns = with_tap();
+        let veth = pod_iface(&mut ns);
+        ns.fail = Some("add_redirect 3 -> 2".into());
+        let err = block_on(attach_existing(&mut ns, Path::new(NETNS), &veth)).expect_err("fails");
+        assert!(
+            err.to_string()
+                .contains("mirred redirect filter to tap0_pgn"),
+            "{err}"
+        );
+        assert!(
+            ns.qdiscs.is_empty() && ns.filters.is_empty(),
+            "{:?}",
+            ns.calls
+        );
+        assert!(
+            ns.links.iter().any(|l| l.name == TAP_NAME),
+            "the VM's tap stays"
+        );
+
+        let mut ns = FakeNetns::cni();
+        let veth = pod_iface(&mut ns);
+        let err = block_on(attach_existing(&mut ns, Path::new(NETNS), &veth)).expect_err("no tap");
+        assert_eq!(
+            err.to_string(),
+            format!("finding the tap tap0_pgn in network namespace {NETNS}")
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! the agent's readiness, the first agent calls.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pangolin_protocols::{AGENT_READY_PORT, AGENT_VSOCK_PORT, LOG_PARAM};
@@ -12,9 +13,11 @@ use tokio::net::UnixListener;
 use crate::agent::{AgentClient, AgentError};
 use crate::daemon::{resolve_program, Daemon};
 use crate::hypervisor::{Hypervisor, HypervisorError, NicSpec, VmSpec};
+use crate::network::{holder, private::PrivateNetns};
 use crate::template::{self};
 
 use super::launch::{Launch, Mode, Ready};
+use super::parts::LateNetwork;
 use super::{BootOptions, BootTimings, Parts, Sandbox, SandboxError, SHARE_TAG};
 
 /// The VM's hybrid vsock socket in the sandbox directory.
@@ -124,6 +127,21 @@ impl Sandbox {
                     None
                 }
             },
+            // Hooks will add the pod's interface after the boot: a namespace of the
+            // sandbox's own and a NIC on its tap, with a template's placeholder MAC.
+            (_, None) if options.netns_holder => {
+                let netns = PrivateNetns::new(workdir.join(super::parts::LATE_NETNS)).await?;
+                let nic = NicSpec {
+                    netns: netns.path.clone(),
+                    tap: crate::network::TAP_NAME.to_string(),
+                    mac: template::TEMPLATE_MAC.to_string(),
+                };
+                parts.late = Some(Arc::new(LateNetwork {
+                    netns,
+                    wired: tokio::sync::Mutex::new(None),
+                }));
+                Some(nic)
+            }
             (_, None) => None,
         };
         let fs = match options.share {
@@ -270,6 +288,21 @@ impl Sandbox {
             agent
                 .setup_network(net.iface.agent_request(guest_mac))
                 .await?;
+        }
+        if options.netns_holder {
+            let netns = options
+                .netns
+                .map(Path::to_path_buf)
+                .or_else(|| parts.late.as_ref().map(|l| l.netns.path.clone()));
+            if let Some(netns) = netns {
+                let holder = holder::spawn(&netns, &workdir.join("netns-holder.log"))?;
+                let placed = match (&parts.cgroup, holder.pid()) {
+                    (Some(cgroup), Some(pid)) => cgroup.add_tree("netns holder", pid),
+                    _ => Ok(()),
+                };
+                parts.holder = Some(holder);
+                placed?;
+            }
         }
         Ok(Some((
             agent,

@@ -176,6 +176,8 @@ impl Sandbox {
             vm: None,
             network: None,
             forward: None,
+            late: None,
+            holder: None,
             jail_id,
             cgroup: None,
             done: false,

@@ -32,8 +32,8 @@ use crate::template::{self, StartedFrom};
 pub use boot::kernel_cmdline;
 pub use error::SandboxError;
 use launch::{check_artifacts, Launch, Mode};
-use parts::Parts;
-pub use parts::{owned_cgroup, workdir_of};
+pub use parts::{owned_cgroup, remove_workdir, workdir_of};
+use parts::{LateNetwork, Parts};
 
 /// virtio-fs tag of the sandbox share.
 pub const SHARE_TAG: &str = "pangolin";
@@ -56,6 +56,12 @@ pub struct BootOptions<'a> {
     /// Cancels the boot: what was started is torn down and the boot fails with
     /// [`SandboxError::Cancelled`] at once, not at the boot deadline.
     pub cancel: Option<CancellationToken>,
+    /// The pod has OCI hooks on the host, which find its network namespace by a pid: a
+    /// process holding the namespace is started ([`Sandbox::netns_pid`]). A pod without a
+    /// namespace (`netns` None: a fresh one asked for, as Docker and nerdctl do) then gets one
+    /// of its own, `<workdir>/netns`, and its VM a NIC on an unwired tap there, for the
+    /// interface a hook adds after the boot ([`Sandbox::late_network`] wires it).
+    pub netns_holder: bool,
 }
 
 /// Milestones of a boot, for benchmarks and logs.
@@ -67,6 +73,41 @@ pub struct BootTimings {
     pub vmm_started: Instant,
     /// Agent answered.
     pub agent_ready: Instant,
+}
+
+/// Wires a sandbox's late network interface ([`Sandbox::late_network`]); cheap to clone.
+#[derive(Clone)]
+pub struct LateNetworkHandle {
+    late: std::sync::Arc<LateNetwork>,
+    agent: AgentClient,
+}
+
+impl LateNetworkHandle {
+    /// Looks for the pod's interface in the sandbox's namespace; when one is there and not yet
+    /// wired, mirrors it with the VM's tap and has the agent give the guest NIC its MAC,
+    /// addresses and routes. True when it wired one now. Calling it again is cheap (one lock
+    /// once wired, three netlink dumps while nothing is there).
+    ///
+    /// # Errors
+    /// Reading the namespace, wiring it, or the agent's SetupNetwork failed (what was wired
+    /// stays for the teardown).
+    pub async fn attach(&self) -> Result<bool, SandboxError> {
+        let mut wired = self.late.wired.lock().await;
+        if wired.is_some() {
+            return Ok(false);
+        }
+        let netns = &self.late.netns.path;
+        let Some(iface) = crate::network::discover(netns).await? else {
+            return Ok(false);
+        };
+        let net = wired.insert(crate::network::attach_existing(netns, iface).await?);
+        // The NIC was booted with the placeholder MAC a template's has: the agent finds it
+        // by that and gives it the interface's.
+        self.agent
+            .setup_network(net.iface.agent_request(Some(template::TEMPLATE_MAC)))
+            .await?;
+        Ok(true)
+    }
 }
 
 /// A running microVM with its agent.
@@ -123,12 +164,13 @@ impl Sandbox {
             None => None,
         };
         let iface = iface.as_ref();
+        let late_nic = options.netns.is_none() && options.netns_holder;
         let mut start = start;
         let why_cold = match template::unfit(config, kind, options.share.is_some()) {
             Some(why) => why,
             None => {
                 let found = tokio::select! {
-                    found = template::get_or_build(config, iface.is_some(), false) => found,
+                    found = template::get_or_build(config, iface.is_some() || late_nic, false) => found,
                     () = cancel.cancelled() => return Err(SandboxError::Cancelled),
                 };
                 // The boot deadline counts from here: a build before is not the pod's.
@@ -183,6 +225,25 @@ impl Sandbox {
     /// VMM process id.
     pub fn vmm_pid(&self) -> Option<u32> {
         self.parts.vm.as_ref().and_then(|vm| vm.pid())
+    }
+
+    /// The pid of the process holding the pod's network namespace, when the sandbox was asked
+    /// for one ([`BootOptions::netns_holder`]).
+    pub fn netns_pid(&self) -> Option<u32> {
+        self.parts
+            .holder
+            .as_ref()
+            .and_then(crate::daemon::Daemon::pid)
+    }
+
+    /// For a sandbox that made its own network namespace ([`BootOptions::netns_holder`]): a
+    /// handle that wires the interface something added there after the boot (Docker's
+    /// prestart hook) to the VM's NIC.
+    pub fn late_network(&self) -> Option<LateNetworkHandle> {
+        self.parts.late.as_ref().map(|late| LateNetworkHandle {
+            late: std::sync::Arc::clone(late),
+            agent: self.agent.clone(),
+        })
     }
 
     /// Ok while the VMM and virtiofsd run.

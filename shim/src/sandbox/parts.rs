@@ -8,6 +8,16 @@ use crate::daemon::Daemon;
 use crate::host_cgroup::PodCgroup;
 use crate::hypervisor::Vm;
 
+/// File name, in the sandbox directory, of the sandbox's own network namespace.
+pub(super) const LATE_NETNS: &str = "netns";
+
+/// A network namespace of the sandbox's own whose tap the VM's NIC serves from the boot, and
+/// the interface wired to that tap once one appeared.
+pub(super) struct LateNetwork {
+    pub(super) netns: crate::network::private::PrivateNetns,
+    pub(super) wired: tokio::sync::Mutex<Option<crate::network::PodNetwork>>,
+}
+
 /// What has been started so far; torn down in reverse.
 pub(super) struct Parts {
     pub(super) workdir: PathBuf,
@@ -16,6 +26,10 @@ pub(super) struct Parts {
     pub(super) network: Option<crate::network::PodNetwork>,
     /// CRI port-forward into the VM (a pod with a CNI network only).
     pub(super) forward: Option<crate::network::forward::PortForward>,
+    /// The sandbox's own network namespace, for an interface added after the boot.
+    pub(super) late: Option<Arc<LateNetwork>>,
+    /// The process holding the pod's network namespace, for its OCI hooks.
+    pub(super) holder: Option<Daemon>,
     /// The VMM's own jail id, freed once the VMM is gone.
     pub(super) jail_id: Option<crate::jail_ids::JailId>,
     /// The pod's host cgroup, removed (killing anything left in it) once the rest is down.
@@ -46,6 +60,16 @@ impl Parts {
         }
         if let Some(net) = self.network.take() {
             net.detach().await;
+        }
+        if let Some(mut holder) = self.holder.take() {
+            holder.kill().await;
+        }
+        if let Some(late) = self.late.take() {
+            if let Some(net) = late.wired.lock().await.take() {
+                net.detach().await;
+            }
+            // The namespace goes with its file (the VMM that held it is gone).
+            drop(late);
         }
         if let Some(mut fsd) = self.virtiofsd.take() {
             fsd.stop(Duration::from_millis(500)).await;
@@ -117,7 +141,11 @@ pub fn workdir_of(state_dir: &Path, id: &str) -> PathBuf {
     state_dir.join(format!("{prefix}-{hash:016x}"))
 }
 
-pub(super) fn remove_workdir(dir: &Path) {
+/// Removes a sandbox directory (what a sandbox or a dead shim left), unmounting the sandbox's
+/// own network namespace there first.
+pub fn remove_workdir(dir: &Path) {
+    // A sandbox's own network namespace is a mount on a file there (a dead shim left it).
+    crate::network::private::remove(&dir.join(LATE_NETNS));
     if let Err(err) = std::fs::remove_dir_all(dir) {
         if err.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(dir = %dir.display(), %err, "cannot remove sandbox directory");

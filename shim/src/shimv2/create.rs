@@ -65,7 +65,7 @@ impl Pod {
         // Before anything boots: a pod that asks for them fails at RunPodSandbox.
         refuse_host_namespaces(&spec)?;
         let hooks = HostHooks::from_spec(&spec)?;
-        let guest = self.ensure_vm(&spec).await?;
+        let guest = self.ensure_vm(&spec, hooks.need_netns_pid()).await?;
         let mut result = self
             .prepare_in_guest(guest.as_ref(), id, spec, &root, rootfs, stdio)
             .await;
@@ -73,7 +73,7 @@ impl Pod {
             let subject = Subject {
                 id,
                 bundle,
-                pid: self.vm.host_pid(),
+                pid: self.vm.netns_pid(),
             };
             if let Err(e) = hooks.run_create(subject).await {
                 if let Err(removing) = guest.remove_container(id).await {
@@ -112,8 +112,13 @@ impl Pod {
         Ok(())
     }
 
-    /// The running VM's agent; boots the VM, shaped by this first task's `spec`, if needed.
-    async fn ensure_vm(self: &Arc<Self>, spec: &Spec) -> Result<Arc<dyn Guest>, PodError> {
+    /// The running VM's agent; boots the VM, shaped by this first task's `spec`, if needed,
+    /// with a holder of its network namespace when `netns_holder` (the task has host hooks).
+    async fn ensure_vm(
+        self: &Arc<Self>,
+        spec: &Spec,
+        netns_holder: bool,
+    ) -> Result<Arc<dyn Guest>, PodError> {
         let plan = || {
             let base = self
                 .config
@@ -144,6 +149,7 @@ impl Pod {
                 share: self.mounts.shared().to_path_buf(),
                 netns,
                 cgroup,
+                netns_holder,
             })
         };
         let pod = Arc::clone(self);

@@ -184,6 +184,15 @@ impl HostHooks {
             && self.poststop.is_empty()
     }
 
+    /// Whether a hook is told a live pid (every phase but `poststop`): the pod then needs a
+    /// process in its network namespace for it.
+    pub fn need_netns_pid(&self) -> bool {
+        !(self.prestart.is_empty()
+            && self.create_runtime.is_empty()
+            && self.create_container.is_empty()
+            && self.poststart.is_empty())
+    }
+
     fn of(&self, phase: Phase) -> &[HostHook] {
         match phase {
             Phase::Prestart => &self.prestart,

@@ -90,7 +90,7 @@ impl Shim for Service {
                 super::rootfs::remove_shared(&shared);
                 let workdir = crate::sandbox::workdir_of(&loaded.config.runtime.state_dir, &group);
                 let cgroup = crate::sandbox::owned_cgroup(&workdir);
-                let _ = std::fs::remove_dir_all(&workdir);
+                crate::sandbox::remove_workdir(&workdir);
                 if let Some(path) = cgroup {
                     remove_pod_cgroup(&path);
                 }

@@ -33,13 +33,19 @@ impl Pod {
             }
             (p.kind.clone(), p.stdio.clone())
         };
-        let started = match kind {
-            Kind::Init => guest.start_container(id).await,
-            Kind::Exec { spec } => {
-                guest
-                    .exec_process(id, exec_id, spec, !stdio.stdin.is_empty())
-                    .await
+        let started: Result<u32, PodError> = match kind {
+            Kind::Init => {
+                // Docker's prestart hook added the pod's interface after the VM booted: it
+                // is wired before the first process can need it.
+                match self.vm.attach_late_network().await {
+                    Ok(()) => guest.start_container(id).await.map_err(Into::into),
+                    Err(e) => Err(e),
+                }
             }
+            Kind::Exec { spec } => guest
+                .exec_process(id, exec_id, spec, !stdio.stdin.is_empty())
+                .await
+                .map_err(Into::into),
         };
         let pid = match started {
             Ok(pid) => pid,
@@ -47,7 +53,7 @@ impl Pod {
                 if let Ok(p) = self.containers().process_mut(id, exec_id) {
                     p.start_failed();
                 }
-                return Err(e.into());
+                return Err(e);
             }
         };
         let pumps = io::start(&guest, id, exec_id, &stdio);
@@ -84,7 +90,7 @@ impl Pod {
         let subject = Subject {
             id,
             bundle: &bundle,
-            pid: self.vm.host_pid(),
+            pid: self.vm.netns_pid(),
         };
         if let Err(e) = hooks.run(Phase::Poststart, subject).await {
             if let Err(killing) = guest.signal(id, "", SIGKILL, true).await {

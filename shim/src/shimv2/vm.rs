@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 use pangolin_runtime_config::Config;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +44,10 @@ pub struct BootPlan {
     pub netns: Option<PathBuf>,
     /// The pod's host cgroup (`linux.cgroupsPath`), if the spec names one.
     pub cgroup: Option<PathBuf>,
+    /// The first task has host OCI hooks: a process holding the pod's network namespace is
+    /// started for them, and a pod without a namespace gets one whose interface may come
+    /// later ([`crate::sandbox::BootOptions::netns_holder`]).
+    pub netns_holder: bool,
 }
 
 /// A running pod VM.
@@ -55,8 +60,19 @@ pub trait PodVm: Send + Sync + 'static {
     fn exit_watch(&self) -> watch::Receiver<Option<ExitStatus>>;
     /// Stops the guest and the VMM and removes what the VM made.
     async fn shutdown(self: Box<Self>);
-    /// The host pid of the VM's process (the VMM, in the pod's network namespace), if known.
+    /// The host pid of the VM's process (the VMM), if known.
     fn host_pid(&self) -> Option<u32> {
+        None
+    }
+    /// The pid OCI hooks get, a process in the pod's network namespace: its holder when the
+    /// VM has one, else the VMM's (in it unless jailed).
+    fn netns_pid(&self) -> Option<u32> {
+        self.host_pid()
+    }
+    /// When the VM can take an interface added to its namespace after the boot: a future
+    /// that wires one if it is there (owning what it needs, so it is awaited without the
+    /// slot's lock).
+    fn late_network(&self) -> Option<BoxFuture<'static, Result<(), PodError>>> {
         None
     }
 }
@@ -97,6 +113,20 @@ impl PodVm for SandboxVm {
     fn host_pid(&self) -> Option<u32> {
         self.sandbox.vmm_pid()
     }
+
+    fn netns_pid(&self) -> Option<u32> {
+        self.sandbox.netns_pid().or_else(|| self.sandbox.vmm_pid())
+    }
+
+    fn late_network(&self) -> Option<BoxFuture<'static, Result<(), PodError>>> {
+        let late = self.sandbox.late_network()?;
+        Some(Box::pin(async move {
+            if late.attach().await? {
+                tracing::info!("the pod's interface, added after the boot, is wired to its VM");
+            }
+            Ok(())
+        }))
+    }
 }
 
 #[async_trait]
@@ -112,6 +142,7 @@ impl VmLauncher for SandboxLauncher {
             netns: plan.netns.as_deref(),
             cgroup: plan.cgroup.as_deref(),
             cancel: Some(cancel),
+            netns_holder: plan.netns_holder,
         };
         let sandbox = Sandbox::start_with(&plan.pod_id, &plan.config, options).await?;
         let guest: Arc<dyn Guest> = Arc::new(sandbox.agent().clone());
@@ -228,6 +259,27 @@ impl VmSlot {
         match &*self.inner.lock() {
             VmState::Running(vm) => vm.host_pid().unwrap_or(0),
             _ => 0,
+        }
+    }
+
+    /// The pid the pod's OCI hooks get ([`PodVm::netns_pid`]); 0 when no VM runs.
+    pub fn netns_pid(&self) -> u32 {
+        match &*self.inner.lock() {
+            VmState::Running(vm) => vm.netns_pid().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// Wires an interface added to the pod's namespace after the boot, when the running VM
+    /// can take one and it is there ([`PodVm::late_network`]); nothing otherwise.
+    pub async fn attach_late_network(&self) -> Result<(), PodError> {
+        let attach = match &*self.inner.lock() {
+            VmState::Running(vm) => vm.late_network(),
+            _ => None,
+        };
+        match attach {
+            Some(attach) => attach.await,
+            None => Ok(()),
         }
     }
 

@@ -4,8 +4,14 @@
 use pangolin_shim::shimv2::service::{shim_config, Service};
 use pangolin_shim::shimv2::RUNTIME_ID;
 
+fn main() {
+    // A pod's network namespace holder (for its OCI hooks) is this binary started again.
+    pangolin_shim::network::holder::hold_if_asked();
+    run();
+}
+
 #[tokio::main]
-async fn main() {
+async fn run() {
     if std::env::args()
         .skip(1)
         .any(|a| a == "-v" || a == "--version" || a == "-version")

@@ -131,6 +131,7 @@ pub async fn run(config_file: Option<&Path>, args: RunArgs) -> anyhow::Result<u8
             netns: None,
             cgroup: None,
             cancel: Some(early.cancel.clone()),
+            netns_holder: false,
         },
     )
     .await?;
