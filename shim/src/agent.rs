@@ -2,12 +2,14 @@
 //! that is not meant to block (wait, stream reads and OOM events block by design).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pangolin_protocols::agent::*;
 use pangolin_protocols::agent_ttrpc::AgentServiceClient;
 use ttrpc::context::{self, Context};
 
+use crate::rpc_stats::RpcStats;
 use crate::vsock::{self, VsockError};
 
 /// Deadline for calls that only touch the agent's state.
@@ -83,19 +85,29 @@ fn ctx(timeout: Option<Duration>) -> Context {
 #[derive(Clone)]
 pub struct AgentClient {
     inner: AgentServiceClient,
+    /// Latency of each call, per method (shared by the clones).
+    stats: Arc<RpcStats>,
 }
 
 macro_rules! call {
-    ($self:ident, $method:ident, $name:literal, $req:expr, $timeout:expr) => {
-        $self
+    ($self:ident, $method:ident, $name:literal, $req:expr, $timeout:expr) => {{
+        let started = Instant::now();
+        let answer = $self
             .inner
             .$method(ctx($timeout), &$req)
             .await
-            .map_err(|e| AgentError::from_ttrpc($name, e))
-    };
+            .map_err(|e| AgentError::from_ttrpc($name, e));
+        $self.stats.observe($name, started.elapsed());
+        answer
+    }};
 }
 
 impl AgentClient {
+    /// The latency histograms of this connection's calls (and its clones').
+    pub fn rpc_stats(&self) -> &Arc<RpcStats> {
+        &self.stats
+    }
+
     /// Connects through `uds`, retrying until `deadline` while `alive()` holds (the VM runs).
     pub async fn connect(
         uds: &Path,
@@ -117,6 +129,7 @@ impl AgentClient {
                     );
                     let agent = AgentClient {
                         inner: AgentServiceClient::new(client),
+                        stats: Arc::default(),
                     };
                     // The vsock daemon may accept before the guest listens: prove the agent answers.
                     match agent.check(left.min(Duration::from_secs(2))).await {

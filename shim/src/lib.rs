@@ -12,6 +12,7 @@ pub mod hypervisor;
 pub mod jail_ids;
 pub mod monitor;
 pub mod network;
+pub mod rpc_stats;
 pub mod sandbox;
 pub mod shimv2;
 pub mod spec;

@@ -147,6 +147,23 @@ fn prometheus_scrapes_both_pods_and_forgets_a_removed_one() {
         r#"pangolin_process_cpu_seconds_total{process="owner"}"#,
         &["mon1", "mon2"],
     );
+    // virtiofsd's work is done by the child it forks into its sandbox: counted with it.
+    let virtiofsd = wait_for(
+        prometheus_port,
+        r#"pangolin_process_threads{process="virtiofsd"} > 1"#,
+        &["mon1", "mon2"],
+    );
+    // The shims' agent calls (each created and started a container).
+    let rpcs = wait_for(
+        prometheus_port,
+        r#"pangolin_agent_rpc_duration_seconds_count{method="CreateContainer"} > 0"#,
+        &["mon1", "mon2"],
+    );
+    let buckets = wait_for(
+        prometheus_port,
+        r#"pangolin_agent_rpc_duration_seconds_bucket{method="StartContainer",le="+Inf"} > 0"#,
+        &["mon1", "mon2"],
+    );
     remove_task(&ctrd, "mon1");
     let one = wait_for(prometheus_port, "pangolin_sandbox_info", &["mon2"]);
     let log = std::fs::read_to_string(prom_dir.join("log")).unwrap_or_default();
@@ -159,6 +176,9 @@ fn prometheus_scrapes_both_pods_and_forgets_a_removed_one() {
     shims.unwrap_or_else(|got| panic!("shim CPU series: got {got:?}"));
     guests.unwrap_or_else(|got| panic!("guest memory series (from the agents): got {got:?}"));
     containers.unwrap_or_else(|got| panic!("container cgroup series: got {got:?}"));
+    virtiofsd.unwrap_or_else(|got| panic!("virtiofsd with its sandboxed child: got {got:?}"));
+    rpcs.unwrap_or_else(|got| panic!("agent call histograms: got {got:?}"));
+    buckets.unwrap_or_else(|got| panic!("agent call histogram buckets: got {got:?}"));
     one.unwrap_or_else(|got| panic!("after removing mon1: got {got:?}"));
     let _ = std::fs::remove_dir_all(&prom_dir);
     finish_containerd(ctrd, env);

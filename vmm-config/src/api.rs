@@ -1,7 +1,8 @@
 //! The control socket's messages: one request line per connection, one answer line back.
 //!
-//! Requests: `pause`, `resume`, `stop`, `status`, `snapshot` ([`Request`]). Answers: `ok`, `error: <why>`,
-//! or for `status` a JSON [`Status`] object `{"state":"running","vcpus":N,"uptime_ms":N}`. A
+//! Requests: `pause`, `resume`, `stop`, `status`, `snapshot`, `metrics` ([`Request`]). Answers:
+//! `ok`, `error: <why>`, for `status` a JSON [`Status`] object
+//! `{"state":"running","vcpus":N,"uptime_ms":N}`, for `metrics` a JSON [`Metrics`] object. A
 //! request line is at most [`MAX_LINE`] bytes.
 
 use serde::{Deserialize, Serialize};
@@ -25,16 +26,19 @@ pub enum Request {
     /// A template's VMM: stop the vCPUs, write the VM to its configured snapshot files and exit
     /// (status 5); the answer, `ok` or `error: <why>`, comes before the exit.
     Snapshot,
+    /// Report the VMM's counters as [`Metrics`].
+    Metrics,
 }
 
 impl Request {
     /// Every request, for tests and help texts.
-    pub const ALL: [Request; 5] = [
+    pub const ALL: [Request; 6] = [
         Self::Pause,
         Self::Resume,
         Self::Stop,
         Self::Status,
         Self::Snapshot,
+        Self::Metrics,
     ];
 
     /// Parses one request line (a trailing newline is allowed).
@@ -51,6 +55,7 @@ impl Request {
             Self::Stop => "stop",
             Self::Status => "status",
             Self::Snapshot => "snapshot",
+            Self::Metrics => "metrics",
         }
     }
 }
@@ -77,6 +82,20 @@ pub struct Status {
     pub vcpus: usize,
     /// Milliseconds since the VMM started the VM.
     pub uptime_ms: u64,
+}
+
+/// The answer to [`Request::Metrics`]: counters since the VMM started (a restored VMM counts
+/// from its restore). Fields may be added; a reader ignores unknown ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Metrics {
+    /// vCPU exits to the VMM, by kind: `io_in`, `io_out`, `mmio_read`, `mmio_write`, `other`.
+    pub exits: std::collections::BTreeMap<String, u64>,
+    /// Guest accesses of port I/O or MMIO addresses no device serves.
+    pub unmapped_accesses: u64,
+    /// Guest-triggered errors per device (`net`, `vsock`, `blk`, `rng`): malformed descriptor
+    /// chains, requests refused, guest connections over the limit.
+    pub guest_errors: std::collections::BTreeMap<String, u64>,
 }
 
 #[cfg(test)]

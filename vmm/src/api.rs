@@ -63,6 +63,8 @@ pub fn execute(
             };
             serde_json::to_string(&status).unwrap_or_else(|e| format!("error: {e}"))
         }
+        Request::Metrics => serde_json::to_string(&crate::metrics::METRICS.report())
+            .unwrap_or_else(|e| format!("error: {e}")),
         Request::Snapshot => match snapshotter {
             None => "error: no snapshot files configured (not a template)".into(),
             Some(s) => match s.take() {

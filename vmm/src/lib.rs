@@ -12,6 +12,7 @@ pub mod devices;
 pub mod jail;
 pub mod lifecycle;
 pub mod memory;
+pub mod metrics;
 pub mod resources;
 pub mod seccomp;
 pub mod snapshot;

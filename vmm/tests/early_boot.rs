@@ -95,6 +95,8 @@ fn early_boot(kernel: &Path, tag: &str, entry: &str) {
     }
     let elapsed = started.elapsed();
     let status_line = request(&api, "status");
+    let metrics: serde_json::Value =
+        serde_json::from_str(&request(&api, "metrics")).expect("metrics JSON");
     assert_eq!(request(&api, "pause"), "ok\n");
     assert!(request(&api, "status").contains("\"state\":\"paused\""));
     assert_eq!(request(&api, "resume"), "ok\n");
@@ -138,6 +140,14 @@ fn early_boot(kernel: &Path, tag: &str, entry: &str) {
     );
     assert!(stderr.contains("guest started"), "{stderr}");
     assert!(stderr.contains(&format!("entry={entry}")), "{stderr}");
+    // The console's bytes went out through the serial port: one port write exit each.
+    let io_out = metrics["exits"]["io_out"].as_u64().unwrap_or(0);
+    assert!(
+        io_out >= log.len() as u64,
+        "{io_out} port writes for {} console bytes: {metrics}",
+        log.len()
+    );
+    assert_eq!(metrics["guest_errors"]["vsock"], 0, "{metrics}");
 }
 
 #[test]

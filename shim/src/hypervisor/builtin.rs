@@ -2,14 +2,14 @@
 //! in the sandbox's workdir, with vsock served by the VMM itself (no helper daemon) and a control
 //! socket for pause/resume/stop.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pangolin_runtime_config::HypervisorKind;
 use pangolin_vmm_config::api::Request;
 use pangolin_vmm_config::{FsConfig, NetConfig, VmConfig, VsockConfig};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use super::{Hypervisor, HypervisorError, Vm, VmSpec};
 use crate::daemon::{Daemon, SpawnOptions};
@@ -86,7 +86,7 @@ impl Hypervisor for Builtin {
                 key: "hypervisor.vmm_path",
             });
         }
-        let api = spec.workdir.join("vmm-api.sock");
+        let api = spec.workdir.join(API_SOCKET);
         let mut config = vm_config(spec, api.clone());
         config.seccomp = self.seccomp;
         if !self.seccomp {
@@ -154,18 +154,33 @@ impl BuiltinVm {
 
     /// Sends one control request, waiting up to `limit` for the answer.
     async fn request_within(&self, request: Request, limit: Duration) -> std::io::Result<String> {
-        let exchange = async {
-            let mut stream = tokio::net::UnixStream::connect(&self.api).await?;
-            let line = format!("{}\n", request.as_str());
-            stream.write_all(line.as_bytes()).await?;
-            let mut answer = String::new();
-            BufReader::new(stream).read_line(&mut answer).await?;
-            Ok::<_, std::io::Error>(answer.trim_end().to_string())
-        };
-        tokio::time::timeout(limit, exchange)
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "VMM control socket"))?
+        control(&self.api, request, limit).await
     }
+}
+
+/// The control socket's name in a sandbox directory.
+pub const API_SOCKET: &str = "vmm-api.sock";
+
+/// Sends one request to the control socket `api` of a `pangolin-vmm`, waiting up to `limit`
+/// for the answer line (returned without its newline).
+///
+/// # Errors
+/// Connecting, writing or reading failed, or `limit` passed (`TimedOut`).
+pub async fn control(api: &Path, request: Request, limit: Duration) -> std::io::Result<String> {
+    let exchange = async {
+        let mut stream = tokio::net::UnixStream::connect(api).await?;
+        let line = format!("{}\n", request.as_str());
+        stream.write_all(line.as_bytes()).await?;
+        let mut answer = String::new();
+        // An answer is one line; a longer one is not a VMM's.
+        BufReader::new(stream.take(64 * 1024))
+            .read_line(&mut answer)
+            .await?;
+        Ok::<_, std::io::Error>(answer.trim_end().to_string())
+    };
+    tokio::time::timeout(limit, exchange)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "VMM control socket"))?
 }
 
 #[async_trait]

@@ -1,11 +1,15 @@
 //! What one scrape measures: the sandboxes under the state directory and their host processes.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use pangolin_protocols::AGENT_VSOCK_PORT;
+use pangolin_vmm_config::api::{Metrics, Request};
 
 use crate::agent::AgentClient;
+use crate::hypervisor::builtin::{control, API_SOCKET};
+use crate::rpc_stats::{self, Histogram};
 use crate::sandbox::info::{self, PodInfo, SandboxInfo};
 
 /// How long the guest's figures may take per sandbox (a stuck guest costs a scrape this much).
@@ -70,6 +74,10 @@ pub struct SandboxFigures {
     pub processes: Vec<ProcessFigures>,
     /// The guest's figures, when its agent answered in time.
     pub guest: Option<GuestFigures>,
+    /// Latency of the owner's agent calls, per method, as the owner last published them.
+    pub rpc: BTreeMap<String, Histogram>,
+    /// The built-in VMM's counters (exits, guest errors), when it answered in time.
+    pub vmm: Option<Metrics>,
 }
 
 /// Every ready sandbox under `state_dir` with its processes' and its guest's figures.
@@ -81,21 +89,37 @@ pub async fn scrape(state_dir: &Path) -> Vec<SandboxFigures> {
     let mut asks = tokio::task::JoinSet::new();
     for (i, (workdir, s)) in host.iter().enumerate() {
         let (workdir, containers) = (workdir.clone(), s.pod.containers.clone());
+        let builtin = s.info.hypervisor == "builtin";
         asks.spawn(async move {
-            let guest = tokio::time::timeout(GUEST_PATIENCE, guest(&workdir, &containers))
-                .await
-                .ok()
-                .flatten();
-            (i, guest)
+            let (guest, vmm) = tokio::join!(
+                tokio::time::timeout(GUEST_PATIENCE, guest(&workdir, &containers)),
+                async {
+                    if builtin {
+                        vmm_metrics(&workdir).await
+                    } else {
+                        None
+                    }
+                }
+            );
+            (i, guest.ok().flatten(), vmm)
         });
     }
     let mut out: Vec<SandboxFigures> = host.into_iter().map(|(_, s)| s).collect();
-    while let Some(Ok((i, guest))) = asks.join_next().await {
+    while let Some(Ok((i, guest, vmm))) = asks.join_next().await {
         if let Some(s) = out.get_mut(i) {
             s.guest = guest;
+            s.vmm = vmm;
         }
     }
     out
+}
+
+/// The built-in VMM's counters through its control socket.
+async fn vmm_metrics(workdir: &Path) -> Option<Metrics> {
+    let answer = control(&workdir.join(API_SOCKET), Request::Metrics, GUEST_PATIENCE)
+        .await
+        .ok()?;
+    serde_json::from_str(&answer).ok()
 }
 
 /// The guest's figures through its agent (a connection of the monitor's own).
@@ -146,10 +170,16 @@ fn scrape_host(state_dir: &Path) -> Vec<(PathBuf, SandboxFigures)> {
                 ("virtiofsd", info.virtiofsd_pid),
                 ("owner", Some(info.owner_pid).filter(|&p| p != 0)),
             ];
+            // virtiofsd with its sandboxed child; the others alone (the owner's children are
+            // the VMM and virtiofsd, counted on their own).
             let processes = roles
                 .into_iter()
-                .filter_map(|(role, pid)| measure(role, pid?))
+                .filter_map(|(role, pid)| match role {
+                    "virtiofsd" => measure_tree(role, pid?),
+                    _ => measure(role, pid?),
+                })
                 .collect();
+            let rpc = rpc_stats::read(&workdir);
             Some((
                 workdir,
                 SandboxFigures {
@@ -157,6 +187,8 @@ fn scrape_host(state_dir: &Path) -> Vec<(PathBuf, SandboxFigures)> {
                     pod,
                     processes,
                     guest: None,
+                    rpc,
+                    vmm: None,
                 },
             ))
         })
@@ -192,6 +224,47 @@ pub fn measure(role: &'static str, pid: u32) -> Option<ProcessFigures> {
         fds,
         threads,
     })
+}
+
+/// Figures of process `pid` and its descendants, summed (virtiofsd's work is done by the child
+/// it forks into its sandbox; RSS counts shared pages once per process, PSS shares them out);
+/// None when `pid` is gone.
+pub fn measure_tree(role: &'static str, pid: u32) -> Option<ProcessFigures> {
+    let mut total = measure(role, pid)?;
+    let mut queue = children(pid);
+    // A bound on what a (hostile) process tree may cost a scrape.
+    let mut left = 64;
+    while let Some(child) = queue.pop() {
+        if left == 0 {
+            break;
+        }
+        left -= 1;
+        if let Some(f) = measure(role, child) {
+            total.cpu_seconds += f.cpu_seconds;
+            total.rss_bytes += f.rss_bytes;
+            total.pss_bytes += f.pss_bytes;
+            total.fds += f.fds;
+            total.threads += f.threads;
+        }
+        queue.extend(children(child));
+    }
+    Some(total)
+}
+
+/// The children of every thread of `pid` (`/proc/<pid>/task/<tid>/children`).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
 
 /// utime + stime (fields 14 and 15) and num_threads (field 20) of a `/proc/<pid>/stat` line;
@@ -233,5 +306,28 @@ mod tests {
         let me = measure("owner", std::process::id()).expect("this process");
         assert!(me.rss_bytes > 0 && me.threads >= 1 && me.fds >= 3, "{me:?}");
         assert!(measure("vmm", u32::MAX).is_none());
+    }
+
+    #[test]
+    fn a_tree_sums_the_children() {
+        let mut sh = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & wait"])
+            .spawn()
+            .expect("sh");
+        let pid = sh.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while children(pid).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let alone = measure("virtiofsd", pid).expect("sh");
+        let tree = measure_tree("virtiofsd", pid).expect("tree");
+        let _ = sh.kill();
+        let _ = sh.wait();
+        assert_eq!(
+            (alone.threads, tree.threads),
+            (1, 2),
+            "{alone:?} vs {tree:?}"
+        );
+        assert!(tree.rss_bytes > alone.rss_bytes, "{alone:?} vs {tree:?}");
     }
 }

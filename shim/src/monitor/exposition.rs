@@ -84,7 +84,44 @@ pub fn render(sandboxes: &[SandboxFigures], now_ms: u64) -> String {
                 })
                 .collect()
         };
+    let per_key = |of: &dyn Fn(&SandboxFigures) -> Vec<(String, u64)>, key: &str| {
+        sandboxes
+            .iter()
+            .flat_map(|s| {
+                of(s)
+                    .into_iter()
+                    .map(move |(k, v)| (format!("{},{key}=\"{}\"", base(s), escape(&k)), v as f64))
+            })
+            .collect::<Vec<_>>()
+    };
     let families = [
+        Family {
+            name: "pangolin_vmm_exits_total",
+            help: "vCPU exits to the built-in VMM, by kind.",
+            kind: "counter",
+            samples: per_key(
+                &|s| s.vmm.iter().flat_map(|m| m.exits.clone()).collect(),
+                "kind",
+            ),
+        },
+        Family {
+            name: "pangolin_vmm_unmapped_accesses_total",
+            help: "Guest port I/O and MMIO accesses of addresses no device of the built-in VMM serves.",
+            kind: "counter",
+            samples: sandboxes
+                .iter()
+                .filter_map(|s| s.vmm.as_ref().map(|m| (base(s), m.unmapped_accesses as f64)))
+                .collect(),
+        },
+        Family {
+            name: "pangolin_vmm_guest_errors_total",
+            help: "Guest-triggered device errors in the built-in VMM (malformed descriptor chains, refused requests), by device.",
+            kind: "counter",
+            samples: per_key(
+                &|s| s.vmm.iter().flat_map(|m| m.guest_errors.clone()).collect(),
+                "device",
+            ),
+        },
         Family {
             name: "pangolin_sandbox_info",
             help: "A sandbox on this node (always 1), with its backend and how it started.",
@@ -229,7 +266,36 @@ pub fn render(sandboxes: &[SandboxFigures], now_ms: u64) -> String {
     for family in &families {
         write_family(&mut out, family);
     }
+    write_rpc_histograms(&mut out, sandboxes, &base);
     out
+}
+
+/// `pangolin_agent_rpc_duration_seconds`: one histogram per sandbox and agent method.
+fn write_rpc_histograms(
+    out: &mut String,
+    sandboxes: &[SandboxFigures],
+    base: &dyn Fn(&SandboxFigures) -> String,
+) {
+    const NAME: &str = "pangolin_agent_rpc_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {NAME} Latency of the agent calls the sandbox's owner made, by method (not the calls that wait for the workload: WaitProcess, the stream reads, GetOomEvent)."
+    );
+    let _ = writeln!(out, "# TYPE {NAME} histogram");
+    for s in sandboxes {
+        for (method, h) in &s.rpc {
+            let labels = format!("{},method=\"{}\"", base(s), escape(method));
+            let bounds = crate::rpc_stats::BUCKETS
+                .iter()
+                .map(ToString::to_string)
+                .chain(std::iter::once("+Inf".to_string()));
+            for (le, n) in bounds.zip(h.cumulative()) {
+                let _ = writeln!(out, "{NAME}_bucket{{{labels},le=\"{le}\"}} {n}");
+            }
+            let _ = writeln!(out, "{NAME}_sum{{{labels}}} {}", h.sum_seconds);
+            let _ = writeln!(out, "{NAME}_count{{{labels}}} {}", h.count);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -285,6 +351,20 @@ mod tests {
                     pids: 2,
                 }],
             }),
+            rpc: [(
+                "CreateContainer".to_string(),
+                crate::rpc_stats::Histogram {
+                    buckets: vec![0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                    count: 2,
+                    sum_seconds: 3.004,
+                },
+            )]
+            .into(),
+            vmm: Some(pangolin_vmm_config::api::Metrics {
+                exits: [("mmio_write".to_string(), 7)].into(),
+                unmapped_accesses: 3,
+                guest_errors: [("vsock".to_string(), 1)].into(),
+            }),
         };
         let text = render(&[s], 11_000);
         let labels = r#"sandbox="abc",namespace="team-a",pod="web\"1""#;
@@ -300,6 +380,24 @@ mod tests {
             format!("pangolin_guest_load1{{{labels}}} 0.5"),
             format!(r#"pangolin_container_memory_usage_bytes{{{labels},container="c2"}} 4096"#),
             format!(r#"pangolin_container_pids{{{labels},container="c2"}} 2"#),
+            format!(r#"pangolin_vmm_exits_total{{{labels},kind="mmio_write"}} 7"#),
+            format!("pangolin_vmm_unmapped_accesses_total{{{labels}}} 3"),
+            format!(r#"pangolin_vmm_guest_errors_total{{{labels},device="vsock"}} 1"#),
+            format!(
+                r#"pangolin_agent_rpc_duration_seconds_bucket{{{labels},method="CreateContainer",le="0.001"}} 0"#
+            ),
+            format!(
+                r#"pangolin_agent_rpc_duration_seconds_bucket{{{labels},method="CreateContainer",le="0.005"}} 1"#
+            ),
+            format!(
+                r#"pangolin_agent_rpc_duration_seconds_bucket{{{labels},method="CreateContainer",le="+Inf"}} 2"#
+            ),
+            format!(
+                r#"pangolin_agent_rpc_duration_seconds_count{{{labels},method="CreateContainer"}} 2"#
+            ),
+            format!(
+                r#"pangolin_agent_rpc_duration_seconds_sum{{{labels},method="CreateContainer"}} 3.004"#
+            ),
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }

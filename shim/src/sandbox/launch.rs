@@ -178,6 +178,7 @@ impl Sandbox {
             forward: None,
             late: None,
             holder: None,
+            rpc_publisher: None,
             jail_id,
             cgroup: None,
             done: false,
@@ -236,6 +237,7 @@ impl Sandbox {
                 if let Err(e) = super::info::write_info(&workdir, &info) {
                     tracing::warn!(sandbox = id, error = %e, "cannot write the sandbox's facts");
                 }
+                parts.rpc_publisher = Some(agent.rpc_stats().publish_every(workdir.clone()));
                 let ended = parts.ended();
                 Ok(Some(Sandbox {
                     id: id.into(),

@@ -30,6 +30,8 @@ pub(super) struct Parts {
     pub(super) late: Option<Arc<LateNetwork>>,
     /// The process holding the pod's network namespace, for its OCI hooks.
     pub(super) holder: Option<Daemon>,
+    /// Writes the agent calls' latency histograms for `pangolin monitor`.
+    pub(super) rpc_publisher: Option<tokio::task::JoinHandle<()>>,
     /// The VMM's own jail id, freed once the VMM is gone.
     pub(super) jail_id: Option<crate::jail_ids::JailId>,
     /// The pod's host cgroup, removed (killing anything left in it) once the rest is down.
@@ -53,6 +55,9 @@ impl Parts {
     }
 
     pub(super) async fn teardown(&mut self, grace: Duration) {
+        if let Some(publisher) = self.rpc_publisher.take() {
+            publisher.abort();
+        }
         // Nothing is forwarded to a VM going down; its socket leaves the pod namespace.
         drop(self.forward.take());
         if let Some(mut vm) = self.vm.take() {
@@ -87,6 +92,9 @@ impl Drop for Parts {
     fn drop(&mut self) {
         // Daemons are killed by their own Drop (kill-on-drop); the cgroup and the directory
         // are left.
+        if let Some(publisher) = self.rpc_publisher.take() {
+            publisher.abort();
+        }
         if !self.done {
             if let Some(cgroup) = self.cgroup.take() {
                 // In place, even on a runtime worker: this is a failed start's cleanup, rare,

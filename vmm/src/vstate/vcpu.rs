@@ -15,6 +15,7 @@ use super::vm::Vm;
 use crate::arch::regs::{self, BootEntry, RegsError};
 use crate::arch::{cpuid, msr};
 use crate::bus::Bus;
+use crate::metrics::METRICS;
 use crate::seccomp;
 
 /// A vCPU could not be set up or started.
@@ -290,37 +291,50 @@ fn run(
         }
         match fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
+                METRICS.exits.io_in.inc();
                 if !pio.read(u64::from(port), data) {
+                    METRICS.unmapped_accesses.inc();
                     data.fill(0xff);
                 }
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                pio.write(u64::from(port), data);
+                METRICS.exits.io_out.inc();
+                if !pio.write(u64::from(port), data) {
+                    METRICS.unmapped_accesses.inc();
+                }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                METRICS.exits.mmio_read.inc();
                 if !mmio.read(addr, data) {
+                    METRICS.unmapped_accesses.inc();
                     tracing::debug!(vcpu = id, addr, "MMIO read of an unmapped address");
                     data.fill(0xff);
                 }
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                METRICS.exits.mmio_write.inc();
                 if !mmio.write(addr, data) {
+                    METRICS.unmapped_accesses.inc();
                     tracing::debug!(vcpu = id, addr, "MMIO write to an unmapped address");
                 }
             }
             Ok(VcpuExit::Shutdown) | Ok(VcpuExit::SystemEvent(..)) | Ok(VcpuExit::Hlt) => {
+                METRICS.exits.other.inc();
                 tracing::info!(vcpu = id, "guest shut down");
                 control.exit(ExitReason::GuestShutdown);
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                METRICS.exits.other.inc();
                 tracing::error!(vcpu = id, reason, cpu, "KVM entry failed");
                 control.exit(ExitReason::Failed("KVM entry failed"));
             }
             Ok(VcpuExit::InternalError) => {
+                METRICS.exits.other.inc();
                 tracing::error!(vcpu = id, "KVM internal error");
                 control.exit(ExitReason::Failed("KVM internal error"));
             }
             Ok(other) => {
+                METRICS.exits.other.inc();
                 tracing::error!(vcpu = id, exit = ?other, "unexpected vCPU exit");
                 control.exit(ExitReason::Failed("unexpected vCPU exit"));
             }

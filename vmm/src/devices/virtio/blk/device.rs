@@ -125,7 +125,10 @@ impl<D: DiskBackend> RequestHandler for BlockHandler<D> {
         let (disk, scratch) = (&mut self.disk, &mut self.scratch);
         let answer = request::handle(mem, chain, disk, self.info, scratch)?;
         if let Some(e) = &answer.failure {
-            if self.failed.record() {
+            if self
+                .failed
+                .record(&crate::metrics::METRICS.guest_errors.blk)
+            {
                 let count = self.failed.count();
                 match e {
                     RequestError::Io(_) => warn!(error = %e, count, "virtio-blk: request failed"),

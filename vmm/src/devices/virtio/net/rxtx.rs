@@ -179,7 +179,10 @@ fn bad_chain(
     err: &dyn Display,
     stats: &mut NetStats,
 ) -> Result<(), NetError> {
-    if stats.bad_chains.record() {
+    if stats
+        .bad_chains
+        .record(&crate::metrics::METRICS.guest_errors.net)
+    {
         let count = stats.bad_chains.count();
         tracing::warn!(error = %err, head, count, "virtio-net: malformed descriptor chain");
     }

@@ -111,7 +111,7 @@ impl<H: RequestHandler> SingleQueueDevice<H> {
             served += 1;
             let head = chain.head_index();
             let len = handler.handle(mem, chain).unwrap_or_else(|e| {
-                if errors.record() {
+                if errors.record(crate::metrics::METRICS.guest_errors.of_device(H::NAME)) {
                     let count = errors.count();
                     warn!(head, error = %e, count, device = H::NAME, "bad request");
                 }
@@ -120,7 +120,7 @@ impl<H: RequestHandler> SingleQueueDevice<H> {
             match queue.add_used(&*mem, head, len) {
                 Ok(()) => completed = true,
                 Err(e) => {
-                    if errors.record() {
+                    if errors.record(crate::metrics::METRICS.guest_errors.of_device(H::NAME)) {
                         let count = errors.count();
                         warn!(head, error = %e, count, device = H::NAME, "cannot return buffer");
                     }

@@ -220,7 +220,10 @@ impl Vsock {
             Ok(()) => 4,
             Err(e) => {
                 // A broken event buffer: returned empty; the next one gets the event.
-                if self.guest_errors.record() {
+                if self
+                    .guest_errors
+                    .record(&crate::metrics::METRICS.guest_errors.vsock)
+                {
                     tracing::warn!(error = %e, "vsock: bad event buffer");
                 }
                 if let Err(e) = queue.add_used(&active.mem, head, 0) {
@@ -293,7 +296,10 @@ impl Vsock {
             match read_tx(&active.mem, chain, &mut self.tx_payload) {
                 Ok(hdr) => self.muxer.on_guest_packet(&hdr, &self.tx_payload, reg, now),
                 Err(e) => {
-                    if self.guest_errors.record() {
+                    if self
+                        .guest_errors
+                        .record(&crate::metrics::METRICS.guest_errors.vsock)
+                    {
                         let count = self.guest_errors.count();
                         tracing::debug!(error = %e, count, "vsock: dropping malformed tx chain");
                     }
@@ -335,7 +341,10 @@ impl Vsock {
                         return used;
                     };
                     buf.write(&hdr, &self.rx_payload).unwrap_or_else(|e| {
-                        if self.guest_errors.record() {
+                        if self
+                            .guest_errors
+                            .record(&crate::metrics::METRICS.guest_errors.vsock)
+                        {
                             let count = self.guest_errors.count();
                             tracing::warn!(error = %e, count, "vsock: writing an rx packet");
                         }
@@ -343,7 +352,10 @@ impl Vsock {
                     })
                 }
                 Err(e) => {
-                    if self.guest_errors.record() {
+                    if self
+                        .guest_errors
+                        .record(&crate::metrics::METRICS.guest_errors.vsock)
+                    {
                         let count = self.guest_errors.count();
                         tracing::debug!(error = %e, count, "vsock: returning malformed rx chain");
                     }

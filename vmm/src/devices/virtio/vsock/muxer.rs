@@ -306,7 +306,10 @@ impl Muxer {
     /// A guest `REQUEST` for a port nothing is connected to: try `<uds_path>_<port>`.
     fn guest_connect(&mut self, hdr: &Header, reg: &mut dyn FdRegistry) {
         if self.connection_count() >= MAX_CONNECTIONS {
-            if self.refused.record() {
+            if self
+                .refused
+                .record(&crate::metrics::METRICS.guest_errors.vsock)
+            {
                 let count = self.refused.count();
                 tracing::warn!(
                     count,
