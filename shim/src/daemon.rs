@@ -139,6 +139,63 @@ fn open_executable(program: &Path) -> std::io::Result<(std::fs::File, bool)> {
     Ok((file, script))
 }
 
+/// What a child needs to execute a binary through its descriptor with execveat: argv built
+/// before the fork (nothing is allocated between fork and exec).
+struct ExecByFd {
+    fd: RawFd,
+    _strings: Vec<std::ffi::CString>,
+    argv: Vec<*const libc::c_char>,
+}
+
+// SAFETY: the pointers point into `_strings`, owned alongside and never changed; the child
+// only reads them.
+unsafe impl Send for ExecByFd {}
+// SAFETY: as above: shared only for reading.
+unsafe impl Sync for ExecByFd {}
+
+impl ExecByFd {
+    fn new(fd: RawFd, program: &Path, args: &[String]) -> Result<ExecByFd, DaemonError> {
+        use std::os::unix::ffi::OsStrExt;
+        let nul = |e: std::ffi::NulError| DaemonError::Spawn {
+            program: program.into(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        };
+        let mut strings =
+            vec![std::ffi::CString::new(program.as_os_str().as_bytes()).map_err(nul)?];
+        for a in args {
+            strings.push(std::ffi::CString::new(a.as_bytes()).map_err(nul)?);
+        }
+        let mut argv: Vec<*const libc::c_char> = strings.iter().map(|s| s.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        Ok(ExecByFd {
+            fd,
+            _strings: strings,
+            argv,
+        })
+    }
+
+    /// execveat(fd, "", argv, environ, AT_EMPTY_PATH); the error when it returns.
+    fn exec(&self) -> std::io::Error {
+        extern "C" {
+            static environ: *const *const libc::c_char;
+        }
+        // SAFETY: argv is a NULL-terminated array of NUL-terminated strings that outlive the
+        // call; `environ` is the process's environment (the child's copy of the parent's);
+        // the empty path with AT_EMPTY_PATH executes the open descriptor itself.
+        unsafe {
+            libc::syscall(
+                libc::SYS_execveat,
+                self.fd,
+                c"".as_ptr(),
+                self.argv.as_ptr(),
+                environ,
+                libc::AT_EMPTY_PATH,
+            );
+        }
+        std::io::Error::last_os_error()
+    }
+}
+
 /// The child gets SIGKILL when the thread that forked it exits.
 fn die_with_parent() -> std::io::Result<()> {
     // SAFETY: prctl(2) with integer arguments.
@@ -256,6 +313,13 @@ impl Daemon {
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .kill_on_drop(true);
+        // A binary reached through its descriptor is executed with execveat(AT_EMPTY_PATH) in
+        // the child rather than by its /proc/self/fd path: the kernel then names the process
+        // (comm, what ps and top show) after the binary, not after the descriptor's number.
+        let by_descriptor = match &exe {
+            Some((file, false)) => Some(ExecByFd::new(file.as_raw_fd(), program, args)?),
+            _ => None,
+        };
         let inherit: Vec<RawFd> = inherited
             .iter()
             .map(AsRawFd::as_raw_fd)
@@ -278,6 +342,10 @@ impl Daemon {
                     user.enter()?;
                     // A change of credentials clears the parent-death signal: set it again.
                     die_with_parent()?;
+                }
+                if let Some(exec) = &by_descriptor {
+                    // Returns only on failure.
+                    return Err(exec.exec());
                 }
                 Ok(())
             });
@@ -507,6 +575,45 @@ mod tests {
             "{text}"
         );
         std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    /// An unprivileged daemon is executed through its descriptor and still named after its
+    /// binary (what ps, top and the stress report show), with its arguments and environment.
+    #[tokio::test]
+    async fn an_unprivileged_daemon_is_named_after_its_binary() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root: it drops a daemon to another user"
+        );
+        let log =
+            std::env::temp_dir().join(format!("pangolin-daemon-name-{}.log", std::process::id()));
+        let options = SpawnOptions {
+            user: Some(Unprivileged {
+                uid: 65534,
+                gid: 65534,
+                groups: Vec::new(),
+                max_open_files: 64,
+            }),
+            ..SpawnOptions::default()
+        };
+        let args = vec!["30".to_string()];
+        let mut d = Daemon::spawn_with("sleep", Path::new("/bin/sleep"), &args, &log, options)
+            .expect("spawn");
+        let pid = d.pid().expect("pid");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut comm = String::new();
+        while Instant::now() < deadline {
+            comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "sleep" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        d.stop(Duration::from_millis(100)).await;
+        let _ = std::fs::remove_file(&log);
+        assert_eq!(comm.trim(), "sleep", "named after the descriptor?");
+        assert_eq!(cmdline, b"/bin/sleep\x0030\x00");
     }
 
     #[tokio::test]

@@ -28,6 +28,8 @@ pub const CRI_NAMESPACE: &str = "k8s.io";
 pub const PANGOLIN_RUNTIME: &str = "io.containerd.pangolin.v2";
 /// The CRI runtime handler name configured for Pangolin.
 pub const PANGOLIN_HANDLER: &str = "pangolin";
+/// The CRI runtime handler of runc (the reference).
+pub const RUNC_HANDLER: &str = "runc";
 /// The busybox image name tests import.
 pub const BUSYBOX_IMAGE: &str = "pangolin.local/busybox:latest";
 /// The sandbox (pause) image CRI is configured with; nothing is pulled.

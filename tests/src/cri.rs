@@ -22,7 +22,8 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::containerd::{PrivateContainerd, BUSYBOX_IMAGE, CRI_NAMESPACE, PAUSE_IMAGE};
 
-/// The two CRI services of one containerd.
+/// The two CRI services of one containerd (a clone shares the connection).
+#[derive(Clone)]
 pub struct Cri {
     /// Pods and containers.
     pub runtime: RuntimeServiceClient<Channel>,

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use pangolin_runtime_config::Config;
 
+pub mod audit;
 pub mod containerd;
 
 pub use containerd::{patience, SLOWDOWN_ENV};
@@ -44,6 +45,7 @@ pub mod deploy_image;
 pub mod registry;
 pub mod shim;
 pub mod streaming;
+pub mod stress;
 
 /// The checkout's root.
 pub fn root() -> PathBuf {
@@ -268,10 +270,13 @@ pub fn seccomp_kills_since(since: f64) -> Vec<String> {
 /// target/<profile>, where the workspace's binaries (the shim among them) are built.
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .expect("target dir")
+    let dir = exe.parent().expect("the executable's directory");
+    // A test is in target/<profile>/deps, a binary (stress) in target/<profile>.
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().map(Path::to_path_buf).expect("target dir")
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// A private containerd (in `<env>/containerd`) whose pangolin shims use `env`'s configuration;
@@ -350,7 +355,15 @@ pub fn wait_for_end(child: &mut std::process::Child, within: Duration) -> std::p
 
 /// Live processes whose command line contains `needle`.
 pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
-    let needle = needle.to_string_lossy().to_string();
+    processes_mentioning_any(&[needle.to_path_buf()])
+}
+
+/// Live (non-zombie) processes whose command line mentions any of `needles`, with it.
+pub fn processes_mentioning_any(needles: &[PathBuf]) -> Vec<(u32, String)> {
+    let needles: Vec<String> = needles
+        .iter()
+        .map(|n| n.to_string_lossy().to_string())
+        .collect();
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -365,7 +378,7 @@ pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
                 .next()
                 .is_some_and(|r| r.trim_start().starts_with('Z'))
         });
-        if cmdline.contains(&needle) && !zombie {
+        if !zombie && needles.iter().any(|n| cmdline.contains(n.as_str())) {
             found.push((pid, cmdline));
         }
     }

@@ -22,7 +22,7 @@ use std::process::{Command, ExitCode};
 use anyhow::Context;
 
 const USAGE: &str =
-    "usage: cargo xtask <guest|test|fuzz|demo|bench|install|deploy-image|ctr|testhost> [args]
+    "usage: cargo xtask <guest|test|fuzz|demo|bench|stress|install|deploy-image|ctr|testhost> [args]
   guest   build target/guest/{vmlinux,initramfs.cpio.gz}, the test host's kernel and initramfs,
           and target/rootfs/busybox
   test    install what is missing, build the guest, run every test (real VMs), then every fuzz
@@ -36,6 +36,11 @@ const USAGE: &str =
           their targets) here and in the nested test host; --json writes every figure, --plot
           draws the cold-start distributions as SVG; sections: run, ctr, cri, fs, vmm, nested,
           nested-ctr, parallel
+  stress [--cycles N] [--parallel N] [--soak MINUTES] [--workers N] [--handlers pangolin,runc]
+          pods through CRI in a private containerd (release build): N sequential cycles (p50/p99
+          of each call, drift of containerd's memory and fds), N pods at once per handler (time
+          to all ready, host memory per pod), a soak; the leak audit after every step fails the
+          run with what was left
   install [--destdir DIR] [--debug]
           install the shim, CLI, VMM, guest kernel/initramfs and /etc/pangolin/configuration.toml
   deploy-image [--out FILE] [--debug]
@@ -48,6 +53,35 @@ const USAGE: &str =
           io.containerd.pangolin.v2 pangolin.local/busybox:latest c1 echo hello`
   testhost [--timeout SECS] [--memory MIB] -- CMD...
           run CMD as root in a nested test host (TCG VM with emulated SVM: real KVM inside)";
+
+/// `cargo xtask stress ARGS`: builds the guest and the release binaries, then runs
+/// `target/release/stress ARGS` (the pangolin-e2e binary: the CRI client lives there).
+fn stress(args: &[String]) -> anyhow::Result<()> {
+    deps::ensure()?;
+    guest::build()?;
+    let pangolin = build_host(true)?;
+    println!("building the stress driver (release)...");
+    let mut build = cargo();
+    build.current_dir(guest::root()).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "pangolin-e2e",
+        "--bin",
+        "stress",
+    ]);
+    guest::run(&mut build)?;
+    let dir = pangolin.parent().context("target dir")?;
+    let status = Command::new(dir.join("stress"))
+        .args(args)
+        .status()
+        .context("running the stress driver")?;
+    if !status.success() {
+        anyhow::bail!("stress failed ({status})");
+    }
+    Ok(())
+}
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -263,6 +297,7 @@ fn main() -> ExitCode {
         Some("install") => install::install(&args[1..]),
         Some("deploy-image") => install::deploy_image(&args[1..]),
         Some("bench") => bench::bench(&args[1..]),
+        Some("stress") => stress(&args[1..]),
         // Run by `bench` inside the nested test host; not in USAGE.
         Some("bench-ctr") => bench::ctr_command(&args[1..]),
         Some("ctr") => {

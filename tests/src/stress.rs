@@ -1,0 +1,654 @@
+//! Pods under load through CRI, with the leak audit after every step: `cargo xtask stress`
+//! (full sizes, `src/bin/stress.rs`) and `tests/stress.rs` (the small sizes CI runs).
+//!
+//! - cycles: N pods one after another, each RunPodSandbox, two containers (each logs a line and
+//!   sleeps), ExecSync `echo`, the containers' CRI logs read back, StopPodSandbox,
+//!   RemovePodSandbox; the audit after each; p50/p99 of every call, and the drift of
+//!   containerd's memory and descriptors and of the cycle's time (first tenth vs last tenth).
+//! - parallel: N pods started at once, each with a container; the time until all are ready
+//!   and the host memory per pod (PSS of every process in the pods' cgroups plus their shims,
+//!   guest RAM left out), all removed, the audit; per handler, in one run.
+//! - soak: pods created and removed continuously by a number of workers for a while.
+//!
+//! The audit's baseline is taken after one warm-up cycle per handler: the first pod of a
+//! network makes its bridge, its IPAM directory and containerd's namespace directories, which
+//! stay.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use k8s_cri::v1::ExecSyncRequest;
+
+use crate::audit::{Audit, Scope};
+use crate::containerd::{PANGOLIN_HANDLER, RUNC_HANDLER};
+use crate::cri::{self, Cri};
+use crate::cri_pods::CriFixture;
+
+/// What to run; zero skips a part.
+#[derive(Debug, Clone)]
+pub struct Sizes {
+    /// Sequential pod cycles per handler.
+    pub cycles: usize,
+    /// Pods started at once, per handler.
+    pub parallel: usize,
+    /// How long to soak (zero: no soak).
+    pub soak: Duration,
+    /// Workers of the soak.
+    pub soak_workers: usize,
+    /// CRI runtime handlers (`pangolin`, `runc`), in the order they run.
+    pub handlers: Vec<String>,
+    /// The audit covers host-wide resources too (nothing else makes pods meanwhile).
+    pub whole_host: bool,
+}
+
+/// Durations of each CRI call, in milliseconds.
+#[derive(Debug, Default, Clone)]
+pub struct Calls(pub BTreeMap<&'static str, Vec<f64>>);
+
+impl Calls {
+    async fn time<T, E: std::fmt::Display>(
+        &mut self,
+        call: &'static str,
+        f: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T> {
+        let t = Instant::now();
+        let out = f.await.map_err(|e| anyhow::anyhow!("{call}: {e}"))?;
+        self.0
+            .entry(call)
+            .or_default()
+            .push(t.elapsed().as_secs_f64() * 1000.0);
+        Ok(out)
+    }
+}
+
+/// The quantile `per_mille`/1000 of `values` (nearest rank: p50 is 500, p99 990); 0 for none.
+pub fn quantile(values: &[f64], per_mille: usize) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = (per_mille.min(1000) * v.len()).div_ceil(1000).clamp(1, v.len());
+    v[rank - 1]
+}
+
+/// One handler's cycles.
+#[derive(Debug, Default, Clone)]
+pub struct CycleReport {
+    /// The handler.
+    pub handler: String,
+    /// Every call's durations.
+    pub calls: Calls,
+    /// Each cycle's time (ms).
+    pub cycle_ms: Vec<f64>,
+    /// containerd's RSS after each cycle (KiB).
+    pub containerd_rss_kib: Vec<u64>,
+    /// containerd's open descriptors after each cycle.
+    pub containerd_fds: Vec<u64>,
+}
+
+/// One handler's parallel start.
+#[derive(Debug, Default, Clone)]
+pub struct ParallelReport {
+    /// The handler.
+    pub handler: String,
+    /// Pods.
+    pub pods: usize,
+    /// Start of all RunPodSandbox calls until every pod's container runs (ms).
+    pub all_ready_ms: f64,
+    /// Host memory per pod (KiB): PSS of the pods' processes and shims, guest RAM left out.
+    pub pss_per_pod_kib: f64,
+    /// The same per process name (KiB per pod).
+    pub pss_per_pod_by_process: BTreeMap<String, f64>,
+}
+
+/// The soak's outcome.
+#[derive(Debug, Default, Clone)]
+pub struct SoakReport {
+    /// Cycles completed.
+    pub cycles: usize,
+    /// Every call's durations.
+    pub calls: Calls,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Default, Clone)]
+pub struct Report {
+    /// Per handler.
+    pub cycles: Vec<CycleReport>,
+    /// Per handler.
+    pub parallel: Vec<ParallelReport>,
+    /// The soak, if any.
+    pub soak: Option<SoakReport>,
+    /// How many entries each category of the audit's baseline had.
+    pub audited: BTreeMap<&'static str, usize>,
+}
+
+/// A stress run's private containerd, network and audit scope.
+pub struct Stress {
+    fixture: CriFixture,
+    scope: Scope,
+    logs: PathBuf,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Stress {
+    /// Sets up a private CRI containerd with a bridge network `tag` (1-255, apart from other
+    /// tests').
+    pub fn new(name: &str, tag: u8, whole_host: bool) -> Stress {
+        let fixture = CriFixture::new(name, tag);
+        let scope = Scope {
+            dirs: vec![fixture.env.dir.clone()],
+            state_dirs: vec![fixture.env.state.clone(), fixture.ctrd.dir.join("state")],
+            containerd_pid: fixture.ctrd.pid(),
+            lease_dirs: vec![fixture.net.ipam_dir.clone()],
+            whole_host,
+        };
+        let logs = fixture.env.dir.join("logs");
+        Stress {
+            fixture,
+            scope,
+            logs,
+            rt: crate::cri_pods::runtime(),
+        }
+    }
+
+    /// Runs `sizes`; fails at the first failed call or leak, naming it.
+    pub fn run(&self, sizes: &Sizes) -> Result<Report> {
+        let mut report = Report::default();
+        let socket = self.fixture.ctrd.socket.clone();
+        self.rt.block_on(async {
+            let mut cri = Cri::connect(&socket).await?;
+            for handler in &sizes.handlers {
+                // Warm-up: what the first pod of a network leaves for good.
+                let mut warm = Calls::default();
+                cycle(
+                    &mut cri,
+                    handler,
+                    &format!("warm-{handler}"),
+                    &self.logs,
+                    &mut warm,
+                )
+                .await
+                .context("warm-up cycle")?;
+            }
+            // The warm-up's teardown finishes before the baseline.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let baseline = Audit::take(&self.scope);
+            report.audited = baseline
+                .entries
+                .iter()
+                .map(|(k, v)| (*k, v.len()))
+                .collect();
+            for k in baseline.counts.keys() {
+                report.audited.insert(k, 1);
+            }
+            for handler in &sizes.handlers {
+                if sizes.cycles > 0 {
+                    report.cycles.push(
+                        self.cycles(&mut cri, handler, sizes.cycles, &baseline)
+                            .await?,
+                    );
+                }
+            }
+            for handler in &sizes.handlers {
+                if sizes.parallel > 0 {
+                    report.parallel.push(
+                        self.parallel(&cri, handler, sizes.parallel, &baseline)
+                            .await?,
+                    );
+                }
+            }
+            if !sizes.soak.is_zero() {
+                let handler = sizes
+                    .handlers
+                    .first()
+                    .map_or(PANGOLIN_HANDLER, String::as_str);
+                report.soak = Some(
+                    self.soak(&cri, handler, sizes.soak, sizes.soak_workers, &baseline)
+                        .await?,
+                );
+            }
+            Ok::<_, anyhow::Error>(())
+        })?;
+        Ok(report)
+    }
+
+    async fn cycles(
+        &self,
+        cri: &mut Cri,
+        handler: &str,
+        n: usize,
+        baseline: &Audit,
+    ) -> Result<CycleReport> {
+        let mut r = CycleReport {
+            handler: handler.into(),
+            ..CycleReport::default()
+        };
+        for i in 0..n {
+            let t = Instant::now();
+            cycle(
+                cri,
+                handler,
+                &format!("c{i}-{handler}"),
+                &self.logs,
+                &mut r.calls,
+            )
+            .await
+            .with_context(|| format!("{handler} cycle {i}"))?;
+            r.cycle_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            self.audit(baseline)
+                .await
+                .with_context(|| format!("after {handler} cycle {i}"))?;
+            let (rss, fds) = containerd_figures(self.scope.containerd_pid);
+            r.containerd_rss_kib.push(rss);
+            r.containerd_fds.push(fds);
+        }
+        Ok(r)
+    }
+
+    async fn parallel(
+        &self,
+        cri: &Cri,
+        handler: &str,
+        n: usize,
+        baseline: &Audit,
+    ) -> Result<ParallelReport> {
+        let t = Instant::now();
+        let mut starts = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let (mut cri, handler, logs) = (cri.clone(), handler.to_string(), self.logs.clone());
+            starts.spawn(async move {
+                let name = format!("p{i}-{handler}");
+                let config = cri::pod_config(&name, &logs.join(&name), HashMap::new());
+                let pod = cri.run_pod(&handler, &config).await?;
+                let sleeper = cri::container_config("s", &["sleep", "3600"]);
+                cri.create_start(&pod, &config, sleeper).await?;
+                Ok::<_, tonic::Status>(pod)
+            });
+        }
+        let mut pods = Vec::new();
+        let mut failure = None;
+        while let Some(done) = starts.join_next().await {
+            match done {
+                Ok(Ok(pod)) => pods.push(pod),
+                Ok(Err(e)) => failure = Some(anyhow::anyhow!("{handler}: a parallel pod: {e}")),
+                Err(e) => failure = Some(anyhow::anyhow!("{handler}: a parallel start: {e}")),
+            }
+        }
+        let all_ready_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let by_process = pods_pss_kib(&self.fixture.ctrd.dir);
+        let pss: u64 = by_process.values().sum();
+        let mut removals = tokio::task::JoinSet::new();
+        for pod in pods.clone() {
+            let mut cri = cri.clone();
+            removals.spawn(async move { cri.remove_pod(&pod).await });
+        }
+        while let Some(done) = removals.join_next().await {
+            if let Ok(Err(e)) = done {
+                failure.get_or_insert(anyhow::anyhow!("{handler}: removing a parallel pod: {e}"));
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        self.audit(baseline)
+            .await
+            .with_context(|| format!("after {n} parallel {handler} pods"))?;
+        Ok(ParallelReport {
+            handler: handler.into(),
+            pods: n,
+            all_ready_ms,
+            pss_per_pod_kib: pss as f64 / n as f64,
+            pss_per_pod_by_process: by_process
+                .into_iter()
+                .map(|(k, v)| (k, v as f64 / n as f64))
+                .collect(),
+        })
+    }
+
+    async fn soak(
+        &self,
+        cri: &Cri,
+        handler: &str,
+        length: Duration,
+        workers: usize,
+        baseline: &Audit,
+    ) -> Result<SoakReport> {
+        let end = Instant::now() + length;
+        let mut set = tokio::task::JoinSet::new();
+        for w in 0..workers.max(1) {
+            let (mut cri, handler, logs) = (cri.clone(), handler.to_string(), self.logs.clone());
+            set.spawn(async move {
+                let mut calls = Calls::default();
+                let mut n = 0;
+                while Instant::now() < end {
+                    cycle(&mut cri, &handler, &format!("s{w}-{n}"), &logs, &mut calls)
+                        .await
+                        .with_context(|| format!("soak worker {w}, cycle {n}"))?;
+                    n += 1;
+                }
+                Ok::<_, anyhow::Error>((n, calls))
+            });
+        }
+        let mut report = SoakReport::default();
+        while let Some(done) = set.join_next().await {
+            let (n, calls) = done.context("a soak worker")??;
+            report.cycles += n;
+            for (k, v) in calls.0 {
+                report.calls.0.entry(k).or_default().extend(v);
+            }
+        }
+        self.audit(baseline).await.context("after the soak")?;
+        Ok(report)
+    }
+
+    /// Waits (up to 30 s) for the host to be back at `baseline`; the leaks otherwise.
+    async fn audit(&self, baseline: &Audit) -> Result<()> {
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(30));
+        loop {
+            let leaks = Audit::take(&self.scope).leaks_since(baseline);
+            if leaks.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("left on the host:\n  {}", leaks.join("\n  "));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Removes whatever pods are left and runs the usual end-of-test checks.
+    pub fn finish(self) {
+        let left = self
+            .rt
+            .block_on(cri::remove_all_pods(&self.fixture.ctrd.socket));
+        assert!(left.is_empty(), "pods left: {left:?}");
+        let CriFixture { env, net, ctrd } = self.fixture;
+        crate::finish_containerd(ctrd, env);
+        drop(net);
+    }
+}
+
+/// One pod cycle (see the module docs).
+async fn cycle(
+    cri: &mut Cri,
+    handler: &str,
+    name: &str,
+    logs: &Path,
+    calls: &mut Calls,
+) -> Result<()> {
+    let log_dir = logs.join(name);
+    let config = cri::pod_config(name, &log_dir, HashMap::new());
+    let pod = calls
+        .time("RunPodSandbox", cri.run_pod(handler, &config))
+        .await?;
+    let mut containers = Vec::new();
+    for c in ["a", "b"] {
+        let line = format!("{c}-{name}");
+        let spec =
+            cri::container_config(c, &["sh", "-c", &format!("echo {line}; exec sleep 3600")]);
+        let id = calls
+            .time(
+                "CreateContainer",
+                cri.runtime
+                    .create_container(k8s_cri::v1::CreateContainerRequest {
+                        pod_sandbox_id: pod.clone(),
+                        config: Some(spec),
+                        sandbox_config: Some(config.clone()),
+                    }),
+            )
+            .await?
+            .into_inner()
+            .container_id;
+        calls
+            .time(
+                "StartContainer",
+                cri.runtime
+                    .start_container(k8s_cri::v1::StartContainerRequest {
+                        container_id: id.clone(),
+                    }),
+            )
+            .await?;
+        containers.push((id, line, log_dir.join(format!("{c}.log"))));
+    }
+    let exec = calls
+        .time(
+            "ExecSync",
+            cri.runtime.exec_sync(ExecSyncRequest {
+                container_id: containers[0].0.clone(),
+                cmd: vec!["echo".into(), "hi".into()],
+                timeout: 60,
+            }),
+        )
+        .await?
+        .into_inner();
+    if exec.exit_code != 0 || exec.stdout != b"hi\n" {
+        bail!(
+            "ExecSync echo in {name}: exit {}, stdout {:?}",
+            exec.exit_code,
+            String::from_utf8_lossy(&exec.stdout)
+        );
+    }
+    for (_, line, path) in &containers {
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(20));
+        loop {
+            let lines = cri::parse_log(path).unwrap_or_default();
+            if lines.iter().any(|(_, text)| text == line) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{} never got {line:?}: {lines:?}", path.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    calls
+        .time(
+            "StopPodSandbox",
+            cri.runtime
+                .stop_pod_sandbox(k8s_cri::v1::StopPodSandboxRequest {
+                    pod_sandbox_id: pod.clone(),
+                }),
+        )
+        .await?;
+    calls
+        .time(
+            "RemovePodSandbox",
+            cri.runtime
+                .remove_pod_sandbox(k8s_cri::v1::RemovePodSandboxRequest {
+                    pod_sandbox_id: pod,
+                }),
+        )
+        .await?;
+    let _ = std::fs::remove_dir_all(&log_dir);
+    Ok(())
+}
+
+/// containerd's RSS (KiB) and open descriptors.
+fn containerd_figures(pid: Option<u32>) -> (u64, u64) {
+    let Some(pid) = pid else {
+        return (0, 0);
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
+    (rss, fds)
+}
+
+/// PSS (KiB) of every process in the test pods' cgroups and of the shims of the containerd in
+/// `ctrd_dir`, memfd mappings (guest RAM) left out, per process name.
+fn pods_pss_kib(ctrd_dir: &Path) -> BTreeMap<String, u64> {
+    let mut pids: Vec<u32> = crate::processes_mentioning(ctrd_dir)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("containerd-shim"))
+        .map(|(pid, _)| pid)
+        .collect();
+    let parent = Path::new("/sys/fs/cgroup/memory").join(cri::CGROUP_PARENT);
+    let mut queue = vec![parent];
+    while let Some(dir) = queue.pop() {
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            pids.extend(procs.lines().filter_map(|p| p.parse::<u32>().ok()));
+        }
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                queue.push(e.path());
+            }
+        }
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    let mut by_name = BTreeMap::new();
+    for pid in pids {
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim().to_string())
+            .unwrap_or_default();
+        *by_name.entry(name).or_default() += pss_without_memfds(pid);
+    }
+    by_name
+}
+
+/// PSS of `pid` in KiB without its memfd mappings.
+fn pss_without_memfds(pid: u32) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut total = 0;
+    let mut skipping = false;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            skipping = line.contains("/memfd:");
+        } else if first == "Pss:" && !skipping {
+            total += fields
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
+impl Report {
+    /// The report as text, one figure per line.
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let tenth = |v: &[f64], last: bool| -> f64 {
+            let k = (v.len() / 10).max(1).min(v.len());
+            let part = if last { &v[v.len() - k..] } else { &v[..k] };
+            quantile(part, 500)
+        };
+        for c in &self.cycles {
+            let _ = writeln!(out, "cycles ({}): {}", c.handler, c.cycle_ms.len());
+            for (call, v) in &c.calls.0 {
+                let _ = writeln!(
+                    out,
+                    "  {call:<17} p50 {:>8.1} ms  p99 {:>8.1} ms  ({} calls)",
+                    quantile(v, 500),
+                    quantile(v, 990),
+                    v.len()
+                );
+            }
+            let rss: Vec<f64> = c.containerd_rss_kib.iter().map(|&k| k as f64).collect();
+            let fds: Vec<f64> = c.containerd_fds.iter().map(|&k| k as f64).collect();
+            let _ = writeln!(
+                out,
+                "  drift, first tenth -> last tenth (medians): cycle {:.0} -> {:.0} ms, containerd RSS {:.0} -> {:.0} KiB, containerd fds {:.0} -> {:.0}",
+                tenth(&c.cycle_ms, false),
+                tenth(&c.cycle_ms, true),
+                tenth(&rss, false),
+                tenth(&rss, true),
+                tenth(&fds, false),
+                tenth(&fds, true),
+            );
+        }
+        for p in &self.parallel {
+            let parts: Vec<String> = p
+                .pss_per_pod_by_process
+                .iter()
+                .map(|(name, kib)| format!("{name} {:.1}", kib / 1024.0))
+                .collect();
+            let _ = writeln!(
+                out,
+                "parallel ({}): {} pods ready in {:.0} ms; host memory per pod {:.1} MiB (PSS, guest RAM left out: {})",
+                p.handler,
+                p.pods,
+                p.all_ready_ms,
+                p.pss_per_pod_kib / 1024.0,
+                parts.join(", ")
+            );
+        }
+        if let [a, b] = self.parallel.as_slice() {
+            if b.all_ready_ms > 0.0 && b.pss_per_pod_kib > 0.0 {
+                let _ = writeln!(
+                    out,
+                    "parallel {} / {}: time to all ready {:.2}x, memory per pod {:.2}x",
+                    a.handler,
+                    b.handler,
+                    a.all_ready_ms / b.all_ready_ms,
+                    a.pss_per_pod_kib / b.pss_per_pod_kib
+                );
+            }
+        }
+        let audited: Vec<String> = self
+            .audited
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "audit baseline (entries per category): {}",
+            audited.join(", ")
+        );
+        if let Some(s) = &self.soak {
+            let _ = writeln!(out, "soak: {} cycles", s.cycles);
+            for (call, v) in &s.calls.0 {
+                let _ = writeln!(
+                    out,
+                    "  {call:<17} p50 {:>8.1} ms  p99 {:>8.1} ms",
+                    quantile(v, 500),
+                    quantile(v, 990)
+                );
+            }
+        }
+        out
+    }
+}
+
+/// The handlers by their names on the command line.
+pub fn handler_names(list: &str) -> Result<Vec<String>> {
+    list.split(',')
+        .map(|h| match h {
+            "pangolin" => Ok(PANGOLIN_HANDLER.to_string()),
+            "runc" => Ok(RUNC_HANDLER.to_string()),
+            other => bail!("--handlers: unknown handler {other:?} (pangolin, runc)"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_take_the_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&v, 500), 50.0);
+        assert_eq!(quantile(&v, 990), 99.0);
+        assert_eq!(quantile(&[3.0], 990), 3.0);
+        assert_eq!(quantile(&[], 500), 0.0);
+    }
+
+    #[test]
+    fn handlers_are_named_or_refused() {
+        assert_eq!(handler_names("runc").expect("runc"), [RUNC_HANDLER]);
+        assert!(handler_names("kata").is_err());
+    }
+}
