@@ -68,13 +68,7 @@ pub fn artifact(rel: &str) -> PathBuf {
 
 /// The `pangolin` binary of this build.
 pub fn pangolin_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/debug/deps/<test> -> target/debug/pangolin
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("pangolin"))
-        .expect("target dir");
+    let bin = target_dir().join("pangolin");
     assert!(
         bin.exists(),
         "{} is missing: run `cargo build --workspace --bins`",

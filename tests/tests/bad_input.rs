@@ -126,3 +126,55 @@ fn a_root_path_that_climbs_out_of_the_bundle_is_refused() {
     });
     assert_names(&answer, "root.path");
 }
+
+/// A volume's host directory removed between Create and Start: the bind made at Create keeps
+/// what the container sees (the removed directory, empty), the task starts and ends normally,
+/// and Delete leaves nothing (the bind in the share is unmounted: the leak checks).
+#[test]
+fn a_volume_source_that_vanishes_between_create_and_start_leaves_nothing() {
+    let env = TestEnv::new("bad-vanish");
+    let ctrd = pangolin_containerd(&env, Options::default());
+    let source = env.dir.join("vanishing");
+    std::fs::create_dir_all(&source).expect("mkdir");
+    std::fs::write(source.join("file"), "there").expect("file");
+    let dir = bundle(
+        &env.dir.join("bundle"),
+        &busybox(),
+        &["sh", "-c", "ls -A /v | wc -l > /dev/null; test -d /v"],
+    )
+    .expect("bundle");
+    let config = dir.join("config.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).expect("config.json"))
+            .expect("json");
+    spec["mounts"]
+        .as_array_mut()
+        .expect("mounts")
+        .push(serde_json::json!({
+            "destination": "/v", "type": "bind", "source": source,
+            "options": ["rbind", "rw"],
+        }));
+    std::fs::write(&config, spec.to_string()).expect("write");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let status = rt.block_on(async {
+        let shim = Shim::start(&ctrd, &env, "vanish", &dir)
+            .await
+            .expect("start the shim");
+        shim.create("vanish").await.expect("create");
+        std::fs::remove_dir_all(&source).expect("remove the volume's source");
+        let started = shim.start_task("vanish").await;
+        let status = match started {
+            Ok(_) => Some(shim.wait("vanish").await.expect("wait")),
+            Err(_) => None,
+        };
+        shim.delete("vanish").await.expect("delete");
+        shim.shutdown().await.expect("shutdown");
+        status
+    });
+    assert_eq!(status, Some(0), "the task did not run to its end");
+    finish_containerd(ctrd, env);
+}

@@ -14,7 +14,10 @@
 //! network makes its bridge, its IPAM directory and containerd's namespace directories, which
 //! stay.
 
-use std::collections::{BTreeMap, HashMap};
+mod memory;
+mod report;
+
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -25,6 +28,8 @@ use crate::audit::{Audit, Scope};
 use crate::containerd::{PANGOLIN_HANDLER, RUNC_HANDLER};
 use crate::cri::{self, Cri};
 use crate::cri_pods::CriFixture;
+
+pub use report::{quantile, Calls, CycleReport, ParallelReport, Report, SoakReport};
 
 /// What to run; zero skips a part.
 #[derive(Debug, Clone)]
@@ -41,89 +46,6 @@ pub struct Sizes {
     pub handlers: Vec<String>,
     /// The audit covers host-wide resources too (nothing else makes pods meanwhile).
     pub whole_host: bool,
-}
-
-/// Durations of each CRI call, in milliseconds.
-#[derive(Debug, Default, Clone)]
-pub struct Calls(pub BTreeMap<&'static str, Vec<f64>>);
-
-impl Calls {
-    async fn time<T, E: std::fmt::Display>(
-        &mut self,
-        call: &'static str,
-        f: impl std::future::Future<Output = Result<T, E>>,
-    ) -> Result<T> {
-        let t = Instant::now();
-        let out = f.await.map_err(|e| anyhow::anyhow!("{call}: {e}"))?;
-        self.0
-            .entry(call)
-            .or_default()
-            .push(t.elapsed().as_secs_f64() * 1000.0);
-        Ok(out)
-    }
-}
-
-/// The quantile `per_mille`/1000 of `values` (nearest rank: p50 is 500, p99 990); 0 for none.
-pub fn quantile(values: &[f64], per_mille: usize) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let rank = (per_mille.min(1000) * v.len()).div_ceil(1000).clamp(1, v.len());
-    v[rank - 1]
-}
-
-/// One handler's cycles.
-#[derive(Debug, Default, Clone)]
-pub struct CycleReport {
-    /// The handler.
-    pub handler: String,
-    /// Every call's durations.
-    pub calls: Calls,
-    /// Each cycle's time (ms).
-    pub cycle_ms: Vec<f64>,
-    /// containerd's RSS after each cycle (KiB).
-    pub containerd_rss_kib: Vec<u64>,
-    /// containerd's open descriptors after each cycle.
-    pub containerd_fds: Vec<u64>,
-}
-
-/// One handler's parallel start.
-#[derive(Debug, Default, Clone)]
-pub struct ParallelReport {
-    /// The handler.
-    pub handler: String,
-    /// Pods.
-    pub pods: usize,
-    /// Start of all RunPodSandbox calls until every pod's container runs (ms).
-    pub all_ready_ms: f64,
-    /// Host memory per pod (KiB): PSS of the pods' processes and shims, guest RAM left out.
-    pub pss_per_pod_kib: f64,
-    /// The same per process name (KiB per pod).
-    pub pss_per_pod_by_process: BTreeMap<String, f64>,
-}
-
-/// The soak's outcome.
-#[derive(Debug, Default, Clone)]
-pub struct SoakReport {
-    /// Cycles completed.
-    pub cycles: usize,
-    /// Every call's durations.
-    pub calls: Calls,
-}
-
-/// Everything one run measured.
-#[derive(Debug, Default, Clone)]
-pub struct Report {
-    /// Per handler.
-    pub cycles: Vec<CycleReport>,
-    /// Per handler.
-    pub parallel: Vec<ParallelReport>,
-    /// The soak, if any.
-    pub soak: Option<SoakReport>,
-    /// How many entries each category of the audit's baseline had.
-    pub audited: BTreeMap<&'static str, usize>,
 }
 
 /// A stress run's private containerd, network and audit scope.
@@ -242,7 +164,7 @@ impl Stress {
             self.audit(baseline)
                 .await
                 .with_context(|| format!("after {handler} cycle {i}"))?;
-            let (rss, fds) = containerd_figures(self.scope.containerd_pid);
+            let (rss, fds) = memory::containerd_figures(self.scope.containerd_pid);
             r.containerd_rss_kib.push(rss);
             r.containerd_fds.push(fds);
         }
@@ -279,7 +201,7 @@ impl Stress {
             }
         }
         let all_ready_ms = t.elapsed().as_secs_f64() * 1000.0;
-        let by_process = pods_pss_kib(&self.fixture.ctrd.dir);
+        let by_process = memory::pods_pss_kib(&self.fixture.ctrd.dir);
         let pss: u64 = by_process.values().sum();
         let mut removals = tokio::task::JoinSet::new();
         for pod in pods.clone() {
@@ -467,161 +389,6 @@ async fn cycle(
     Ok(())
 }
 
-/// containerd's RSS (KiB) and open descriptors.
-fn containerd_figures(pid: Option<u32>) -> (u64, u64) {
-    let Some(pid) = pid else {
-        return (0, 0);
-    };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
-    (rss, fds)
-}
-
-/// PSS (KiB) of every process in the test pods' cgroups and of the shims of the containerd in
-/// `ctrd_dir`, memfd mappings (guest RAM) left out, per process name.
-fn pods_pss_kib(ctrd_dir: &Path) -> BTreeMap<String, u64> {
-    let mut pids: Vec<u32> = crate::processes_mentioning(ctrd_dir)
-        .into_iter()
-        .filter(|(_, cmd)| cmd.contains("containerd-shim"))
-        .map(|(pid, _)| pid)
-        .collect();
-    let parent = Path::new("/sys/fs/cgroup/memory").join(cri::CGROUP_PARENT);
-    let mut queue = vec![parent];
-    while let Some(dir) = queue.pop() {
-        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-            pids.extend(procs.lines().filter_map(|p| p.parse::<u32>().ok()));
-        }
-        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                queue.push(e.path());
-            }
-        }
-    }
-    pids.sort_unstable();
-    pids.dedup();
-    let mut by_name = BTreeMap::new();
-    for pid in pids {
-        let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .map(|c| c.trim().to_string())
-            .unwrap_or_default();
-        *by_name.entry(name).or_default() += pss_without_memfds(pid);
-    }
-    by_name
-}
-
-/// PSS of `pid` in KiB without its memfd mappings.
-fn pss_without_memfds(pid: u32) -> u64 {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let mut total = 0;
-    let mut skipping = false;
-    for line in smaps.lines() {
-        let mut fields = line.split_whitespace();
-        let first = fields.next().unwrap_or("");
-        if first.contains('-') && !first.ends_with(':') {
-            skipping = line.contains("/memfd:");
-        } else if first == "Pss:" && !skipping {
-            total += fields
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    total
-}
-
-impl Report {
-    /// The report as text, one figure per line.
-    pub fn render(&self) -> String {
-        use std::fmt::Write as _;
-        let mut out = String::new();
-        let tenth = |v: &[f64], last: bool| -> f64 {
-            let k = (v.len() / 10).max(1).min(v.len());
-            let part = if last { &v[v.len() - k..] } else { &v[..k] };
-            quantile(part, 500)
-        };
-        for c in &self.cycles {
-            let _ = writeln!(out, "cycles ({}): {}", c.handler, c.cycle_ms.len());
-            for (call, v) in &c.calls.0 {
-                let _ = writeln!(
-                    out,
-                    "  {call:<17} p50 {:>8.1} ms  p99 {:>8.1} ms  ({} calls)",
-                    quantile(v, 500),
-                    quantile(v, 990),
-                    v.len()
-                );
-            }
-            let rss: Vec<f64> = c.containerd_rss_kib.iter().map(|&k| k as f64).collect();
-            let fds: Vec<f64> = c.containerd_fds.iter().map(|&k| k as f64).collect();
-            let _ = writeln!(
-                out,
-                "  drift, first tenth -> last tenth (medians): cycle {:.0} -> {:.0} ms, containerd RSS {:.0} -> {:.0} KiB, containerd fds {:.0} -> {:.0}",
-                tenth(&c.cycle_ms, false),
-                tenth(&c.cycle_ms, true),
-                tenth(&rss, false),
-                tenth(&rss, true),
-                tenth(&fds, false),
-                tenth(&fds, true),
-            );
-        }
-        for p in &self.parallel {
-            let parts: Vec<String> = p
-                .pss_per_pod_by_process
-                .iter()
-                .map(|(name, kib)| format!("{name} {:.1}", kib / 1024.0))
-                .collect();
-            let _ = writeln!(
-                out,
-                "parallel ({}): {} pods ready in {:.0} ms; host memory per pod {:.1} MiB (PSS, guest RAM left out: {})",
-                p.handler,
-                p.pods,
-                p.all_ready_ms,
-                p.pss_per_pod_kib / 1024.0,
-                parts.join(", ")
-            );
-        }
-        if let [a, b] = self.parallel.as_slice() {
-            if b.all_ready_ms > 0.0 && b.pss_per_pod_kib > 0.0 {
-                let _ = writeln!(
-                    out,
-                    "parallel {} / {}: time to all ready {:.2}x, memory per pod {:.2}x",
-                    a.handler,
-                    b.handler,
-                    a.all_ready_ms / b.all_ready_ms,
-                    a.pss_per_pod_kib / b.pss_per_pod_kib
-                );
-            }
-        }
-        let audited: Vec<String> = self
-            .audited
-            .iter()
-            .map(|(k, n)| format!("{k} {n}"))
-            .collect();
-        let _ = writeln!(
-            out,
-            "audit baseline (entries per category): {}",
-            audited.join(", ")
-        );
-        if let Some(s) = &self.soak {
-            let _ = writeln!(out, "soak: {} cycles", s.cycles);
-            for (call, v) in &s.calls.0 {
-                let _ = writeln!(
-                    out,
-                    "  {call:<17} p50 {:>8.1} ms  p99 {:>8.1} ms",
-                    quantile(v, 500),
-                    quantile(v, 990)
-                );
-            }
-        }
-        out
-    }
-}
-
 /// The handlers by their names on the command line.
 pub fn handler_names(list: &str) -> Result<Vec<String>> {
     list.split(',')
@@ -636,15 +403,6 @@ pub fn handler_names(list: &str) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quantiles_take_the_nearest_rank() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(quantile(&v, 500), 50.0);
-        assert_eq!(quantile(&v, 990), 99.0);
-        assert_eq!(quantile(&[3.0], 990), 3.0);
-        assert_eq!(quantile(&[], 500), 0.0);
-    }
 
     #[test]
     fn handlers_are_named_or_refused() {

@@ -1,0 +1,74 @@
+//! Host figures of a stress run: containerd's memory and descriptors, the pods' PSS.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::cri;
+
+/// containerd's RSS (KiB) and open descriptors.
+pub(super) fn containerd_figures(pid: Option<u32>) -> (u64, u64) {
+    let Some(pid) = pid else {
+        return (0, 0);
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
+    (rss, fds)
+}
+
+/// PSS (KiB) of every process in the test pods' cgroups and of the shims of the containerd in
+/// `ctrd_dir`, memfd mappings (guest RAM) left out, per process name.
+pub(super) fn pods_pss_kib(ctrd_dir: &Path) -> BTreeMap<String, u64> {
+    let mut pids: Vec<u32> = crate::processes_mentioning(ctrd_dir)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("containerd-shim"))
+        .map(|(pid, _)| pid)
+        .collect();
+    let parent = Path::new("/sys/fs/cgroup/memory").join(cri::CGROUP_PARENT);
+    let mut queue = vec![parent];
+    while let Some(dir) = queue.pop() {
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            pids.extend(procs.lines().filter_map(|p| p.parse::<u32>().ok()));
+        }
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                queue.push(e.path());
+            }
+        }
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    let mut by_name = BTreeMap::new();
+    for pid in pids {
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim().to_string())
+            .unwrap_or_default();
+        *by_name.entry(name).or_default() += pss_without_memfds(pid);
+    }
+    by_name
+}
+
+/// PSS of `pid` in KiB without its memfd mappings.
+fn pss_without_memfds(pid: u32) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut total = 0;
+    let mut skipping = false;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            skipping = line.contains("/memfd:");
+        } else if first == "Pss:" && !skipping {
+            total += fields
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
+}
