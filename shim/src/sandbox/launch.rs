@@ -80,8 +80,9 @@ pub(super) fn check_artifacts(config: &Config) -> Result<(), SandboxError> {
 const MIN_STATE_DIR_FREE: u64 = 1 << 20;
 
 /// Creates `runtime.state_dir` where missing and checks a sandbox can live there: writable,
-/// with [`MIN_STATE_DIR_FREE`] bytes and some inodes free. Nothing of the sandbox exists yet.
-fn prepare_state_dir(dir: &Path) -> Result<(), SandboxError> {
+/// with [`MIN_STATE_DIR_FREE`] bytes and some inodes free. Nothing of the sandbox exists yet
+/// (the shim calls it before it makes the pod's share there too).
+pub fn prepare_state_dir(dir: &Path) -> Result<(), SandboxError> {
     let bad = |why: String| SandboxError::StateDir(dir.to_path_buf(), why);
     std::fs::create_dir_all(dir).map_err(|e| bad(e.to_string()))?;
     let st = nix::sys::statvfs::statvfs(dir).map_err(|e| bad(e.to_string()))?;

@@ -31,6 +31,7 @@ use crate::template::{self, StartedFrom};
 
 pub use boot::kernel_cmdline;
 pub use error::SandboxError;
+pub use launch::prepare_state_dir;
 use launch::{check_artifacts, Launch, Mode};
 pub use parts::{owned_cgroup, remove_workdir, workdir_of};
 use parts::{LateNetwork, Parts};

@@ -51,6 +51,10 @@ impl PodMounts for HostMounts {
     }
 
     fn prepare_shared(&self) -> Result<(), PodError> {
+        // A full or read-only state dir is named by its key before anything is made there.
+        if let Some(state_dir) = self.shared.parent() {
+            crate::sandbox::prepare_state_dir(state_dir)?;
+        }
         Ok(rootfs::prepare_shared(&self.shared)?)
     }
 

@@ -1,30 +1,42 @@
-//! `cri_bench`: RunPodSandbox + CreateContainer + StartContainer through CRI, pangolin
-//! handler vs runc, alternating in one private containerd; run by `cargo xtask bench` (which
-//! cannot link the CRI client itself: its code is generated with protoc, installed later).
+//! `cri_bench`: CRI figures, pangolin handler vs runc, alternating in one private containerd:
+//! RunPodSandbox + CreateContainer + StartContainer, a host -> pod TCP stream, ExecSync `echo`
+//! latency (P6), N pods started at once (P4: time until all are ready) and their host memory
+//! per pod (P3: PSS of the shim and of every process in the pod's cgroups, guest RAM left out).
+//! Run by `cargo xtask bench` (which cannot link the CRI client itself: its code is generated
+//! with protoc, installed later), which reads the samples from `--out FILE` (JSON) and prints
+//! them with their ratios.
 //!
-//! usage: cri_bench --runs N --shim-dir DIR --busybox DIR [--config FILE]
+//! usage: cri_bench --runs N --parallel N --shim-dir DIR --busybox DIR --out FILE [--config FILE]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use k8s_cri::v1::{CreateContainerRequest, StartContainerRequest};
+use k8s_cri::v1::{CreateContainerRequest, ExecSyncRequest, StartContainerRequest};
 use pangolin_e2e::containerd::{Options, PrivateContainerd, PANGOLIN_HANDLER};
 use pangolin_e2e::cri::{self, BridgeNetwork, Cri};
+use pangolin_e2e::stress;
 
 struct Args {
     runs: usize,
+    parallel: usize,
     shim_dir: PathBuf,
     busybox: PathBuf,
+    out: PathBuf,
     config: Option<PathBuf>,
 }
+
+const USAGE: &str =
+    "usage: cri_bench --runs N --parallel N --shim-dir DIR --busybox DIR --out FILE [--config FILE]";
 
 fn parse() -> Result<Args> {
     let mut args = Args {
         runs: 5,
+        parallel: 8,
         shim_dir: PathBuf::new(),
         busybox: PathBuf::new(),
+        out: PathBuf::new(),
         config: None,
     };
     let mut it = std::env::args().skip(1);
@@ -32,15 +44,21 @@ fn parse() -> Result<Args> {
         let mut value = || it.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
             "--runs" => args.runs = value()?.parse().context("--runs N")?,
+            "--parallel" => args.parallel = value()?.parse().context("--parallel N")?,
+            "--out" => args.out = value()?.into(),
             "--shim-dir" => args.shim_dir = value()?.into(),
             "--busybox" => args.busybox = value()?.into(),
             "--config" => args.config = Some(value()?.into()),
-            other => bail!("unknown argument {other:?}"),
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
-    if args.runs == 0 || args.shim_dir.as_os_str().is_empty() || args.busybox.as_os_str().is_empty()
+    if args.runs == 0
+        || args.parallel == 0
+        || args.shim_dir.as_os_str().is_empty()
+        || args.busybox.as_os_str().is_empty()
+        || args.out.as_os_str().is_empty()
     {
-        bail!("usage: cri_bench --runs N --shim-dir DIR --busybox DIR [--config FILE]");
+        bail!("{USAGE}");
     }
     Ok(args)
 }
@@ -151,25 +169,125 @@ async fn throughput(
     result.with_context(|| format!("throughput ({handler})"))
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+/// P6: milliseconds of each of `runs` ExecSync `echo hi` calls into a running container.
+async fn exec_latency(
+    cri: &mut Cri,
+    handler: &str,
+    name: &str,
+    logs: &std::path::Path,
+    runs: usize,
+) -> Result<Vec<f64>> {
+    let pod_config = cri::pod_config(name, logs, HashMap::new());
+    let pod = cri
+        .run_pod(handler, &pod_config)
+        .await
+        .with_context(|| format!("RunPodSandbox ({handler})"))?;
+    let result = async {
+        let id = cri
+            .create_start(
+                &pod,
+                &pod_config,
+                cri::container_config("e", &["sleep", "3600"]),
+            )
+            .await?;
+        let mut samples = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let t = Instant::now();
+            let out = cri
+                .runtime
+                .exec_sync(ExecSyncRequest {
+                    container_id: id.clone(),
+                    cmd: vec!["echo".into(), "hi".into()],
+                    timeout: 30,
+                })
+                .await?
+                .into_inner();
+            samples.push(t.elapsed().as_secs_f64() * 1000.0);
+            if out.exit_code != 0 || out.stdout != b"hi\n" {
+                bail!(
+                    "ExecSync echo: exit {}, stdout {:?}",
+                    out.exit_code,
+                    String::from_utf8_lossy(&out.stdout)
+                );
+            }
+        }
+        anyhow::Ok(samples)
+    }
+    .await;
+    let _ = cri.remove_pod(&pod).await;
+    result.with_context(|| format!("ExecSync latency ({handler})"))
 }
 
-fn report(name: &str, samples: &[[f64; 3]]) -> f64 {
-    let col = |i: usize| samples.iter().map(|s| s[i]).collect::<Vec<f64>>();
-    let mut total: Vec<f64> = samples.iter().map(|s| s.iter().sum()).collect();
-    let (min, max) = total
-        .iter()
-        .fold((f64::MAX, 0.0_f64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
-    let med = median(&mut total);
-    println!(
-        "{name:<28} median {med:>8.1} ms   min {min:>8.1} ms   max {max:>8.1} ms   (RunPodSandbox {:.1}, CreateContainer {:.1}, StartContainer {:.1})",
-        median(&mut col(0)),
-        median(&mut col(1)),
-        median(&mut col(2)),
-    );
-    med
+/// P4 and P3: `n` pods (each with a container) started at once; milliseconds until all are
+/// ready and the host memory per pod in MiB (PSS without guest RAM), then all removed.
+async fn parallel(
+    cri: &Cri,
+    handler: &str,
+    round: usize,
+    n: usize,
+    logs: &std::path::Path,
+    ctrd_dir: &std::path::Path,
+) -> Result<(f64, f64)> {
+    let names = (0..n)
+        .map(|i| format!("par-{handler}-{round}-{i}"))
+        .collect();
+    let started = stress::start_at_once(cri, handler, names, logs).await;
+    let pss_kib: u64 = stress::pods_pss_kib(ctrd_dir).values().sum();
+    let removed = stress::remove_at_once(cri, started.pods).await;
+    if let Some(e) = started.failure.or(removed) {
+        return Err(e.context(format!("{n} pods at once ({handler})")));
+    }
+    #[allow(clippy::cast_precision_loss)] // KiB of a few pods and a pod count: exact in f64
+    let per_pod_mib = pss_kib as f64 / 1024.0 / n as f64;
+    Ok((started.ready_ms, per_pod_mib))
+}
+
+/// Everything one run measured, per handler (pangolin first, then runc).
+#[derive(Default)]
+struct Samples {
+    start: [Vec<[f64; 3]>; 2],
+    stream: [Vec<f64>; 2],
+    exec: [Vec<f64>; 2],
+    ready: [Vec<f64>; 2],
+    pss: [Vec<f64>; 2],
+}
+
+impl Samples {
+    /// Every quantity as `cargo xtask bench` reads it: `[{"name", "unit", "values"}]`.
+    fn series(&self, parallel: usize) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for (h, handler) in ["pangolin", "runc"].into_iter().enumerate() {
+            let col = |i: usize| self.start[h].iter().map(|s| s[i]).collect::<Vec<f64>>();
+            let mut push = |what: String, unit: &str, values: Vec<f64>| {
+                out.push(serde_json::json!({
+                    "name": format!("{handler} {what}"),
+                    "unit": unit,
+                    "values": values,
+                }));
+            };
+            push(
+                "pod start".into(),
+                "ms",
+                self.start[h].iter().map(|s| s.iter().sum()).collect(),
+            );
+            push("RunPodSandbox".into(), "ms", col(0));
+            push("CreateContainer".into(), "ms", col(1));
+            push("StartContainer".into(), "ms", col(2));
+            push("TCP stream".into(), "MiB/s", self.stream[h].clone());
+            push("ExecSync echo".into(), "ms", self.exec[h].clone());
+            push(
+                format!("{parallel} pods at once, all ready"),
+                "ms",
+                self.ready[h].clone(),
+            );
+            push(
+                format!("host memory per pod, {parallel} at once"),
+                "MiB",
+                self.pss[h].clone(),
+            );
+        }
+        out
+    }
 }
 
 fn main() -> Result<()> {
@@ -193,19 +311,43 @@ fn main() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let handlers = [PANGOLIN_HANDLER, "runc"];
     let result = rt.block_on(async {
         let mut cri = Cri::connect(&ctrd.socket).await?;
-        let (mut pg, mut rc) = (Vec::new(), Vec::new());
+        let mut s = Samples::default();
         for i in 0..args.runs {
-            pg.push(pod_start(&mut cri, PANGOLIN_HANDLER, &format!("pg-{i}"), &logs).await?);
-            rc.push(pod_start(&mut cri, "runc", &format!("rc-{i}"), &logs).await?);
+            eprintln!("cri_bench: pod start {}/{}", i + 1, args.runs);
+            for (h, handler) in handlers.into_iter().enumerate() {
+                s.start[h].push(pod_start(&mut cri, handler, &format!("st-{h}-{i}"), &logs).await?);
+            }
         }
-        let (mut pg_tp, mut rc_tp) = (Vec::new(), Vec::new());
         for i in 0..args.runs.min(3) {
-            pg_tp.push(throughput(&mut cri, PANGOLIN_HANDLER, &format!("tp-pg-{i}"), &logs).await?);
-            rc_tp.push(throughput(&mut cri, "runc", &format!("tp-rc-{i}"), &logs).await?);
+            eprintln!("cri_bench: TCP stream {}/{}", i + 1, args.runs.min(3));
+            for (h, handler) in handlers.into_iter().enumerate() {
+                s.stream[h]
+                    .push(throughput(&mut cri, handler, &format!("tp-{h}-{i}"), &logs).await?);
+            }
         }
-        anyhow::Ok((pg, rc, pg_tp, rc_tp))
+        eprintln!("cri_bench: ExecSync echo, {} calls each", args.runs * 4);
+        for (h, handler) in handlers.into_iter().enumerate() {
+            s.exec[h] =
+                exec_latency(&mut cri, handler, &format!("ex-{h}"), &logs, args.runs * 4).await?;
+        }
+        for i in 0..args.runs.min(3) {
+            eprintln!(
+                "cri_bench: {} pods at once {}/{}",
+                args.parallel,
+                i + 1,
+                args.runs.min(3)
+            );
+            for (h, handler) in handlers.into_iter().enumerate() {
+                let (ready, pss) =
+                    parallel(&cri, handler, i, args.parallel, &logs, &ctrd.dir).await?;
+                s.ready[h].push(ready);
+                s.pss[h].push(pss);
+            }
+        }
+        anyhow::Ok(s)
     });
     let leftovers = rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(60), cri::remove_all_pods(&ctrd.socket)).await
@@ -215,27 +357,13 @@ fn main() -> Result<()> {
     drop(net);
     cri::remove_cgroup_parent();
     let _ = std::fs::remove_dir_all(&dir);
-    let (pg, rc, mut pg_tp, mut rc_tp) =
-        result.with_context(|| format!("containerd log:\n{log_tail}"))?;
+    let samples = result.with_context(|| format!("containerd log:\n{log_tail}"))?;
     if let Ok(left) = leftovers {
         if !left.is_empty() {
             bail!("pods left after the runs: {left:?}");
         }
     }
-    println!(
-        "CRI RunPodSandbox + CreateContainer + StartContainer (busybox sleep, bridge CNI), {} runs each, alternating",
-        args.runs
-    );
-    let p = report("pangolin (handler pangolin)", &pg);
-    let r = report("runc (handler runc)", &rc);
-    println!("{:<28} {:.1}x", "ratio pangolin/runc", p / r);
-    println!(
-        "host -> pod TCP stream ({STREAM_MIB} MiB to busybox nc in the pod over the bridge CNI network), {} runs each, alternating",
-        pg_tp.len()
-    );
-    let (p, r) = (median(&mut pg_tp), median(&mut rc_tp));
-    println!("{:<28} median {p:>8.1} MiB/s", "pangolin (virtio-net, tc)");
-    println!("{:<28} median {r:>8.1} MiB/s", "runc (veth)");
-    println!("{:<28} {:.2}x", "ratio pangolin/runc", p / r);
+    let json = serde_json::to_string_pretty(&samples.series(args.parallel))?;
+    std::fs::write(&args.out, json).with_context(|| format!("writing {}", args.out.display()))?;
     Ok(())
 }

@@ -23,7 +23,7 @@ pub(super) fn containerd_figures(pid: Option<u32>) -> (u64, u64) {
 
 /// PSS (KiB) of every process in the test pods' cgroups and of the shims of the containerd in
 /// `ctrd_dir`, memfd mappings (guest RAM) left out, per process name.
-pub(super) fn pods_pss_kib(ctrd_dir: &Path) -> BTreeMap<String, u64> {
+pub fn pods_pss_kib(ctrd_dir: &Path) -> BTreeMap<String, u64> {
     let mut pids: Vec<u32> = crate::processes_mentioning(ctrd_dir)
         .into_iter()
         .filter(|(_, cmd)| cmd.contains("containerd-shim"))

@@ -14,6 +14,7 @@
 //! network makes its bridge, its IPAM directory and containerd's namespace directories, which
 //! stay.
 
+mod at_once;
 mod memory;
 mod report;
 
@@ -29,6 +30,8 @@ use crate::containerd::{PANGOLIN_HANDLER, RUNC_HANDLER};
 use crate::cri::{self, Cri};
 use crate::cri_pods::CriFixture;
 
+pub use at_once::{remove_at_once, start_at_once, Started};
+pub use memory::pods_pss_kib;
 pub use report::{quantile, Calls, CycleReport, ParallelReport, Report, SoakReport};
 
 /// What to run; zero skips a part.
@@ -109,10 +112,16 @@ impl Stress {
             }
             for handler in &sizes.handlers {
                 if sizes.cycles > 0 {
-                    report.cycles.push(
-                        self.cycles(&mut cri, handler, sizes.cycles, &baseline)
-                            .await?,
-                    );
+                    let part = self
+                        .cycles(&mut cri, handler, sizes.cycles, &baseline)
+                        .await?;
+                    // Printed as each part ends: a later part's failure keeps these figures.
+                    let shown = Report {
+                        cycles: vec![part.clone()],
+                        ..Report::default()
+                    };
+                    eprint!("{}", shown.render());
+                    report.cycles.push(part);
                 }
             }
             for handler in &sizes.handlers {
@@ -167,6 +176,14 @@ impl Stress {
             let (rss, fds) = memory::containerd_figures(self.scope.containerd_pid);
             r.containerd_rss_kib.push(rss);
             r.containerd_fds.push(fds);
+            if (i + 1) % (n / 20).max(1) == 0 || i + 1 == n {
+                let last = r.cycle_ms.last().copied().unwrap_or_default();
+                eprintln!(
+                    "stress: {handler} cycle {}/{n} ({last:.0} ms, audit clean), containerd \
+                     {rss} KiB RSS, {fds} fds",
+                    i + 1
+                );
+            }
         }
         Ok(r)
     }
@@ -178,42 +195,18 @@ impl Stress {
         n: usize,
         baseline: &Audit,
     ) -> Result<ParallelReport> {
-        let t = Instant::now();
-        let mut starts = tokio::task::JoinSet::new();
-        for i in 0..n {
-            let (mut cri, handler, logs) = (cri.clone(), handler.to_string(), self.logs.clone());
-            starts.spawn(async move {
-                let name = format!("p{i}-{handler}");
-                let config = cri::pod_config(&name, &logs.join(&name), HashMap::new());
-                let pod = cri.run_pod(&handler, &config).await?;
-                let sleeper = cri::container_config("s", &["sleep", "3600"]);
-                cri.create_start(&pod, &config, sleeper).await?;
-                Ok::<_, tonic::Status>(pod)
-            });
-        }
-        let mut pods = Vec::new();
-        let mut failure = None;
-        while let Some(done) = starts.join_next().await {
-            match done {
-                Ok(Ok(pod)) => pods.push(pod),
-                Ok(Err(e)) => failure = Some(anyhow::anyhow!("{handler}: a parallel pod: {e}")),
-                Err(e) => failure = Some(anyhow::anyhow!("{handler}: a parallel start: {e}")),
-            }
-        }
-        let all_ready_ms = t.elapsed().as_secs_f64() * 1000.0;
+        eprintln!("stress: {handler}: starting {n} pods at once");
+        let names = (0..n).map(|i| format!("p{i}-{handler}")).collect();
+        let started = start_at_once(cri, handler, names, &self.logs).await;
+        let all_ready_ms = started.ready_ms;
+        eprintln!(
+            "stress: {handler}: {} of {n} pods ready after {all_ready_ms:.0} ms",
+            started.pods.len()
+        );
         let by_process = memory::pods_pss_kib(&self.fixture.ctrd.dir);
         let pss: u64 = by_process.values().sum();
-        let mut removals = tokio::task::JoinSet::new();
-        for pod in pods.clone() {
-            let mut cri = cri.clone();
-            removals.spawn(async move { cri.remove_pod(&pod).await });
-        }
-        while let Some(done) = removals.join_next().await {
-            if let Ok(Err(e)) = done {
-                failure.get_or_insert(anyhow::anyhow!("{handler}: removing a parallel pod: {e}"));
-            }
-        }
-        if let Some(e) = failure {
+        let removed = remove_at_once(cri, started.pods).await;
+        if let Some(e) = started.failure.or(removed) {
             return Err(e);
         }
         self.audit(baseline)
@@ -239,10 +232,29 @@ impl Stress {
         workers: usize,
         baseline: &Audit,
     ) -> Result<SoakReport> {
-        let end = Instant::now() + length;
+        let started = Instant::now();
+        let end = started + length;
+        let done_cycles = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ticker = {
+            let (done_cycles, handler) = (done_cycles.clone(), handler.to_string());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    eprintln!(
+                        "stress: soak {handler}: {:.0} of {:.0} min, {} cycles",
+                        started.elapsed().as_secs_f64() / 60.0,
+                        length.as_secs_f64() / 60.0,
+                        done_cycles.load(std::sync::atomic::Ordering::Relaxed)
+                    );
+                }
+            })
+        };
         let mut set = tokio::task::JoinSet::new();
         for w in 0..workers.max(1) {
             let (mut cri, handler, logs) = (cri.clone(), handler.to_string(), self.logs.clone());
+            let done_cycles = done_cycles.clone();
             set.spawn(async move {
                 let mut calls = Calls::default();
                 let mut n = 0;
@@ -251,13 +263,22 @@ impl Stress {
                         .await
                         .with_context(|| format!("soak worker {w}, cycle {n}"))?;
                     n += 1;
+                    done_cycles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 Ok::<_, anyhow::Error>((n, calls))
             });
         }
         let mut report = SoakReport::default();
-        while let Some(done) = set.join_next().await {
-            let (n, calls) = done.context("a soak worker")??;
+        let joined = async {
+            let mut all = Vec::new();
+            while let Some(done) = set.join_next().await {
+                all.push(done.context("a soak worker")??);
+            }
+            Ok::<_, anyhow::Error>(all)
+        }
+        .await;
+        ticker.abort();
+        for (n, calls) in joined? {
             report.cycles += n;
             for (k, v) in calls.0 {
                 report.calls.0.entry(k).or_default().extend(v);

@@ -93,7 +93,7 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
         containerd_figures(&mut report, runs, &pangolin, &g.rootfs)?;
     }
     if on("cri") {
-        cri_figures(runs, &pangolin, &g.rootfs)?;
+        cri_figures(&mut report, runs, &pangolin, &g.rootfs)?;
     }
     if on("fs") {
         fs_figures(&mut report, runs.min(3), &pangolin, &g.rootfs)?;
@@ -419,13 +419,17 @@ fn nested_ctr_figures(
     Ok(())
 }
 
-/// P1 through CRI: RunPodSandbox + CreateContainer + StartContainer, pangolin vs runc. The CRI
-/// client lives in the e2e crate's `cri_bench` binary (its code is generated with protoc).
+/// CRI figures through `cri_bench` (pangolin handler vs runc in one private containerd,
+/// alternating): pod start, a TCP stream, P6 ExecSync `echo` latency, P4 `PARALLEL` pods at
+/// once (time until all are ready) and P3 host memory per pod; each with its ratio. The CRI
+/// client lives in the e2e crate's binary: its code is generated with protoc.
 fn cri_figures(
+    report: &mut Report,
     runs: usize,
     pangolin: &std::path::Path,
     rootfs: &std::path::Path,
 ) -> anyhow::Result<()> {
+    const PARALLEL: usize = 8;
     let mut build = crate::cargo();
     build.current_dir(guest::root()).args([
         "build",
@@ -438,18 +442,67 @@ fn cri_figures(
     ]);
     guest::run(&mut build)?;
     let shim_dir = pangolin.parent().context("target dir")?;
-    println!();
+    let out = std::env::temp_dir().join(format!("pangolin-cri-bench-{}.json", std::process::id()));
+    let c = "cri";
+    report.heading(format!(
+        "CRI through a private containerd, bridge CNI network, pangolin handler vs runc \
+         alternating ({runs} runs; {} of the stream and of {PARALLEL} pods at once)",
+        runs.min(3)
+    ));
     let status = Command::new(shim_dir.join("cri_bench"))
         .arg("--runs")
         .arg(runs.to_string())
+        .arg("--parallel")
+        .arg(PARALLEL.to_string())
         .arg("--shim-dir")
         .arg(shim_dir)
         .arg("--busybox")
         .arg(rootfs)
+        .arg("--out")
+        .arg(&out)
         .status()
         .context("running cri_bench")?;
     if !status.success() {
         bail!("cri_bench failed ({status})");
+    }
+    let text =
+        std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
+    let _ = std::fs::remove_file(&out);
+    let series: Vec<serde_json::Value> =
+        serde_json::from_str(&text).context("cri_bench's figures")?;
+    let mut medians = std::collections::HashMap::new();
+    for s in &series {
+        let name = s["name"].as_str().unwrap_or_default();
+        let unit = match s["unit"].as_str() {
+            Some("MiB/s") => "MiB/s",
+            Some("MiB") => "MiB",
+            _ => "ms",
+        };
+        let values: Vec<f64> = s["values"]
+            .as_array()
+            .map(|v| v.iter().filter_map(serde_json::Value::as_f64).collect())
+            .unwrap_or_default();
+        if let Some(m) = report.series(c, name, unit, values) {
+            medians.insert(name.to_string(), m);
+        }
+    }
+    let (ready, memory) = (
+        format!("{PARALLEL} pods at once, all ready"),
+        format!("host memory per pod, {PARALLEL} at once"),
+    );
+    let ratios = [
+        ("pod start", "pod start pangolin / runc"),
+        ("TCP stream", "TCP stream pangolin / runc"),
+        ("ExecSync echo", "P6 ExecSync echo pangolin / runc"),
+        (ready.as_str(), "P4 all ready pangolin / runc"),
+        (memory.as_str(), "P3 memory per pod pangolin / runc"),
+    ];
+    for (what, label) in ratios {
+        let pg = medians.get(&format!("pangolin {what}"));
+        let rc = medians.get(&format!("runc {what}"));
+        if let (Some(pg), Some(rc)) = (pg, rc) {
+            report.ratio(c, label, pg / rc, None);
+        }
     }
     Ok(())
 }
