@@ -76,6 +76,9 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Leave the `pangolin` CRI handler out (an installer adds it).
     pub without_pangolin_handler: bool,
+    /// Put containerd's `root` (content, snapshots, metadata) on a tmpfs of this many MiB: a
+    /// node whose image disk is small, where a container that fills its rootfs meets ENOSPC.
+    pub root_size_mib: Option<u64>,
 }
 
 /// A running private containerd; stopped (and its files removed) on drop or [`Self::stop`].
@@ -92,6 +95,8 @@ pub struct PrivateContainerd {
     pub shim_dir: PathBuf,
     /// containerd's environment beyond ours: PATH with `shim_dir` first, [`Options::env`].
     env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    /// Whether `root` is a tmpfs this value mounted ([`Options::root_size_mib`]).
+    root_mounted: bool,
     child: Option<Child>,
 }
 
@@ -134,10 +139,30 @@ impl PrivateContainerd {
             log,
             shim_dir,
             env,
+            root_mounted: false,
             child: None,
         };
+        if let Some(mib) = options.root_size_mib {
+            me.mount_root(mib)?;
+        }
         me.spawn()?;
         Ok(me)
+    }
+
+    /// Mounts a tmpfs of `mib` MiB on `<dir>/root` (unmounted by [`Self::stop`]).
+    fn mount_root(&mut self, mib: u64) -> Result<()> {
+        let root = self.dir.join("root");
+        fs::create_dir_all(&root).with_context(|| format!("mkdir {}", root.display()))?;
+        nix::mount::mount(
+            Some("tmpfs"),
+            &root,
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+            Some(format!("size={mib}m,mode=0711").as_str()),
+        )
+        .with_context(|| format!("mount a {mib} MiB tmpfs on {}", root.display()))?;
+        self.root_mounted = true;
+        Ok(())
     }
 
     /// Starts containerd on our configuration (its log appended to) and waits until it serves.
@@ -382,8 +407,12 @@ impl PrivateContainerd {
                 );
             }
         }
+        // A tmpfs root of our own is the one mount expected here.
+        let ours = usize::from(std::mem::take(&mut self.root_mounted));
         match unmount_under(&self.dir) {
-            Ok(n) if n > 0 => problems.push(format!("unmounted {n} leftover mounts")),
+            Ok(n) if n > ours => {
+                problems.push(format!("unmounted {} leftover mounts", n - ours));
+            }
             Ok(_) => {}
             Err(err) => problems.push(format!("unmounting: {err:#}")),
         }

@@ -7,7 +7,12 @@ use crate::{busybox, pangolin_containerd, run_bounded, TestEnv};
 
 /// A private containerd whose shims use `env`'s configuration, with busybox imported.
 pub fn containerd(env: &TestEnv) -> PrivateContainerd {
-    let ctrd = pangolin_containerd(env, Options::default());
+    containerd_with(env, Options::default())
+}
+
+/// [`containerd`] with `options`.
+pub fn containerd_with(env: &TestEnv, options: Options) -> PrivateContainerd {
+    let ctrd = pangolin_containerd(env, options);
     ctrd.import_busybox(&busybox(), BUSYBOX_IMAGE)
         .expect("import busybox");
     ctrd

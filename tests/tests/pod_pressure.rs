@@ -1,6 +1,6 @@
 //! A pod under pressure from its own workload, through a real (private) containerd and `ctr`:
-//! the guest runs out of memory (the whole guest, not a container cgroup), a volume fills up,
-//! a process writes output far faster than its reader takes it. Each time the pod and its
+//! the guest runs out of memory (the whole guest, not a container cgroup), a volume or the
+//! rootfs fills up, a process writes output far faster than its reader takes it. Each time the pod and its
 //! shim stay responsive (an exec still answers), nothing is lost, and nothing is left after.
 
 #![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
@@ -9,8 +9,8 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use pangolin_e2e::containerd::PrivateContainerd;
-use pangolin_e2e::ctr::{containerd, ctr, pangolin_run, remove_task};
+use pangolin_e2e::containerd::{Options, PrivateContainerd};
+use pangolin_e2e::ctr::{containerd, containerd_with, ctr, pangolin_run, remove_task};
 use pangolin_e2e::{finish_containerd, patience, stderr, stdout, TestEnv};
 
 /// `ctr task exec` of `cmd` in `id`; its output.
@@ -106,6 +106,55 @@ fn a_full_volume_fails_the_write_not_the_pod() {
     assert_responsive(&ctrd, id, "its volume filled up");
     remove_task(&ctrd, id);
     let _ = std::process::Command::new("umount").arg(&volume).status();
+    finish_containerd(ctrd, env);
+}
+
+/// The rootfs on a full file system (containerd's root, where the snapshots live, on a 48 MiB
+/// tmpfs: a node whose image disk fills up): the container's write fails with ENOSPC, the
+/// pod goes on, and once the file is removed the rootfs takes writes again. The space is the
+/// snapshotter's, as with runc: Pangolin adds no per-pod quota (the README says so).
+#[test]
+fn a_full_rootfs_fails_the_write_not_the_pod() {
+    let env = TestEnv::new("pressure-rootfs");
+    let ctrd = containerd_with(
+        &env,
+        Options {
+            root_size_mib: Some(48),
+            ..Options::default()
+        },
+    );
+    let id = "pressroot";
+    let out = ctr(&ctrd, &pangolin_run(&["-d"], id, &["sleep", "3600"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let fill = exec(
+        &ctrd,
+        id,
+        "fill",
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/fill bs=1M count=96 2>&1; echo status=$?",
+        ],
+    );
+    let text = format!("{}{}", stdout(&fill), stderr(&fill));
+    assert!(
+        text.contains("No space left on device") && !text.contains("status=0"),
+        "the write to a full rootfs did not fail with ENOSPC: {text}"
+    );
+    assert_responsive(&ctrd, id, "its rootfs filled up");
+    let freed = exec(
+        &ctrd,
+        id,
+        "free",
+        &["sh", "-c", "rm /fill && echo again > /again && cat /again"],
+    );
+    assert!(
+        freed.status.success() && stdout(&freed).trim() == "again",
+        "the rootfs took no write after the file was removed: {} {}",
+        stdout(&freed),
+        stderr(&freed)
+    );
+    remove_task(&ctrd, id);
     finish_containerd(ctrd, env);
 }
 

@@ -1,4 +1,5 @@
-//! Host figures of a stress run: containerd's memory and descriptors, the pods' PSS.
+//! Host figures of a stress run: containerd's memory and descriptors, the pods' PSS, the
+//! host's available memory.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -19,6 +20,17 @@ pub(super) fn containerd_figures(pid: Option<u32>) -> (u64, u64) {
         .unwrap_or(0);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
     (rss, fds)
+}
+
+/// The host's `MemAvailable` (MiB).
+pub(super) fn host_available_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(0, |kib| kib / 1024)
 }
 
 /// PSS (KiB) of every process in the test pods' cgroups and of the shims of the containerd in

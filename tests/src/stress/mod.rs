@@ -8,7 +8,9 @@
 //! - parallel: N pods started at once, each with a container; the time until all are ready
 //!   and the host memory per pod (PSS of every process in the pods' cgroups plus their shims,
 //!   guest RAM left out), all removed, the audit; per handler, in one run.
-//! - soak: pods created and removed continuously by a number of workers for a while.
+//! - soak: pods created and removed continuously by a number of workers for a while; each
+//!   minute's cycles, containerd's memory and descriptors and the host's available memory, the
+//!   audit at the end.
 //!
 //! The audit's baseline is taken after one warm-up cycle per handler: the first pod of a
 //! network makes its bridge, its IPAM directory and containerd's namespace directories, which
@@ -32,7 +34,7 @@ use crate::cri_pods::CriFixture;
 
 pub use at_once::{remove_at_once, start_at_once, Started};
 pub use memory::pods_pss_kib;
-pub use report::{quantile, Calls, CycleReport, ParallelReport, Report, SoakReport};
+pub use report::{quantile, Calls, CycleReport, ParallelReport, Report, SoakReport, SoakSample};
 
 /// What to run; zero skips a part.
 #[derive(Debug, Clone)]
@@ -235,19 +237,36 @@ impl Stress {
         let started = Instant::now();
         let end = started + length;
         let done_cycles = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::<SoakSample>::new()));
         let ticker = {
-            let (done_cycles, handler) = (done_cycles.clone(), handler.to_string());
+            let (done_cycles, samples) = (done_cycles.clone(), samples.clone());
+            let (handler, containerd) = (handler.to_string(), self.scope.containerd_pid);
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(60));
                 tick.tick().await;
+                let mut before = 0;
                 loop {
                     tick.tick().await;
+                    let done = done_cycles.load(std::sync::atomic::Ordering::Relaxed);
+                    let (rss, fds) = memory::containerd_figures(containerd);
+                    let sample = SoakSample {
+                        cycles: done - before,
+                        containerd_rss_kib: rss,
+                        containerd_fds: fds,
+                        host_available_mib: memory::host_available_mib(),
+                    };
+                    before = done;
                     eprintln!(
-                        "stress: soak {handler}: {:.0} of {:.0} min, {} cycles",
+                        "stress: soak {handler}: {:.0} of {:.0} min, {done} cycles ({} in the last \
+                         minute), containerd {rss} KiB RSS, {fds} fds, host {} MiB available",
                         started.elapsed().as_secs_f64() / 60.0,
                         length.as_secs_f64() / 60.0,
-                        done_cycles.load(std::sync::atomic::Ordering::Relaxed)
+                        sample.cycles,
+                        sample.host_available_mib
                     );
+                    if let Ok(mut s) = samples.lock() {
+                        s.push(sample);
+                    }
                 }
             })
         };
@@ -268,7 +287,11 @@ impl Stress {
                 Ok::<_, anyhow::Error>((n, calls))
             });
         }
-        let mut report = SoakReport::default();
+        let mut report = SoakReport {
+            workers: workers.max(1),
+            minutes: length.as_secs_f64() / 60.0,
+            ..SoakReport::default()
+        };
         let joined = async {
             let mut all = Vec::new();
             while let Some(done) = set.join_next().await {
@@ -278,6 +301,7 @@ impl Stress {
         }
         .await;
         ticker.abort();
+        report.per_minute = samples.lock().map(|s| s.clone()).unwrap_or_default();
         for (n, calls) in joined? {
             report.cycles += n;
             for (k, v) in calls.0 {

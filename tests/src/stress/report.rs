@@ -73,8 +73,27 @@ pub struct ParallelReport {
 pub struct SoakReport {
     /// Cycles completed.
     pub cycles: usize,
+    /// Workers that ran them.
+    pub workers: usize,
+    /// Its length (minutes).
+    pub minutes: f64,
     /// Every call's durations.
     pub calls: Calls,
+    /// A sample at the end of each whole minute.
+    pub per_minute: Vec<SoakSample>,
+}
+
+/// One minute of a soak.
+#[derive(Debug, Default, Clone)]
+pub struct SoakSample {
+    /// Cycles completed in that minute.
+    pub cycles: usize,
+    /// containerd's RSS at its end (KiB).
+    pub containerd_rss_kib: u64,
+    /// containerd's open descriptors at its end.
+    pub containerd_fds: u64,
+    /// The host's available memory at its end (MiB).
+    pub host_available_mib: u64,
 }
 
 /// Everything one run measured.
@@ -163,7 +182,26 @@ impl Report {
             audited.join(", ")
         );
         if let Some(s) = &self.soak {
-            let _ = writeln!(out, "soak: {} cycles", s.cycles);
+            let _ = writeln!(
+                out,
+                "soak: {} cycles in {:.0} min by {} workers",
+                s.cycles, s.minutes, s.workers
+            );
+            if let (Some(first), Some(last)) = (s.per_minute.first(), s.per_minute.last()) {
+                let _ = writeln!(
+                    out,
+                    "  drift, first minute -> last: {} -> {} cycles, containerd RSS {} -> {} KiB, \
+                     containerd fds {} -> {}, host available {} -> {} MiB",
+                    first.cycles,
+                    last.cycles,
+                    first.containerd_rss_kib,
+                    last.containerd_rss_kib,
+                    first.containerd_fds,
+                    last.containerd_fds,
+                    first.host_available_mib,
+                    last.host_available_mib
+                );
+            }
             for (call, v) in &s.calls.0 {
                 let _ = writeln!(
                     out,
@@ -188,5 +226,39 @@ mod tests {
         assert_eq!(quantile(&v, 990), 99.0);
         assert_eq!(quantile(&[3.0], 990), 3.0);
         assert_eq!(quantile(&[], 500), 0.0);
+    }
+
+    #[test]
+    fn a_soak_shows_its_first_and_last_minute() {
+        let minute = |cycles, rss| SoakSample {
+            cycles,
+            containerd_rss_kib: rss,
+            containerd_fds: 40,
+            host_available_mib: 20_000,
+        };
+        let report = Report {
+            soak: Some(SoakReport {
+                cycles: 61,
+                workers: 2,
+                minutes: 2.0,
+                calls: Calls(
+                    [("RunPodSandbox", vec![900.0, 1100.0])]
+                        .into_iter()
+                        .collect(),
+                ),
+                per_minute: vec![minute(30, 50_000), minute(31, 51_000)],
+            }),
+            ..Report::default()
+        };
+        let text = report.render();
+        assert!(
+            text.contains("soak: 61 cycles in 2 min by 2 workers"),
+            "{text}"
+        );
+        assert!(
+            text.contains("30 -> 31 cycles, containerd RSS 50000 -> 51000 KiB"),
+            "{text}"
+        );
+        assert!(text.contains("RunPodSandbox"), "{text}");
     }
 }
