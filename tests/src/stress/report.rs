@@ -176,11 +176,13 @@ impl Report {
             .iter()
             .map(|(k, n)| format!("{k} {n}"))
             .collect();
-        let _ = writeln!(
-            out,
-            "audit baseline (entries per category): {}",
-            audited.join(", ")
-        );
+        if !audited.is_empty() {
+            let _ = writeln!(
+                out,
+                "audit baseline (entries per category): {}",
+                audited.join(", ")
+            );
+        }
         if let Some(s) = &self.soak {
             let _ = writeln!(
                 out,
