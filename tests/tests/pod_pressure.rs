@@ -1,7 +1,8 @@
 //! A pod under pressure from its own workload, through a real (private) containerd and `ctr`:
 //! the guest runs out of memory (the whole guest, not a container cgroup), a volume or the
-//! rootfs fills up, a process writes output far faster than its reader takes it. Each time the pod and its
-//! shim stay responsive (an exec still answers), nothing is lost, and nothing is left after.
+//! rootfs fills up, a process writes output far faster than its reader takes it. Each time the
+//! pod and its shim stay responsive (an exec still answers), nothing is lost, and nothing is
+//! left after.
 
 #![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
 
@@ -18,6 +19,18 @@ fn exec(ctrd: &PrivateContainerd, id: &str, exec_id: &str, cmd: &[&str]) -> std:
     let mut args = vec!["task", "exec", "--exec-id", exec_id, id];
     args.extend_from_slice(cmd);
     ctr(ctrd, &args)
+}
+
+/// Writes `mib` MiB of zeros to `path` in `id`, more than its file system holds: the write must
+/// fail with ENOSPC (dd says so and exits non-zero).
+fn fill_until_enospc(ctrd: &PrivateContainerd, id: &str, path: &str, mib: u32) {
+    let script = format!("dd if=/dev/zero of={path} bs=1M count={mib} 2>&1; echo status=$?");
+    let fill = exec(ctrd, id, "fill", &["sh", "-c", &script]);
+    let text = format!("{}{}", stdout(&fill), stderr(&fill));
+    assert!(
+        text.contains("No space left on device") && !text.contains("status=0"),
+        "the write to {path} did not fail with ENOSPC: {text}"
+    );
 }
 
 /// The pod still answers: an exec prints what it is asked to, and the task runs.
@@ -83,22 +96,8 @@ fn a_full_volume_fails_the_write_not_the_pod() {
         &pangolin_run(&["-d", "--mount", &mount], id, &["sleep", "3600"]),
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let fill = exec(
-        &ctrd,
-        id,
-        "fill",
-        &[
-            "sh",
-            "-c",
-            "dd if=/dev/zero of=/v/fill bs=1M count=64 2>&1; echo status=$?",
-        ],
-    );
-    let text = format!("{}{}", stdout(&fill), stderr(&fill));
+    fill_until_enospc(&ctrd, id, "/v/fill", 64);
     let host_size = std::fs::metadata(volume.join("fill")).map_or(0, |m| m.len());
-    assert!(
-        text.contains("No space left on device") && !text.contains("status=0"),
-        "the write to a full volume did not fail with ENOSPC: {text}"
-    );
     assert!(
         host_size > 4 << 20 && host_size <= 8 << 20,
         "the host file holds {host_size} bytes"
@@ -126,21 +125,7 @@ fn a_full_rootfs_fails_the_write_not_the_pod() {
     let id = "pressroot";
     let out = ctr(&ctrd, &pangolin_run(&["-d"], id, &["sleep", "3600"]));
     assert!(out.status.success(), "{}", stderr(&out));
-    let fill = exec(
-        &ctrd,
-        id,
-        "fill",
-        &[
-            "sh",
-            "-c",
-            "dd if=/dev/zero of=/fill bs=1M count=96 2>&1; echo status=$?",
-        ],
-    );
-    let text = format!("{}{}", stdout(&fill), stderr(&fill));
-    assert!(
-        text.contains("No space left on device") && !text.contains("status=0"),
-        "the write to a full rootfs did not fail with ENOSPC: {text}"
-    );
+    fill_until_enospc(&ctrd, id, "/fill", 96);
     assert_responsive(&ctrd, id, "its rootfs filled up");
     let freed = exec(
         &ctrd,

@@ -11,26 +11,25 @@ pub(super) fn containerd_figures(pid: Option<u32>) -> (u64, u64) {
     let Some(pid) = pid else {
         return (0, 0);
     };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let rss = kib_field(&format!("/proc/{pid}/status"), "VmRSS:");
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
     (rss, fds)
 }
 
 /// The host's `MemAvailable` (MiB).
 pub(super) fn host_available_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
+    kib_field("/proc/meminfo", "MemAvailable:") / 1024
+}
+
+/// The value of the `key` line (`Key:   123 kB`) of the proc file `path`; 0 when absent.
+fn kib_field(path: &str, key: &str) -> u64 {
+    std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<u64>().ok())
-        .map_or(0, |kib| kib / 1024)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// PSS (KiB) of every process in the test pods' cgroups and of the shims of the containerd in
