@@ -5,16 +5,22 @@
 //! - `process`: processes whose command line mentions a scope directory (VMMs, virtiofsd,
 //!   vhost-device-vsock, shims, namespace holders), containerd itself left out;
 //! - `containerd fd`: what containerd has open besides sockets, pipes and anonymous inodes
-//!   (files, FIFOs, directories, by path), and `containerd sockets`: how many sockets and pipes
+//!   (files, FIFOs, directories, by path; not its bolt databases, `*.db`, which a plugin opens
+//!   at its first use and keeps), and `containerd sockets`: how many sockets and pipes
 //!   (a count: gRPC connections come and go), allowed [`SOCKET_SLACK`] more than before;
-//! - `mount`: mount points under a scope directory or under `/run/netns`;
-//! - `socket`: Unix sockets bound under a scope directory or `/run/containerd/s`;
+//! - `mount`: mount points under a scope directory;
+//! - `socket`: Unix sockets bound under a scope directory;
 //! - `lease`: IPAM leases of the scope's CNI networks (`/var/lib/cni/networks/<name>`);
 //! - `file`: every file under the scope's state directories;
 //! - and, for a scope that owns the host ([`Scope::whole_host`]: nothing else runs pods, as in
-//!   `cargo xtask stress`), `netns` (`/run/netns`), `link` (host links), `qdisc` (host qdiscs),
+//!   `cargo xtask stress`), `netns` (files and mounts under `/run/netns`: CRI's pod namespaces),
+//!   shims' sockets (`/run/containerd/s`), `link` (host links), `qdisc` (host qdiscs),
 //!   `cgroup` (cgroup directories whose path holds "pangolin" or "kubepods") and `memfd` (memfds
 //!   open in any process).
+//!
+//! Every e2e test ends with an audit of its own directories ([`crate::TestEnv::finish`], and
+//! [`crate::finish_containerd`] before its containerd stops);
+//! host-wide entries are left to whole-host scopes, since tests run side by side.
 //!
 //! [`Audit::leaks_since`] is every entry of `self` not in the earlier audit (counts: above it),
 //! as `category: entry` lines; [`assert_no_leaks`] retries for a while (teardown is
@@ -78,17 +84,15 @@ impl Audit {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         for line in mountinfo.lines() {
             let point = line.split(' ').nth(4).unwrap_or_default();
-            if mentions(point)
-                || point.starts_with("/run/netns/")
-                || point.starts_with("/var/run/netns/")
-            {
+            let netns = point.starts_with("/run/netns/") || point.starts_with("/var/run/netns/");
+            if mentions(point) || (scope.whole_host && netns) {
                 a.add("mount", point.to_string());
             }
         }
         let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
         for line in unix.lines().skip(1) {
             let path = line.split_whitespace().nth(7).unwrap_or_default();
-            if mentions(path) || path.starts_with("/run/containerd/s/") {
+            if mentions(path) || (scope.whole_host && path.starts_with("/run/containerd/s/")) {
                 a.add("socket", path.to_string());
             }
         }
@@ -184,8 +188,9 @@ pub fn assert_no_leaks(scope: &Scope, before: &Audit, within: Duration) {
     }
 }
 
-/// Paths of `pid`'s descriptors that are not sockets, pipes or anonymous inodes, and how many
-/// are.
+/// Paths of `pid`'s descriptors that are not sockets, pipes, anonymous inodes or bolt databases
+/// (containerd's metadata and a snapshotter's, opened at first use and kept), and how many are
+/// sockets, pipes or anonymous inodes.
 fn open_fds(pid: u32) -> (Vec<String>, u64) {
     let mut paths = Vec::new();
     let mut others = 0;
@@ -200,7 +205,7 @@ fn open_fds(pid: u32) -> (Vec<String>, u64) {
         let t = target.display().to_string();
         if t.starts_with("socket:") || t.starts_with("pipe:") || t.starts_with("anon_inode:") {
             others += 1;
-        } else if !t.starts_with("/dev/") {
+        } else if !t.starts_with("/dev/") && !t.ends_with(".db") {
             paths.push(t);
         }
     }

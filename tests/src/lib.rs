@@ -95,6 +95,13 @@ pub struct TestEnv {
     /// The kernel's uptime when the test began: seccomp kills logged after it are this test's
     /// (or a concurrent one's) and fail it.
     started: f64,
+    /// What the leak audit covers for this test ([`TestEnv::audit_scope`]).
+    scope: audit::Scope,
+    /// The audit when the test began.
+    baseline: audit::Audit,
+    /// The audit of the test's containerd ([`containerd_scope`]) once it first served, before
+    /// any pod: set by [`pangolin_containerd`], checked by [`finish_containerd`].
+    containerd_baseline: std::sync::Mutex<Option<audit::Audit>>,
 }
 
 impl TestEnv {
@@ -127,13 +134,27 @@ impl TestEnv {
         edit(&mut config);
         let config_file = dir.join("configuration.toml");
         std::fs::write(&config_file, toml_of(&config)).expect("write config");
+        let scope = audit::Scope {
+            dirs: vec![dir.clone()],
+            state_dirs: vec![state.clone()],
+            ..audit::Scope::default()
+        };
         TestEnv {
+            baseline: audit::Audit::take(&scope),
+            containerd_baseline: std::sync::Mutex::new(None),
+            scope,
             dir,
             state,
             config_file,
             config,
             started: uptime(),
         }
+    }
+
+    /// What the leak audit covers for this test: processes, mounts and Unix sockets that
+    /// mention its directory, and every file in its state dir.
+    pub fn audit_scope(&self) -> &audit::Scope {
+        &self.scope
     }
 
     /// `pangolin --config <ours> <args>`, ready to run.
@@ -200,21 +221,23 @@ impl TestEnv {
         }
     }
 
-    /// Asserts nothing of this test remains (processes, sockets, sandbox directories), then
-    /// removes the test directory.
+    /// Asserts nothing of this test remains (the leak audit of [`Self::audit_scope`]: processes,
+    /// mounts, sockets, state files; and no sandbox directory in the state dir), and no pod
+    /// helper was killed by its seccomp filter; then removes the test directory.
     pub fn finish(self) {
-        let deadline = Instant::now() + patience(Duration::from_secs(5));
+        audit::assert_no_leaks(&self.scope, &self.baseline, Duration::from_secs(5));
+        // An empty sandbox directory goes a moment after its last file.
+        let deadline = Instant::now() + patience(Duration::from_secs(2));
         loop {
-            let procs = self.leftover_processes();
             let entries: Vec<PathBuf> = std::fs::read_dir(&self.state)
                 .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
                 .unwrap_or_default();
-            if procs.is_empty() && entries.is_empty() {
+            if entries.is_empty() {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
-                "leaked after the test: processes {procs:?}, files {entries:?}"
+                "left in the state dir after the test: {entries:?}"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -289,13 +312,44 @@ pub fn pangolin_containerd(
         "PANGOLIN_CONFIG".into(),
         env.config_file.display().to_string(),
     ));
-    containerd::PrivateContainerd::start_with(&env.dir.join("containerd"), &target_dir(), &options)
-        .expect("start containerd")
+    let ctrd = containerd::PrivateContainerd::start_with(
+        &env.dir.join("containerd"),
+        &target_dir(),
+        &options,
+    )
+    .expect("start containerd");
+    let baseline = audit::Audit::take(&containerd_scope(&ctrd));
+    *env.containerd_baseline
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(baseline);
+    ctrd
 }
 
-/// Stops `ctrd` (failing on anything it had to clean up), asserts nothing is mounted under the
-/// test directory, then [`TestEnv::finish`].
+/// What the leak audit covers for a private containerd: processes, mounts and sockets under its
+/// directory (shims and what they start), every file in its state dir (bundles, FIFOs), its
+/// open descriptors and the leases of CNI networks kept in its directory (`<dir>/cni-ipam`).
+pub fn containerd_scope(ctrd: &containerd::PrivateContainerd) -> audit::Scope {
+    audit::Scope {
+        dirs: vec![ctrd.dir.clone()],
+        state_dirs: vec![ctrd.dir.join("state")],
+        containerd_pid: ctrd.pid(),
+        lease_dirs: vec![ctrd.dir.join("cni-ipam")],
+        whole_host: false,
+    }
+}
+
+/// Audits `ctrd` against its audit when [`pangolin_containerd`] started it (before it stops:
+/// its own cleanup would hide a leak), stops it (failing on anything it had to clean up),
+/// asserts nothing is mounted under the test directory, then [`TestEnv::finish`].
 pub fn finish_containerd(ctrd: containerd::PrivateContainerd, env: TestEnv) {
+    let baseline = env
+        .containerd_baseline
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(baseline) = baseline {
+        audit::assert_no_leaks(&containerd_scope(&ctrd), &baseline, Duration::from_secs(10));
+    }
     ctrd.stop()
         .expect("containerd stopped cleanly with nothing left");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");

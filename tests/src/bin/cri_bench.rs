@@ -232,11 +232,12 @@ async fn parallel(
         .map(|i| format!("par-{handler}-{round}-{i}"))
         .collect();
     let started = stress::start_at_once(cri, handler, names, logs).await;
-    let pss_kib: u64 = stress::pods_pss_kib(ctrd_dir).values().sum();
+    let pss = stress::pods_pss_kib(ctrd_dir);
     let removed = stress::remove_at_once(cri, started.pods).await;
     if let Some(e) = started.failure.or(removed) {
         return Err(e.context(format!("{n} pods at once ({handler})")));
     }
+    let pss_kib: u64 = pss?.values().sum();
     #[allow(clippy::cast_precision_loss)] // KiB of a few pods and a pod count: exact in f64
     let per_pod_mib = pss_kib as f64 / 1024.0 / n as f64;
     Ok((started.ready_ms, per_pod_mib))

@@ -32,16 +32,25 @@ fn kib_field(path: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// PSS (KiB) of every process in the test pods' cgroups and of the shims of the containerd in
-/// `ctrd_dir`, memfd mappings (guest RAM) left out, per process name.
-pub fn pods_pss_kib(ctrd_dir: &Path) -> BTreeMap<String, u64> {
+/// PSS (KiB) of every process in the test pods' cgroups (cgroup v1's memory hierarchy or the
+/// unified one) and of the shims of the containerd in `ctrd_dir`, memfd mappings (guest RAM) left
+/// out, per process name. Fails where the kernel has no `/proc/PID/smaps`
+/// (`CONFIG_PROC_PAGE_MONITOR`), rather than report zeros.
+pub fn pods_pss_kib(ctrd_dir: &Path) -> anyhow::Result<BTreeMap<String, u64>> {
+    anyhow::ensure!(
+        Path::new("/proc/self/smaps").exists(),
+        "no /proc/PID/smaps on this kernel (CONFIG_PROC_PAGE_MONITOR): cannot measure PSS"
+    );
     let mut pids: Vec<u32> = crate::processes_mentioning(ctrd_dir)
         .into_iter()
         .filter(|(_, cmd)| cmd.contains("containerd-shim"))
         .map(|(pid, _)| pid)
         .collect();
-    let parent = Path::new("/sys/fs/cgroup/memory").join(cri::CGROUP_PARENT);
-    let mut queue = vec![parent];
+    let cgroups = Path::new("/sys/fs/cgroup");
+    let mut queue = vec![
+        cgroups.join("memory").join(cri::CGROUP_PARENT),
+        cgroups.join(cri::CGROUP_PARENT),
+    ];
     while let Some(dir) = queue.pop() {
         if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
             pids.extend(procs.lines().filter_map(|p| p.parse::<u32>().ok()));
@@ -61,7 +70,7 @@ pub fn pods_pss_kib(ctrd_dir: &Path) -> BTreeMap<String, u64> {
             .unwrap_or_default();
         *by_name.entry(name).or_default() += pss_without_memfds(pid);
     }
-    by_name
+    Ok(by_name)
 }
 
 /// PSS of `pid` in KiB without its memfd mappings.

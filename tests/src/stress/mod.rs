@@ -206,11 +206,12 @@ impl Stress {
             started.pods.len()
         );
         let by_process = memory::pods_pss_kib(&self.fixture.ctrd.dir);
-        let pss: u64 = by_process.values().sum();
         let removed = remove_at_once(cri, started.pods).await;
         if let Some(e) = started.failure.or(removed) {
             return Err(e);
         }
+        let by_process = by_process?;
+        let pss: u64 = by_process.values().sum();
         self.audit(baseline)
             .await
             .with_context(|| format!("after {n} parallel {handler} pods"))?;
