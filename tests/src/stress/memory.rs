@@ -68,7 +68,11 @@ pub fn pods_pss_kib(ctrd_dir: &Path) -> anyhow::Result<BTreeMap<String, u64>> {
         let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
             .map(|c| c.trim().to_string())
             .unwrap_or_default();
-        *by_name.entry(name).or_default() += pss_without_memfds(pid);
+        // Kernel threads in a pod's cgroup (KVM's kvm-nx-lpage-recovery-<pid>) map nothing.
+        let pss = pss_without_memfds(pid);
+        if pss > 0 {
+            *by_name.entry(name).or_default() += pss;
+        }
     }
     Ok(by_name)
 }

@@ -101,7 +101,10 @@ pub fn qemu(kernel: &Path, dir: &Path) -> anyhow::Result<Sample> {
             "-M",
             "microvm,acpi=off,x-option-roms=off,rtc=off,memory-backend=mem",
         ])
-        .args(["-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "256M"])
+        // `host` without IA32_ARCH_CAPABILITIES: this project's PVM hosts refuse the value
+        // QEMU writes there (QEMU asserts: "failed to set MSR 0x10a"); the stub never reads it.
+        .args(["-accel", "kvm", "-cpu", "host,-arch-capabilities"])
+        .args(["-smp", "1", "-m", "256M"])
         .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .arg("-serial")
