@@ -600,7 +600,7 @@ fn vmm_figures(report: &mut Report, runs: usize, pangolin: &Path) -> anyhow::Res
     let kernel = dir.join("tiny-pvh.elf");
     std::fs::write(&kernel, tiny_elf::image())?;
     let (mut b_first, mut q_first, mut b_pss, mut q_pss) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..runs.min(5) {
+    for _ in 0..runs {
         let b = vmm::builtin(&vmm_bin, &kernel, &dir)?;
         let q = vmm::qemu(&kernel, &dir)?;
         b_first.push(b.first_output_ms);
