@@ -95,9 +95,7 @@ pub struct TestEnv {
     /// The kernel's uptime when the test began: seccomp kills logged after it are this test's
     /// (or a concurrent one's) and fail it.
     started: f64,
-    /// What the leak audit covers for this test ([`TestEnv::audit_scope`]).
-    scope: audit::Scope,
-    /// The audit when the test began.
+    /// The audit of [`TestEnv::audit_scope`] when the test began.
     baseline: audit::Audit,
     /// The audit of the test's containerd ([`containerd_scope`]) once it first served, before
     /// any pod: set by [`pangolin_containerd`], checked by [`finish_containerd`].
@@ -134,27 +132,27 @@ impl TestEnv {
         edit(&mut config);
         let config_file = dir.join("configuration.toml");
         std::fs::write(&config_file, toml_of(&config)).expect("write config");
-        let scope = audit::Scope {
-            dirs: vec![dir.clone()],
-            state_dirs: vec![state.clone()],
-            ..audit::Scope::default()
-        };
-        TestEnv {
-            baseline: audit::Audit::take(&scope),
+        let mut env = TestEnv {
+            baseline: audit::Audit::default(),
             containerd_baseline: std::sync::Mutex::new(None),
-            scope,
             dir,
             state,
             config_file,
             config,
             started: uptime(),
-        }
+        };
+        env.baseline = audit::Audit::take(&env.audit_scope());
+        env
     }
 
     /// What the leak audit covers for this test: processes, mounts and Unix sockets that
     /// mention its directory, and every file in its state dir.
-    pub fn audit_scope(&self) -> &audit::Scope {
-        &self.scope
+    pub fn audit_scope(&self) -> audit::Scope {
+        audit::Scope {
+            dirs: vec![self.dir.clone()],
+            state_dirs: vec![self.state.clone()],
+            ..audit::Scope::default()
+        }
     }
 
     /// `pangolin --config <ours> <args>`, ready to run.
@@ -225,7 +223,7 @@ impl TestEnv {
     /// mounts, sockets, state files; and no sandbox directory in the state dir), and no pod
     /// helper was killed by its seccomp filter; then removes the test directory.
     pub fn finish(self) {
-        audit::assert_no_leaks(&self.scope, &self.baseline, Duration::from_secs(5));
+        audit::assert_no_leaks(&self.audit_scope(), &self.baseline, Duration::from_secs(5));
         // An empty sandbox directory goes a moment after its last file.
         let deadline = Instant::now() + patience(Duration::from_secs(2));
         loop {
@@ -338,13 +336,28 @@ pub fn containerd_scope(ctrd: &containerd::PrivateContainerd) -> audit::Scope {
     }
 }
 
+/// The audit scope of a test and its private containerd together ([`TestEnv::audit_scope`] and
+/// [`containerd_scope`]); `whole_host` when nothing else on the host makes pods meanwhile.
+pub fn pods_scope(
+    env: &TestEnv,
+    ctrd: &containerd::PrivateContainerd,
+    whole_host: bool,
+) -> audit::Scope {
+    let test = env.audit_scope();
+    let mut scope = containerd_scope(ctrd);
+    scope.dirs.splice(0..0, test.dirs);
+    scope.state_dirs.splice(0..0, test.state_dirs);
+    scope.whole_host = whole_host;
+    scope
+}
+
 /// Audits `ctrd` against its audit when [`pangolin_containerd`] started it (before it stops:
 /// its own cleanup would hide a leak), stops it (failing on anything it had to clean up),
 /// asserts nothing is mounted under the test directory, then [`TestEnv::finish`].
-pub fn finish_containerd(ctrd: containerd::PrivateContainerd, env: TestEnv) {
+pub fn finish_containerd(ctrd: containerd::PrivateContainerd, mut env: TestEnv) {
     let baseline = env
         .containerd_baseline
-        .lock()
+        .get_mut()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .take();
     if let Some(baseline) = baseline {

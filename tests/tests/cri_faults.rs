@@ -17,13 +17,7 @@ use pangolin_e2e::patience;
 /// What the audit covers for `fixture`: its directories, state dirs, containerd's descriptors
 /// and its CNI leases (not the whole host: other test binaries may run pods meanwhile).
 fn scope(fixture: &CriFixture) -> Scope {
-    Scope {
-        dirs: vec![fixture.env.dir.clone()],
-        state_dirs: vec![fixture.env.state.clone(), fixture.ctrd.dir.join("state")],
-        containerd_pid: fixture.ctrd.pid(),
-        lease_dirs: vec![fixture.net.ipam_dir.clone()],
-        whole_host: false,
-    }
+    pangolin_e2e::pods_scope(&fixture.env, &fixture.ctrd, false)
 }
 
 /// kill -9 of a CRI pod's shim: containerd sees the container exit, StopPodSandbox and

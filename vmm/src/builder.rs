@@ -169,7 +169,6 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
     // be done before a vCPU that points KVM at guest memory (a restored one's kvmclock) exists,
     // and before any vCPU runs.
     let (vm, registration) = Vm::with_kvm(kvm, &mem)?;
-    let mut registration = Some(registration);
     let vm = Arc::new(vm);
     let mut events: EventManager<Subscriber> =
         EventManager::new().map_err(BuildError::EventLoop)?;
@@ -234,19 +233,18 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
 
     let fds = match &restored {
         Some(snap) => {
-            if let Some(r) = registration.take() {
-                r.wait()?;
-            }
+            registration.wait()?;
             (0u8..)
                 .zip(&snap.vcpus)
                 .map(|(id, state)| vcpu::create_restored(&vm, id, state))
                 .collect::<Result<Vec<_>, _>>()?
         }
-        None => boot_vcpus(config, &vm, &mem, &mut kernel, initramfs.as_mut(), &cmdline)?,
+        None => {
+            let fds = boot_vcpus(config, &vm, &mem, &mut kernel, initramfs.as_mut(), &cmdline)?;
+            registration.wait()?;
+            fds
+        }
     };
-    if let Some(r) = registration.take() {
-        r.wait()?;
-    }
     // A restore puts the VM and the devices back once the vCPUs (and their LAPICs) are: the
     // devices' re-raised interrupts and kicks then meet the restored irqchips.
     if let Some(snap) = &restored {

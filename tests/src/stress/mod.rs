@@ -66,13 +66,7 @@ impl Stress {
     /// tests').
     pub fn new(name: &str, tag: u8, whole_host: bool) -> Stress {
         let fixture = CriFixture::new(name, tag);
-        let scope = Scope {
-            dirs: vec![fixture.env.dir.clone()],
-            state_dirs: vec![fixture.env.state.clone(), fixture.ctrd.dir.join("state")],
-            containerd_pid: fixture.ctrd.pid(),
-            lease_dirs: vec![fixture.net.ipam_dir.clone()],
-            whole_host,
-        };
+        let scope = crate::pods_scope(&fixture.env, &fixture.ctrd, whole_host);
         let logs = fixture.env.dir.join("logs");
         Stress {
             fixture,
