@@ -8,6 +8,7 @@ pub mod artifacts;
 pub mod daemon;
 pub mod host;
 pub mod host_cgroup;
+pub mod host_tsc;
 pub mod hypervisor;
 pub mod jail_ids;
 pub mod monitor;

@@ -45,6 +45,9 @@ pub struct Qemu {
     pub accel: Accel,
     /// Who QEMU and vhost-device-vsock run as (None: `jail.enabled = false`, both as root).
     pub jail: Option<JailIds>,
+    /// The host's TSC rate in kHz, told to TCG guests (`crate::host_tsc`); None: they
+    /// calibrate it themselves.
+    pub tsc_khz: Option<u64>,
 }
 
 /// How QEMU reaches the host files it reads and writes.
@@ -81,10 +84,16 @@ const TCG_APIC_TIMER_KHZ: u32 = 1_000_000;
 /// IO-APIC timer check (`no_timer_check`, as Kata's guests do): with 50 TCG guests booting at
 /// once on two cores (`cargo xtask stress --parallel 50`) a guest's timer ticks arrived too
 /// late for the check's busy wait and its kernel panicked ("IO-APIC + timer doesn't work!").
-fn cmdline(base: &str, accel: Accel) -> String {
-    match accel {
-        Accel::Kvm => base.to_string(),
-        _ => format!("{base} lapic_timer_khz={TCG_APIC_TIMER_KHZ} no_timer_check"),
+/// And a TCG guest reads the host's TSC: given `tsc_khz`, it is told the rate
+/// (`tsc_early_khz`) rather than polling the PIT for it, which under emulation fails in about
+/// a third of boots and leaves the guest on a delay loop and jiffies (`crate::host_tsc`).
+fn cmdline(base: &str, accel: Accel, tsc_khz: Option<u64>) -> String {
+    match (accel, tsc_khz) {
+        (Accel::Kvm, _) => base.to_string(),
+        (_, None) => format!("{base} lapic_timer_khz={TCG_APIC_TIMER_KHZ} no_timer_check"),
+        (_, Some(khz)) => format!(
+            "{base} lapic_timer_khz={TCG_APIC_TIMER_KHZ} no_timer_check tsc_early_khz={khz}"
+        ),
     }
 }
 
@@ -92,6 +101,7 @@ fn cmdline(base: &str, accel: Accel) -> String {
 pub fn qemu_args(
     spec: &VmSpec,
     accel: Accel,
+    tsc_khz: Option<u64>,
     vhost_vsock_socket: &Path,
     files: HostFiles,
 ) -> Vec<String> {
@@ -157,7 +167,7 @@ pub fn qemu_args(
         "-initrd".into(),
         initramfs,
         "-append".into(),
-        cmdline(&spec.cmdline, accel),
+        cmdline(&spec.cmdline, accel, tsc_khz),
         "-global".into(),
         "virtio-mmio.force-legacy=false".into(),
         "-chardev".into(),
@@ -263,7 +273,7 @@ impl Hypervisor for Qemu {
             Some(_) => open_host_files(spec).await?,
             None => (HostFiles::Paths, Vec::new()),
         };
-        let args = qemu_args(spec, self.accel, &vhost_socket, files);
+        let args = qemu_args(spec, self.accel, self.tsc_khz, &vhost_socket, files);
         tracing::debug!(?args, user = ?qemu_user, "starting QEMU");
         let options = SpawnOptions {
             netns: spec.net.as_ref().map(|n| n.netns.as_path()),
@@ -430,7 +440,7 @@ mod tests {
     fn a_nic_is_a_tap_netdev_with_the_pod_mac() {
         let mut s = spec();
         assert!(
-            !qemu_args(&s, Accel::Tcg, Path::new("/v"), HostFiles::Paths)
+            !qemu_args(&s, Accel::Tcg, None, Path::new("/v"), HostFiles::Paths)
                 .join(" ")
                 .contains("-netdev")
         );
@@ -439,7 +449,7 @@ mod tests {
             tap: "tap0_pgn".into(),
             mac: "aa:bb:cc:dd:ee:01".into(),
         });
-        let joined = qemu_args(&s, Accel::Tcg, Path::new("/v"), HostFiles::Paths).join(" ");
+        let joined = qemu_args(&s, Accel::Tcg, None, Path::new("/v"), HostFiles::Paths).join(" ");
         assert!(
             joined.contains(
                 "-netdev tap,id=net0,ifname=tap0_pgn,script=no,downscript=no,vnet_hdr=on"
@@ -454,6 +464,7 @@ mod tests {
         let args = qemu_args(
             &spec(),
             Accel::Tcg,
+            None,
             Path::new("/run/p/s1/vhost-vsock.sock"),
             HostFiles::Paths,
         );
@@ -484,7 +495,7 @@ mod tests {
             console: 9,
             tap: Some(10),
         };
-        let joined = qemu_args(&s, Accel::Tcg, Path::new("/v"), files).join(" ");
+        let joined = qemu_args(&s, Accel::Tcg, None, Path::new("/v"), files).join(" ");
         assert!(
             joined.contains("-kernel /proc/self/fd/7 -initrd /proc/self/fd/8"),
             "{joined}"
@@ -503,14 +514,14 @@ mod tests {
 
     #[test]
     fn kvm_uses_the_host_cpu() {
-        let args = qemu_args(&spec(), Accel::Kvm, Path::new("/s"), HostFiles::Paths);
+        let args = qemu_args(&spec(), Accel::Kvm, None, Path::new("/s"), HostFiles::Paths);
         assert!(args.join(" ").contains("-accel kvm -cpu host"));
     }
 
     #[test]
     fn only_a_tcg_guest_gets_a_cmos_clock() {
         let machine = |accel| {
-            qemu_args(&spec(), accel, Path::new("/s"), HostFiles::Paths)
+            qemu_args(&spec(), accel, None, Path::new("/s"), HostFiles::Paths)
                 .into_iter()
                 .find(|a| a.starts_with("microvm,"))
                 .expect("-M microvm")
@@ -522,7 +533,7 @@ mod tests {
     #[test]
     fn only_a_tcg_guest_is_told_its_apic_timer_frequency() {
         let append = |accel| {
-            let args = qemu_args(&spec(), accel, Path::new("/s"), HostFiles::Paths);
+            let args = qemu_args(&spec(), accel, None, Path::new("/s"), HostFiles::Paths);
             let at = args.iter().position(|a| a == "-append").expect("-append");
             args[at + 1].clone()
         };
@@ -531,5 +542,16 @@ mod tests {
             "console=ttyS0 lapic_timer_khz=1000000 no_timer_check"
         );
         assert_eq!(append(Accel::Kvm), "console=ttyS0");
+    }
+
+    #[test]
+    fn only_a_tcg_guest_is_told_the_hosts_tsc_rate() {
+        let tcg = cmdline("console=ttyS0", Accel::Tcg, Some(2_596_094));
+        assert!(
+            tcg.ends_with(" no_timer_check tsc_early_khz=2596094"),
+            "{tcg}"
+        );
+        let kvm = cmdline("console=ttyS0", Accel::Kvm, Some(2_596_094));
+        assert_eq!(kvm, "console=ttyS0");
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pangolin_protocols::agent::GuestDetails;
-use pangolin_runtime_config::{Config, HypervisorKind};
+use pangolin_runtime_config::{Accel, Config, HypervisorKind};
 use pangolin_vmm_config::SnapshotFiles;
 
 use crate::agent::AgentClient;
@@ -136,12 +136,19 @@ impl Sandbox {
             None
         };
         let backend: Box<dyn Hypervisor> = match kind {
-            HypervisorKind::Qemu => Box::new(Qemu {
-                qemu_path: config.hypervisor.qemu_path.clone(),
-                vhost_vsock_path: config.vsock.vhost_device_vsock_path.clone(),
-                accel: hypervisor::qemu_accel(config.hypervisor.accel, host)?,
-                jail,
-            }),
+            HypervisorKind::Qemu => {
+                let accel = hypervisor::qemu_accel(config.hypervisor.accel, host)?;
+                Box::new(Qemu {
+                    qemu_path: config.hypervisor.qemu_path.clone(),
+                    vhost_vsock_path: config.vsock.vhost_device_vsock_path.clone(),
+                    accel,
+                    jail,
+                    // Measured once per host boot; only a TCG guest is told it.
+                    tsc_khz: (accel == Accel::Tcg)
+                        .then(|| crate::host_tsc::tsc_khz(&config.runtime.state_dir))
+                        .flatten(),
+                })
+            }
             HypervisorKind::Builtin => Box::new(Builtin {
                 vmm_path: config.hypervisor.vmm_path.clone(),
                 seccomp: config.hypervisor.seccomp,
