@@ -113,6 +113,8 @@ impl Sandbox {
         how: Launch<'_>,
     ) -> Result<Option<Sandbox>, SandboxError> {
         let Launch { mode, start, .. } = how;
+        // Before anything is written there (per-VM jail ids, the host's TSC rate).
+        prepare_state_dir(&config.runtime.state_dir)?;
         // One identity for the pod's confined host processes (the built-in VMM, or QEMU and
         // vhost-device-vsock): a per-VM id from the range, or the shared jail uid/gid.
         let j = &config.jail;
@@ -170,7 +172,6 @@ impl Sandbox {
                 config.runtime.state_dir.clone(),
             ));
         }
-        prepare_state_dir(&config.runtime.state_dir)?;
         match std::fs::create_dir(&workdir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
