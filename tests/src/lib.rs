@@ -227,9 +227,18 @@ impl TestEnv {
         // An empty sandbox directory goes a moment after its last file.
         let deadline = Instant::now() + patience(Duration::from_secs(2));
         loop {
+            // The host's TSC rate, kept for later pods of this host, is no pod's.
             let entries: Vec<PathBuf> = std::fs::read_dir(&self.state)
-                .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-                .unwrap_or_default();
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok().map(|e| e.path()))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| {
+                    p.file_name() != Some(std::ffi::OsStr::new(pangolin_shim::host_tsc::CACHE))
+                })
+                .collect();
             if entries.is_empty() {
                 break;
             }
