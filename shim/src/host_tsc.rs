@@ -18,6 +18,11 @@ use std::time::Duration;
 /// The cache file in `runtime.state_dir`: `<boot id> <kHz>`.
 pub const CACHE: &str = ".host-tsc-khz";
 
+/// True for the cache file: it is the host's, kept for its later pods, and no pod's leftover.
+pub fn is_cache(path: &Path) -> bool {
+    path.file_name() == Some(std::ffi::OsStr::new(CACHE))
+}
+
 /// How long one measurement spans.
 const SPAN: Duration = Duration::from_millis(50);
 

@@ -231,14 +231,10 @@ impl TestEnv {
             let entries: Vec<PathBuf> = std::fs::read_dir(&self.state)
                 .map(|rd| {
                     rd.filter_map(|e| e.ok().map(|e| e.path()))
-                        .collect::<Vec<_>>()
+                        .filter(|p| !pangolin_shim::host_tsc::is_cache(p))
+                        .collect()
                 })
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|p| {
-                    p.file_name() != Some(std::ffi::OsStr::new(pangolin_shim::host_tsc::CACHE))
-                })
-                .collect();
+                .unwrap_or_default();
             if entries.is_empty() {
                 break;
             }
