@@ -165,10 +165,7 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
         (Some(_), None) => return Err(VmSnapshotError::NoFiles("restore").into()),
         (None, _) => (None, memory::create(u64::from(config.memory_mib))?),
     };
-    // Guest memory is registered with KVM on a helper thread while the rest is set up; it must
-    // be done before a vCPU that points KVM at guest memory (a restored one's kvmclock) exists,
-    // and before any vCPU runs.
-    let (vm, registration) = Vm::with_kvm(kvm, &mem)?;
+    let vm = Vm::with_kvm(kvm, &mem)?;
     let vm = Arc::new(vm);
     let mut events: EventManager<Subscriber> =
         EventManager::new().map_err(BuildError::EventLoop)?;
@@ -232,18 +229,11 @@ pub fn build(config: &VmConfig, resources: Resources) -> Result<Vmm, BuildError>
     };
 
     let fds = match &restored {
-        Some(snap) => {
-            registration.wait()?;
-            (0u8..)
-                .zip(&snap.vcpus)
-                .map(|(id, state)| vcpu::create_restored(&vm, id, state))
-                .collect::<Result<Vec<_>, _>>()?
-        }
-        None => {
-            let fds = boot_vcpus(config, &vm, &mem, &mut kernel, initramfs.as_mut(), &cmdline)?;
-            registration.wait()?;
-            fds
-        }
+        Some(snap) => (0u8..)
+            .zip(&snap.vcpus)
+            .map(|(id, state)| vcpu::create_restored(&vm, id, state))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => boot_vcpus(config, &vm, &mem, &mut kernel, initramfs.as_mut(), &cmdline)?,
     };
     // A restore puts the VM and the devices back once the vCPUs (and their LAPICs) are: the
     // devices' re-raised interrupts and kicks then meet the restored irqchips.

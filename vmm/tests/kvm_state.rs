@@ -65,8 +65,7 @@ fn guest_vm(kvm: Kvm) -> (Vm, GuestMemoryMmap, [u64; 5], BootEntry) {
     let gdt = regs::write_tables(&mem, entry).expect("boot tables");
     mem.write_slice(&GUEST_LOOP, GuestAddress(CODE_ADDR))
         .expect("guest code");
-    let (vm, registration) = Vm::with_kvm(kvm, &mem).expect("VM");
-    registration.wait().expect("guest memory registered");
+    let vm = Vm::with_kvm(kvm, &mem).expect("VM");
     (vm, mem, gdt, entry)
 }
 
