@@ -56,8 +56,8 @@ pub const ITEMS: &[Item] = &[
     ),
     item("share/vmlinux", "usr/share/pangolin/vmlinux", 0o644),
     item(
-        "share/initramfs.cpio.gz",
-        "usr/share/pangolin/initramfs.cpio.gz",
+        "share/initramfs.cpio",
+        "usr/share/pangolin/initramfs.cpio",
         0o644,
     ),
     Item {

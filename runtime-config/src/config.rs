@@ -203,7 +203,7 @@ impl Default for HypervisorConfig {
         Self {
             kind: HypervisorKind::Auto,
             kernel: PathBuf::from("/usr/share/pangolin/vmlinux"),
-            initramfs: PathBuf::from("/usr/share/pangolin/initramfs.cpio.gz"),
+            initramfs: PathBuf::from("/usr/share/pangolin/initramfs.cpio"),
             kernel_params: String::new(),
             vcpus: 1,
             memory_mib: 256,

@@ -16,7 +16,7 @@ pub const CONFIG_ENV: &str = "PANGOLIN_CONFIG";
 /// Kernel file name inside a guest artifact directory.
 pub const KERNEL_NAME: &str = "vmlinux";
 /// Initramfs file name inside a guest artifact directory.
-pub const INITRAMFS_NAME: &str = "initramfs.cpio.gz";
+pub const INITRAMFS_NAME: &str = "initramfs.cpio";
 /// The built-in VMM's binary name.
 pub const VMM_NAME: &str = "pangolin-vmm";
 

@@ -44,7 +44,7 @@ fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
 pub struct Sources {
     /// `target/<profile>`: the shim, the CLI, the VMM.
     pub target: PathBuf,
-    /// `target/guest`: vmlinux, initramfs.cpio.gz.
+    /// `target/guest`: vmlinux, initramfs.cpio.
     pub guest: PathBuf,
     /// `runtime-config/configuration.toml`.
     pub config: PathBuf,
@@ -95,7 +95,7 @@ pub fn stage_payload(s: &Sources, dir: &Path) -> Result<()> {
         (s.vhost_device_vsock.clone(), "bin", 0o755),
         (s.target.join("pangolin-vmm"), "libexec", 0o755),
         (s.guest.join("vmlinux"), "share", 0o644),
-        (s.guest.join("initramfs.cpio.gz"), "share", 0o644),
+        (s.guest.join("initramfs.cpio"), "share", 0o644),
     ];
     for (from, sub, mode) in files {
         let name = from.file_name().context("no file name")?;

@@ -116,7 +116,7 @@ impl TestEnv {
         let state = dir.join("state");
         let mut config = Config::default();
         config.hypervisor.kernel = artifact("target/guest/vmlinux");
-        config.hypervisor.initramfs = artifact("target/guest/initramfs.cpio.gz");
+        config.hypervisor.initramfs = artifact("target/guest/initramfs.cpio");
         config.hypervisor.vmm_path = pangolin_bin().with_file_name("pangolin-vmm");
         config.runtime.state_dir = state.clone();
         // Each test boots the VM it tests; the template tests (tests/templates.rs) opt in.

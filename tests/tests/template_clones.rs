@@ -31,7 +31,7 @@ fn config(dir: &Path, name: &str, extra: serde_json::Value) -> serde_json::Value
     let guest = root().join("target/guest");
     let mut c = serde_json::json!({
         "kernel": guest.join("vmlinux"),
-        "initramfs": guest.join("initramfs.cpio.gz"),
+        "initramfs": guest.join("initramfs.cpio"),
         "cmdline": "console=ttyS0 reboot=t panic=-1 quiet",
         "vcpus": 1,
         "memory_mib": 256,

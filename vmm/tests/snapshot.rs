@@ -8,7 +8,7 @@
 //! the snapshot is taken there; on hardware-virtualisation KVM the same tests pass too. The
 //! template that matters, a guest whose agent is up, needs hardware virtualisation: that test is
 //! `#[ignore]`d here and run by `tests/tests/testhost.rs` in the nested test host
-//! (`--include-ignored`). Needs `/dev/kvm` and `target/guest/{vmlinux,initramfs.cpio.gz}`
+//! (`--include-ignored`). Needs `/dev/kvm` and `target/guest/{vmlinux,initramfs.cpio}`
 //! (`cargo xtask guest`); without them each test fails saying so.
 #![allow(clippy::tests_outside_test_module)] // integration tests live at the top of their file
 
@@ -287,7 +287,7 @@ fn until_agent_accepts(uds: &Path, vmm: &mut Child, limit: Duration) -> Duration
 fn a_clone_of_a_template_whose_agent_was_up_answers_on_its_own_vsock() {
     let test = "a_clone_of_a_template_whose_agent_was_up_answers_on_its_own_vsock";
     let Some(kernel) = kernel(test) else { return };
-    let initramfs = kernel.with_file_name("initramfs.cpio.gz");
+    let initramfs = kernel.with_file_name("initramfs.cpio");
     assert!(
         initramfs.exists(),
         "{} missing: run `cargo xtask guest`",

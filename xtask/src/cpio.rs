@@ -99,6 +99,15 @@ pub fn base_entries() -> Vec<Entry<'static>> {
     ]
 }
 
+/// Writes an uncompressed archive to `out`, replacing it atomically.
+pub fn write_file(out: &std::path::Path, entries: &[Entry<'_>]) -> io::Result<()> {
+    let tmp = out.with_extension(format!("tmp.{}", std::process::id()));
+    let mut file = io::BufWriter::new(std::fs::File::create(&tmp)?);
+    write(&mut file, entries)?;
+    file.flush()?;
+    std::fs::rename(&tmp, out)
+}
+
 /// Writes a gzip-compressed archive to `out`, replacing it atomically.
 pub fn write_gz(out: &std::path::Path, entries: &[Entry<'_>]) -> io::Result<()> {
     let tmp = out.with_extension(format!("tmp.{}", std::process::id()));
@@ -136,5 +145,25 @@ mod tests {
         assert!(out.starts_with(b"070701"));
         let text = String::from_utf8_lossy(&out);
         assert!(text.contains("init\0") && text.contains("abcde") && text.contains("TRAILER!!!\0"));
+    }
+
+    #[test]
+    fn a_file_archive_is_the_plain_archive_and_replaces_the_old_one() {
+        let dir = std::env::temp_dir().join(format!("pangolin-cpio-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let out = dir.join("initramfs.cpio");
+        std::fs::write(&out, b"old").expect("old");
+        let entries = [Entry::File {
+            path: "init",
+            mode: 0o755,
+            data: b"abcde",
+        }];
+        write_file(&out, &entries).expect("write_file");
+        let mut plain = Vec::new();
+        write(&mut plain, &entries).expect("write");
+        assert_eq!(std::fs::read(&out).expect("read"), plain);
+        let left: Vec<_> = std::fs::read_dir(&dir).expect("ls").collect();
+        assert_eq!(left.len(), 1, "no temporary file left: {left:?}");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

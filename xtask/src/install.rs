@@ -53,7 +53,7 @@ pub fn install(args: &[String]) -> anyhow::Result<()> {
         (virtiofsd, BIN_DIR, 0o755),
         (target.join("pangolin-vmm"), LIBEXEC_DIR, 0o755),
         (guest_dir.join("vmlinux"), SHARE_DIR, 0o644),
-        (guest_dir.join("initramfs.cpio.gz"), SHARE_DIR, 0o644),
+        (guest_dir.join("initramfs.cpio"), SHARE_DIR, 0o644),
     ];
     for (from, dir, mode) in &items {
         let name = from.file_name().context("source has no file name")?;

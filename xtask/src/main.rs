@@ -23,7 +23,7 @@ use anyhow::Context;
 
 const USAGE: &str =
     "usage: cargo xtask <guest|test|fuzz|demo|bench|stress|install|deploy-image|ctr|testhost> [args]
-  guest   build target/guest/{vmlinux,initramfs.cpio.gz}, the test host's kernel and initramfs,
+  guest   build target/guest/{vmlinux,initramfs.cpio}, the test host's kernel and initramfs,
           and target/rootfs/busybox
   test    install what is missing, build the guest, run every test (real VMs), then every fuzz
           target for 20 s

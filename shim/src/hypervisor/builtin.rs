@@ -244,7 +244,7 @@ mod tests {
     fn config_carries_the_spec() {
         let spec = VmSpec {
             kernel: "/k/vmlinux".into(),
-            initramfs: "/k/initramfs.cpio.gz".into(),
+            initramfs: "/k/initramfs.cpio".into(),
             cmdline: "console=ttyS0".into(),
             vcpus: 2,
             memory_mib: 256,
@@ -264,7 +264,7 @@ mod tests {
         assert_eq!(c.fs[0].tag, "pangolin");
         assert_eq!(
             c.initramfs.as_deref(),
-            Some(std::path::Path::new("/k/initramfs.cpio.gz"))
+            Some(std::path::Path::new("/k/initramfs.cpio"))
         );
     }
 }

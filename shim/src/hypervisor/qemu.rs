@@ -420,7 +420,7 @@ mod tests {
     fn spec() -> VmSpec {
         VmSpec {
             kernel: "/k/vmlinux".into(),
-            initramfs: "/k/initramfs.cpio.gz".into(),
+            initramfs: "/k/initramfs.cpio".into(),
             cmdline: "console=ttyS0".into(),
             vcpus: 2,
             memory_mib: 256,

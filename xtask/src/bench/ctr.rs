@@ -56,7 +56,7 @@ fn cold_config(dir: &Path, shim_dir: &Path) -> anyhow::Result<PathBuf> {
         format!(
             "[hypervisor]\nkernel = \"{}\"\ninitramfs = \"{}\"\nvmm_path = \"{}\"\n\n[template]\nenabled = false\n",
             guest.join("vmlinux").display(),
-            guest.join("initramfs.cpio.gz").display(),
+            guest.join("initramfs.cpio").display(),
             shim_dir.join("pangolin-vmm").display()
         ),
     )?;
