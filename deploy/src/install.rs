@@ -136,6 +136,16 @@ fn install_files(o: &Options, before: &State) -> Result<Vec<InstalledFile>, Depl
             kept_existing: false,
         });
     }
+    // What an earlier version installed and this one does not (a renamed file: the initramfs
+    // was `initramfs.cpio.gz` before it was uncompressed) goes as an uninstall would take it,
+    // its backup put back; otherwise it would stay on the node, recorded nowhere.
+    for old in before
+        .files
+        .iter()
+        .filter(|old| files.iter().all(|f| f.path != old.path))
+    {
+        remove_file(o, old)?;
+    }
     Ok(files)
 }
 
@@ -293,4 +303,61 @@ fn remove_file(o: &Options, file: &InstalledFile) -> Result<(), DeployError> {
         None => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node root and a payload of every item, under a fresh temp directory.
+    fn staged(tag: &str) -> (PathBuf, Options) {
+        let dir = std::env::temp_dir().join(format!("pg-deploy-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let from = dir.join("payload");
+        for item in ITEMS {
+            let path = from.join(item.from);
+            fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            fs::write(&path, item.from).expect("payload file");
+        }
+        let root = dir.join("root");
+        let containerd_config = root.join("etc/containerd/config.toml");
+        fs::create_dir_all(containerd_config.parent().expect("parent")).expect("mkdir");
+        fs::write(&containerd_config, "version = 2\n").expect("containerd config");
+        let o = Options {
+            root,
+            from,
+            containerd_config,
+            containerd_version: None,
+            handler: "pangolin".into(),
+            restart: Restart::None,
+            label_node: None,
+        };
+        (dir, o)
+    }
+
+    #[test]
+    fn a_file_an_earlier_install_put_down_and_this_one_does_not_is_removed() {
+        let (dir, o) = staged("upgrade");
+        install(&o).expect("first install");
+        // As an earlier version would have left it: one file more in the state and on disk.
+        let stale = "usr/share/pangolin/initramfs.cpio.gz";
+        fs::write(o.root.join(stale), b"old initramfs").expect("stale file");
+        let mut state = State::load(&o.root).expect("load").expect("state");
+        state.files.push(InstalledFile {
+            path: stale.into(),
+            sha256: payload::digest(&o.root.join(stale)).expect("digest"),
+            backup: None,
+            kept_existing: false,
+        });
+        state.save(&o.root).expect("save");
+
+        let after = install(&o).expect("second install");
+        assert!(!o.root.join(stale).exists(), "the stale file is gone");
+        assert!(after.files.iter().all(|f| f.path != stale));
+        for item in ITEMS {
+            assert!(o.root.join(item.to).exists(), "{} installed", item.to);
+        }
+        uninstall(&o).expect("uninstall");
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
 }
