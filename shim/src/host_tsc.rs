@@ -8,31 +8,27 @@
 //! rate on its command line, it does neither.
 //!
 //! The rate is measured once per host boot (RDTSC against `CLOCK_MONOTONIC_RAW` over 50 ms)
-//! and kept in the state dir with the boot id it belongs to, so a pod pays nothing for it.
+//! and kept in [`CACHE`] with the boot id it belongs to, so a pod pays nothing for it. It is
+//! the host's, not any pod's or state dir's: `/run` goes with the boot, the boot id guards a
+//! `/run` that does not.
 //! A host whose TSC is not invariant (`constant_tsc` and `nonstop_tsc` in /proc/cpuinfo) has
 //! no rate to give: its guests calibrate as before.
 
 use std::path::Path;
 use std::time::Duration;
 
-/// The cache file in `runtime.state_dir`: `<boot id> <kHz>`.
-pub const CACHE: &str = ".host-tsc-khz";
-
-/// True for the cache file: it is the host's, kept for its later pods, and no pod's leftover.
-pub fn is_cache(path: &Path) -> bool {
-    path.file_name() == Some(std::ffi::OsStr::new(CACHE))
-}
+/// The host's cache file: `<boot id> <kHz>`.
+pub const CACHE: &str = "/run/pangolin-host-tsc-khz";
 
 /// How long one measurement spans.
 const SPAN: Duration = Duration::from_millis(50);
 
-/// The host's TSC rate in kHz: cached for this boot, or measured and cached. None where the
-/// host's TSC has no fixed rate or cannot be read.
-pub fn tsc_khz(state_dir: &Path) -> Option<u64> {
+/// The host's TSC rate in kHz: cached in `cache` ([`CACHE`]) for this boot, or measured and
+/// cached. None where the host's TSC has no fixed rate or cannot be read.
+pub fn tsc_khz(cache: &Path) -> Option<u64> {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
     let boot_id = boot_id.trim();
-    let cache = state_dir.join(CACHE);
-    if let Some(khz) = std::fs::read_to_string(&cache)
+    if let Some(khz) = std::fs::read_to_string(cache)
         .ok()
         .and_then(|text| cached(&text, boot_id))
     {
@@ -45,10 +41,11 @@ pub fn tsc_khz(state_dir: &Path) -> Option<u64> {
     }
     let khz = measure()?;
     // Written whole under another name, then renamed: a reader never sees half a line.
-    let tmp = state_dir.join(format!("{CACHE}.{}", std::process::id()));
-    let written = std::fs::create_dir_all(state_dir)
-        .and_then(|()| std::fs::write(&tmp, format!("{boot_id} {khz}\n")))
-        .and_then(|()| std::fs::rename(&tmp, &cache));
+    let mut tmp = cache.as_os_str().to_owned();
+    tmp.push(format!(".{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let written = std::fs::write(&tmp, format!("{boot_id} {khz}\n"))
+        .and_then(|()| std::fs::rename(&tmp, cache));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         tracing::debug!(error = %e, path = %cache.display(), "the host's TSC rate is not cached");
@@ -160,17 +157,17 @@ mod tests {
     #[test]
     fn this_hosts_rate_is_measured_and_cached() {
         let dir = crate::test_dir::TestDir::new("host-tsc");
-        let dir = &dir.path;
+        let cache = dir.path.join("tsc-khz");
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").expect("cpuinfo");
-        let first = tsc_khz(dir);
+        let first = tsc_khz(&cache);
         if !invariant(&cpuinfo) {
             assert_eq!(first, None);
             return;
         }
         let khz = first.expect("a rate on a host with an invariant TSC");
-        let text = std::fs::read_to_string(dir.join(CACHE)).expect("cache file");
+        let text = std::fs::read_to_string(&cache).expect("cache file");
         assert!(text.ends_with(&format!(" {khz}\n")), "{text}");
         // The second call reads the cache: the same value, not a new measurement.
-        assert_eq!(tsc_khz(dir), Some(khz));
+        assert_eq!(tsc_khz(&cache), Some(khz));
     }
 }

@@ -11,9 +11,7 @@
 //! - `mount`: mount points under a scope directory;
 //! - `socket`: Unix sockets bound under a scope directory;
 //! - `lease`: IPAM leases of the scope's CNI networks (`/var/lib/cni/networks/<name>`);
-//! - `file`: every file under the scope's state directories, but the host's TSC rate that
-//!   the first TCG pod measures and keeps there for the host's later pods
-//!   (`pangolin_shim::host_tsc::is_cache`);
+//! - `file`: every file under the scope's state directories;
 //! - and, for a scope that owns the host ([`Scope::whole_host`]: nothing else runs pods, as in
 //!   `cargo xtask stress`), `netns` (files and mounts under `/run/netns`: CRI's pod namespaces),
 //!   shims' sockets (`/run/containerd/s`), `link` (host links), `qdisc` (host qdiscs),
@@ -111,9 +109,7 @@ impl Audit {
         }
         for dir in &scope.state_dirs {
             for f in files_under(dir) {
-                if !pangolin_shim::host_tsc::is_cache(&f) {
-                    a.add("file", f.display().to_string());
-                }
+                a.add("file", f.display().to_string());
             }
         }
         if scope.whole_host {

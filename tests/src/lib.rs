@@ -227,13 +227,8 @@ impl TestEnv {
         // An empty sandbox directory goes a moment after its last file.
         let deadline = Instant::now() + patience(Duration::from_secs(2));
         loop {
-            // The host's TSC rate, kept for later pods of this host, is no pod's.
             let entries: Vec<PathBuf> = std::fs::read_dir(&self.state)
-                .map(|rd| {
-                    rd.filter_map(|e| e.ok().map(|e| e.path()))
-                        .filter(|p| !pangolin_shim::host_tsc::is_cache(p))
-                        .collect()
-                })
+                .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
                 .unwrap_or_default();
             if entries.is_empty() {
                 break;

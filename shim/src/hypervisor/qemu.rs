@@ -88,12 +88,13 @@ const TCG_APIC_TIMER_KHZ: u32 = 1_000_000;
 /// (`tsc_early_khz`) rather than polling the PIT for it, which under emulation fails in about
 /// a third of boots and leaves the guest on a delay loop and jiffies (`crate::host_tsc`).
 fn cmdline(base: &str, accel: Accel, tsc_khz: Option<u64>) -> String {
-    match (accel, tsc_khz) {
-        (Accel::Kvm, _) => base.to_string(),
-        (_, None) => format!("{base} lapic_timer_khz={TCG_APIC_TIMER_KHZ} no_timer_check"),
-        (_, Some(khz)) => format!(
-            "{base} lapic_timer_khz={TCG_APIC_TIMER_KHZ} no_timer_check tsc_early_khz={khz}"
-        ),
+    if accel == Accel::Kvm {
+        return base.to_string();
+    }
+    let tcg = format!("{base} lapic_timer_khz={TCG_APIC_TIMER_KHZ} no_timer_check");
+    match tsc_khz {
+        Some(khz) => format!("{tcg} tsc_early_khz={khz}"),
+        None => tcg,
     }
 }
 

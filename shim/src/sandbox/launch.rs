@@ -113,7 +113,7 @@ impl Sandbox {
         how: Launch<'_>,
     ) -> Result<Option<Sandbox>, SandboxError> {
         let Launch { mode, start, .. } = how;
-        // Before anything is written there (per-VM jail ids, the host's TSC rate).
+        // Before anything is written there (per-VM jail ids).
         prepare_state_dir(&config.runtime.state_dir)?;
         // One identity for the pod's confined host processes (the built-in VMM, or QEMU and
         // vhost-device-vsock): a per-VM id from the range, or the shared jail uid/gid.
@@ -147,7 +147,7 @@ impl Sandbox {
                     jail,
                     // Measured once per host boot; only a TCG guest is told it.
                     tsc_khz: (accel == Accel::Tcg)
-                        .then(|| crate::host_tsc::tsc_khz(&config.runtime.state_dir))
+                        .then(|| crate::host_tsc::tsc_khz(Path::new(crate::host_tsc::CACHE)))
                         .flatten(),
                 })
             }
