@@ -171,7 +171,11 @@ pub async fn a_flood_of_output_reaches_its_log_whole_and_in_order(c: &mut Case) 
     let deadline = Instant::now() + pangolin_e2e::patience(Duration::from_secs(120));
     let lines = loop {
         let lines = pangolin_e2e::cri::parse_log(&log).unwrap_or_default();
-        if lines.iter().filter(|(s, _)| s == "stderr").count() >= 1000 {
+        // Each stream reaches the log through its own pipe and copier: stderr's last line
+        // says nothing of stdout's (runc's lost the race by 12,352 lines once), so wait for
+        // both.
+        let count = |stream: &str| lines.iter().filter(|(s, _)| s == stream).count();
+        if count("stdout") >= LINES && count("stderr") >= 1000 {
             break lines;
         }
         ensure!(
